@@ -1,0 +1,115 @@
+"""What the DALI and PIL pipelines share: the augmentation settings and the epoch order.
+
+Every loader here (DaliLoader, PilLoader, SyntheticLoader) has one interface:
+
+    loader.set_epoch(epoch)      # choose the epoch; its order comes from (seed, epoch)
+    for batch in loader: ...     # len(loader) full batches (N, 3, H, W), then stops
+    state = loader.state()       # JSON-serializable position (and RNG state where exact)
+    loader.load_state(state)     # continue exactly where `state` was taken
+
+Iterating again without set_epoch continues with the next epoch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+INTERPOLATIONS = ("cubic", "linear", "nearest", "lanczos")
+
+
+@dataclass
+class AugmentConfig:
+    """RandomResizedCrop + horizontal flip + normalize, as in MAE's main_pretrain.py."""
+
+    input_size: int = 224
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # crop area as a fraction of the image area
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop width / height
+    hflip_prob: float = 0.5
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet, on a 0..1 scale
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "cubic"  # one of INTERPOLATIONS; MAE uses bicubic
+
+    def __post_init__(self) -> None:
+        self.crop_scale = tuple(float(x) for x in self.crop_scale)  # YAML gives lists
+        self.crop_ratio = tuple(float(x) for x in self.crop_ratio)
+        self.mean = tuple(float(x) for x in self.mean)
+        self.std = tuple(float(x) for x in self.std)
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
+        lo, hi = self.crop_ratio
+        if not 0 < lo <= hi:
+            raise ValueError(f"crop_ratio must satisfy 0 < lo <= hi, got {self.crop_ratio}")
+        if not 0 <= self.hflip_prob <= 1:
+            raise ValueError(f"hflip_prob must be in [0, 1], got {self.hflip_prob}")
+        if self.input_size < 1:
+            raise ValueError(f"input_size must be positive, got {self.input_size}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"mean and std need 3 values, std > 0; got {self.mean}, {self.std}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}"
+            )
+
+
+def batches_per_epoch(num_files: int, batch_size: int, num_shards: int) -> int:
+    """Full batches each shard yields per epoch; the same on every shard."""
+    return num_files // num_shards // batch_size
+
+
+def check_sharding(num_files: int, batch_size: int, shard_id: int, num_shards: int) -> int:
+    """Validate the arguments; return batches_per_epoch (at least 1)."""
+    if batch_size < 1 or num_shards < 1 or not 0 <= shard_id < num_shards:
+        raise ValueError(
+            f"need batch_size >= 1 and 0 <= shard_id < num_shards; "
+            f"got batch_size={batch_size}, shard_id={shard_id}, num_shards={num_shards}"
+        )
+    n = batches_per_epoch(num_files, batch_size, num_shards)
+    if n < 1:
+        raise ValueError(
+            f"{num_files} files are too few for one batch of {batch_size} on each of "
+            f"{num_shards} shard(s) (need at least {batch_size * num_shards})"
+        )
+    return n
+
+
+def epoch_order(
+    num_files: int, batch_size: int, *, seed: int, epoch: int, shard_id: int, num_shards: int
+) -> np.ndarray:
+    """File indices of this shard's batches in `epoch`, shape (batches_per_epoch, batch_size).
+
+    One permutation of all files per epoch, drawn from (seed, epoch) alone, so
+    every shard computes the same one; shard k takes the k-th contiguous block
+    of batches_per_epoch * batch_size indices. The shards are thus disjoint,
+    together cover the whole dataset except the last num_files % (num_shards *
+    batch_size) of the permutation (a different random few each epoch), and
+    every epoch has a fresh order. All ranks must pass the same seed.
+    (numpy's default_rng((seed, epoch)) rather than a seed + epoch sum, so that
+    runs with neighbouring seeds do not share epochs.)
+    """
+    n = batches_per_epoch(num_files, batch_size, num_shards)
+    perm = np.random.default_rng((seed, epoch)).permutation(num_files)
+    per_shard = n * batch_size
+    block = perm[shard_id * per_shard : (shard_id + 1) * per_shard]
+    return block.reshape(n, batch_size)
+
+
+def derive_seeds(*key: int, count: int) -> list[int]:
+    """`count` independent 31-bit seeds from a tuple of ints (DALI seeds must fit int32/int64)."""
+    state = np.random.SeedSequence([int(k) for k in key]).generate_state(count)
+    return [int(s) & 0x7FFFFFFF for s in state]
+
+
+def check_state(state: dict, kind: str, identity: dict) -> None:
+    """Raise ValueError naming each setting that differs between a saved `state` and a loader."""
+    if state.get("kind") != kind:
+        raise ValueError(f"state is for a {state.get('kind')!r} loader, this one is {kind!r}")
+    diffs = [
+        f"{k}: state {state.get(k)!r} vs loader {v!r}"
+        for k, v in identity.items()
+        if state.get(k) != v
+    ]
+    if diffs:
+        raise ValueError("loader state does not match this loader: " + "; ".join(diffs))

@@ -1,0 +1,340 @@
+"""The DALI training pipeline for MAE: read -> decode + random crop -> resize -> flip -> normalize.
+
+Graph (one pipeline per process / shard):
+
+    paths   fn.external_source   file paths of the next batch, from _PathFeed
+    jpegs   fn.io.file.read      raw bytes, read by DALI's threads
+    images  fn.decoders.image_random_crop   decode only the crop (RGB; grey/CMYK/PNG too);
+                                 "mixed" (nvJPEG, GPU) with a device, "cpu" without
+    images  fn.resize            to input_size x input_size, cubic by default, antialiased
+    out     fn.crop_mirror_normalize   coin-flip mirror, (x - 255*mean) / (255*std),
+                                 CHW, float16 (or uint8 without normalization)
+
+Why the order is fed from Python instead of fn.readers.file(shuffle_after_epoch=True):
+checked by experiment on DALI 2.4, that reader does reshuffle the whole dataset
+each epoch with disjoint, complete shards, but its epoch ends with a batch
+padded by copies of the last sample, shards may differ in size by one, and the
+reader runs its own epoch counter, so set_epoch could not jump and a run that
+stops mid-epoch would drift. Feeding paths lets one numpy function
+(common.epoch_order, shared with the PIL loader) define the order: a
+permutation of all files drawn from (seed, epoch), cut into equal shard blocks
+of whole batches. Reading still happens in DALI's C++ threads (io.file.read).
+
+The paths form one continuous stream across epochs, so DALI's prefetching
+runs through epoch boundaries without a bubble. The random ops (crop window,
+flip) are seeded once per pipeline from (seed, shard, position at build).
+Resume is exact: state() stores the position and DALI's checkpoint (the state
+of every RNG, enable_checkpointing=True, base64 in the JSON); load_state()
+rebuilds the same graph from it and restarts the path stream at the position.
+"""
+
+from __future__ import annotations
+
+import base64
+import warnings
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from .common import AugmentConfig, check_sharding, check_state, derive_seeds, epoch_order
+
+__all__ = ["AugmentConfig", "DaliLoader", "build_dali_loader", "dali_available"]
+
+_DALI_INTERP = {
+    "cubic": "INTERP_CUBIC",
+    "linear": "INTERP_LINEAR",
+    "nearest": "INTERP_NN",
+    "lanczos": "INTERP_LANCZOS3",
+}
+_OUTPUT_DTYPES = ("float16", "uint8")
+# nvJPEG buffer padding from DALI's ImageNet examples: avoids reallocations on large images.
+_DEVICE_MEMORY_PADDING = 211025920
+_HOST_MEMORY_PADDING = 140544512
+
+
+def dali_available() -> bool:
+    """True if nvidia.dali can be imported."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def build_dali_loader(
+    files: list[str],
+    batch_size: int,
+    aug: AugmentConfig,
+    *,
+    seed: int,
+    shard_id: int = 0,
+    num_shards: int = 1,
+    device_id: int | None = None,
+    num_threads: int = 4,
+    prefetch: int = 2,
+    output_dtype: str = "float16",
+    hw_decoder_load: float | None = None,
+) -> DaliLoader:
+    """A DaliLoader over `files` (paths as given; absolute is safest).
+
+    device_id: CUDA index for "mixed" (GPU) decoding and GPU outputs; None runs
+    everything on the CPU. seed must be the same on every shard (it fixes the
+    epoch order); the augmentation RNG also depends on shard_id.
+    """
+    return DaliLoader(
+        files,
+        batch_size,
+        aug,
+        seed=seed,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        device_id=device_id,
+        num_threads=num_threads,
+        prefetch=prefetch,
+        output_dtype=output_dtype,
+        hw_decoder_load=hw_decoder_load,
+    )
+
+
+class _PathFeed:
+    """external_source callback: the encoded paths of the next batch of the stream.
+
+    The stream is epoch e batches 0..L-1, then epoch e+1, and so on; DALI calls
+    this ahead of consumption (prefetch), so its position leads the loader's.
+    """
+
+    def __init__(self, loader: DaliLoader, epoch: int, batch: int) -> None:
+        self.loader = loader
+        self.epoch, self.batch = epoch, batch
+        self._orders: dict[int, np.ndarray] = {}
+
+    def __call__(self) -> list[np.ndarray]:
+        if self.batch >= self.loader.batches_per_epoch:
+            self.epoch, self.batch = self.epoch + 1, 0
+        if self.epoch not in self._orders:  # keep one epoch's order (10 MB for ImageNet)
+            self._orders = {self.epoch: self.loader.epoch_order(self.epoch)}
+        indices = self._orders[self.epoch][self.batch]
+        self.batch += 1
+        files = self.loader.files
+        return [np.frombuffer(files[i].encode(), dtype=np.uint8) for i in indices]
+
+
+class DaliLoader:
+    """Batches of augmented images, (N, 3, H, W) float16 or uint8, from a DALI pipeline.
+
+    One epoch per iteration: `for batch in loader` yields exactly len(loader)
+    full batches, on cuda:device_id (or the CPU when device_id is None).
+    set_epoch(e) selects the epoch: a no-op if e is the current epoch (so it is
+    safe after load_state), continuous if e follows a finished epoch, otherwise
+    a jump that rebuilds the pipeline. Iterating again without set_epoch goes on
+    with the next epoch.
+
+    Ownership: a yielded tensor is a zero-copy view of DALI's output buffer.
+    Treat it as DALI's once you ask for the next batch: copy it (e.g. into a
+    static input buffer) before then if you need it longer.
+    """
+
+    def __init__(
+        self,
+        files: list[str],
+        batch_size: int,
+        aug: AugmentConfig,
+        *,
+        seed: int,
+        shard_id: int = 0,
+        num_shards: int = 1,
+        device_id: int | None = None,
+        num_threads: int = 4,
+        prefetch: int = 2,
+        output_dtype: str = "float16",
+        hw_decoder_load: float | None = None,
+    ) -> None:
+        if output_dtype not in _OUTPUT_DTYPES:
+            raise ValueError(f"output_dtype must be one of {_OUTPUT_DTYPES}, got {output_dtype!r}")
+        self.batches_per_epoch = check_sharding(len(files), batch_size, shard_id, num_shards)
+        self.files = list(files)
+        self.batch_size = batch_size
+        self.aug = aug
+        self.seed = seed
+        self.shard_id, self.num_shards = shard_id, num_shards
+        self.device_id = device_id
+        self.num_threads, self.prefetch = num_threads, prefetch
+        self.output_dtype = output_dtype
+        self.hw_decoder_load = hw_decoder_load
+
+        self._epoch, self._batch = 0, 0  # the next batch to yield
+        self._pipe = None  # when set, its next output is batch (_epoch, _batch)
+        self._stream_start: tuple[int, int] | None = None  # position the pipe was built at
+        self._restore: bytes | None = None  # DALI checkpoint for the next build
+
+    # ------------------------------------------------------------ public interface
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """This shard's file indices for `epoch`, shape (len(self), batch_size)."""
+        return epoch_order(
+            len(self.files),
+            self.batch_size,
+            seed=self.seed,
+            epoch=epoch,
+            shard_id=self.shard_id,
+            num_shards=self.num_shards,
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        if epoch == self._epoch:
+            return  # keep the position: the usual call right after load_state
+        if (epoch, 0) == self._next_epoch_start():
+            self._epoch, self._batch = epoch, 0  # the pipeline's stream continues here
+            return
+        self._close_pipe()  # its prefetched batches belong to another part of the stream
+        self._restore = None
+        self._epoch, self._batch = epoch, 0
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        if self._batch >= self.batches_per_epoch:
+            self._epoch, self._batch = self._epoch + 1, 0
+        if self._pipe is None:
+            self._build()
+        stream = None
+        if self.device_id is not None:
+            stream = torch.cuda.current_stream(self.device_id)
+        while self._batch < self.batches_per_epoch:
+            (out,) = self._pipe.run(stream)  # ready on `stream`: no host sync for GPU outputs
+            self._batch += 1
+            yield torch.from_dlpack(out.as_tensor())
+
+    def state(self) -> dict:
+        """JSON-serializable position + DALI RNG state; load_state() continues exactly from here."""
+        checkpoint = self._restore
+        if self._pipe is not None:
+            checkpoint = self._pipe.checkpoint()
+        return {
+            "kind": "dali",
+            "epoch": self._epoch,
+            "batch": self._batch,
+            **self._identity(),
+            "stream_start": list(self._stream_start) if checkpoint is not None else None,
+            "dali_checkpoint": base64.b64encode(checkpoint).decode() if checkpoint else None,
+        }
+
+    def load_state(self, state: dict) -> None:
+        """Restore a position saved by state() of a loader built with the same arguments."""
+        check_state(state, "dali", self._identity())
+        self._close_pipe()
+        self._epoch, self._batch = int(state["epoch"]), int(state["batch"])
+        ckpt = state.get("dali_checkpoint")
+        self._restore = base64.b64decode(ckpt) if ckpt else None
+        start = state.get("stream_start")
+        self._stream_start = (int(start[0]), int(start[1])) if start else None
+
+    def close(self) -> None:
+        """Free the pipeline (threads, pinned and GPU memory); the loader rebuilds it if used again."""
+        self._close_pipe()
+
+    # ------------------------------------------------------------ internals
+
+    def _identity(self) -> dict:
+        return {
+            "num_files": len(self.files),
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "shard_id": self.shard_id,
+            "num_shards": self.num_shards,
+        }
+
+    def _next_epoch_start(self) -> tuple[int, int]:
+        """The position that follows the current one, with (e, L) written as (e + 1, 0)."""
+        if self._batch >= self.batches_per_epoch:
+            return self._epoch + 1, 0
+        return self._epoch, self._batch
+
+    def _close_pipe(self) -> None:
+        self._pipe = None  # DALI frees its resources when the Pipeline object goes
+        self._stream_start = None
+
+    def _build(self) -> None:
+        if self._restore is None or self._stream_start is None:
+            self._stream_start = (self._epoch, self._batch)
+        # Seeds depend on where the pipeline starts, so a jump with set_epoch is
+        # itself reproducible; a restored checkpoint then replaces the RNG states.
+        seeds = derive_seeds(self.seed, self.shard_id, *self._stream_start, count=3)
+        feed = _PathFeed(self, self._epoch, self._batch)
+        pipe = _define_pipeline(self, feed, seeds, checkpoint=self._restore)
+        with warnings.catch_warnings():
+            # DALI cannot save a parameterless source's position; _PathFeed restarts it instead.
+            warnings.filterwarnings("ignore", message="Checkpointing enabled in a pipeline")
+            pipe.build()
+        self._pipe, self._restore = pipe, None
+
+
+def _define_pipeline(loader: DaliLoader, feed: _PathFeed, seeds: list[int], checkpoint: bytes | None):
+    from nvidia.dali import fn, types
+    from nvidia.dali.pipeline import Pipeline
+
+    aug = loader.aug
+    pipe = Pipeline(
+        batch_size=loader.batch_size,
+        num_threads=loader.num_threads,
+        device_id=loader.device_id,
+        seed=seeds[0],
+        prefetch_queue_depth=loader.prefetch,
+        enable_checkpointing=True,
+        checkpoint=checkpoint,
+        exec_dynamic=True,  # outputs stay valid while referenced; run(stream) needs it
+    )
+    if loader.device_id is None:
+        decoder = {"device": "cpu"}
+    else:
+        decoder = {
+            "device": "mixed",
+            "device_memory_padding": _DEVICE_MEMORY_PADDING,
+            "host_memory_padding": _HOST_MEMORY_PADDING,
+        }
+        if loader.hw_decoder_load is not None:
+            decoder["hw_decoder_load"] = loader.hw_decoder_load
+    with pipe:
+        paths = fn.external_source(source=feed, batch=True, dtype=types.UINT8, ndim=1)
+        jpegs = fn.io.file.read(paths)
+        images = fn.decoders.image_random_crop(
+            jpegs,
+            output_type=types.RGB,
+            random_area=list(aug.crop_scale),
+            random_aspect_ratio=list(aug.crop_ratio),
+            num_attempts=10,  # as torchvision; then DALI falls back to a whole-image crop
+            seed=seeds[1],
+            **decoder,
+        )
+        images = fn.resize(
+            images,
+            resize_x=aug.input_size,
+            resize_y=aug.input_size,
+            interp_type=getattr(types, _DALI_INTERP[aug.interpolation]),
+            antialias=True,
+        )
+        mirror = fn.random.coin_flip(probability=aug.hflip_prob, seed=seeds[2])
+        if loader.output_dtype == "uint8":
+            out = fn.crop_mirror_normalize(
+                images, mirror=mirror, dtype=types.UINT8, output_layout="CHW"
+            )
+        else:
+            out = fn.crop_mirror_normalize(
+                images,
+                mirror=mirror,
+                dtype=types.FLOAT16,
+                output_layout="CHW",
+                mean=[255 * m for m in aug.mean],
+                std=[255 * s for s in aug.std],
+            )
+        pipe.set_outputs(out)
+    return pipe
+

@@ -1,0 +1,197 @@
+"""The reference pipeline of MAE's main_pretrain.py: PIL + torchvision transforms + DataLoader.
+
+    RandomResizedCrop(input_size, scale, ratio, BICUBIC) -> RandomHorizontalFlip
+    -> ToTensor -> Normalize(mean, std)
+
+Same interface and the same epoch order (common.epoch_order) as DaliLoader, so
+the two can be compared image for image. Resume restores the position in the
+order exactly; the augmentation draws (made in the worker processes) are not
+restored. torchvision is an optional dependency, imported when a loader is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .common import AugmentConfig, check_sharding, check_state, derive_seeds, epoch_order
+
+__all__ = ["PilLoader", "build_pil_loader", "pil_transform"]
+
+
+def pil_transform(aug: AugmentConfig):
+    """The torchvision transform of MAE's main_pretrain.py for `aug`."""
+    from torchvision import transforms
+    from torchvision.transforms import InterpolationMode
+
+    interpolation = {
+        "cubic": InterpolationMode.BICUBIC,
+        "linear": InterpolationMode.BILINEAR,
+        "nearest": InterpolationMode.NEAREST,
+        "lanczos": InterpolationMode.LANCZOS,
+    }[aug.interpolation]
+    return transforms.Compose(
+        [
+            transforms.RandomResizedCrop(
+                aug.input_size,
+                scale=aug.crop_scale,
+                ratio=aug.crop_ratio,
+                interpolation=interpolation,
+            ),
+            transforms.RandomHorizontalFlip(aug.hflip_prob),
+            transforms.ToTensor(),
+            transforms.Normalize(mean=aug.mean, std=aug.std),
+        ]
+    )
+
+
+def build_pil_loader(
+    files: list[str],
+    batch_size: int,
+    aug: AugmentConfig,
+    *,
+    seed: int,
+    shard_id: int = 0,
+    num_shards: int = 1,
+    num_workers: int = 8,
+    pin_memory: bool = True,
+    device: str = "cpu",
+) -> PilLoader:
+    """A PilLoader over `files`; batches are float32 (N, 3, H, W) moved to `device`."""
+    return PilLoader(
+        files,
+        batch_size,
+        aug,
+        seed=seed,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        device=device,
+    )
+
+
+class _FileDataset(torch.utils.data.Dataset):
+    def __init__(self, files: list[str], transform) -> None:
+        self.files, self.transform = files, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        with open(self.files[index], "rb") as f:
+            img = Image.open(f).convert("RGB")  # grey, CMYK, palette PNG -> RGB
+        return self.transform(img)
+
+
+class _BatchSampler:
+    """Yields the index lists of one epoch from a start batch; the loader sets both before each pass."""
+
+    def __init__(self, loader: PilLoader) -> None:
+        self.loader = loader
+        self.epoch, self.start = 0, 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order: np.ndarray = self.loader.epoch_order(self.epoch)
+        yield from order[self.start :].tolist()
+
+    def __len__(self) -> int:
+        return len(self.loader) - self.start
+
+
+class PilLoader:
+    """Same contract as DaliLoader (see pipelines.common); batches are float32 and fresh tensors."""
+
+    def __init__(
+        self,
+        files: list[str],
+        batch_size: int,
+        aug: AugmentConfig,
+        *,
+        seed: int,
+        shard_id: int = 0,
+        num_shards: int = 1,
+        num_workers: int = 8,
+        pin_memory: bool = True,
+        device: str = "cpu",
+    ) -> None:
+        self.batches_per_epoch = check_sharding(len(files), batch_size, shard_id, num_shards)
+        self.files = list(files)
+        self.batch_size = batch_size
+        self.aug = aug
+        self.seed = seed
+        self.shard_id, self.num_shards = shard_id, num_shards
+        self.num_workers = num_workers
+        self.device = torch.device(device)
+        self.pin_memory = pin_memory and self.device.type == "cuda"
+        self._epoch, self._batch = 0, 0  # the next batch to yield
+        self._sampler = _BatchSampler(self)
+        self._dataloader: torch.utils.data.DataLoader | None = None
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        return epoch_order(
+            len(self.files),
+            self.batch_size,
+            seed=self.seed,
+            epoch=epoch,
+            shard_id=self.shard_id,
+            num_shards=self.num_shards,
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        """As DaliLoader.set_epoch: the current epoch keeps its position, another starts at batch 0."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        if epoch != self._epoch:
+            self._epoch, self._batch = epoch, 0
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        if self._batch >= self.batches_per_epoch:
+            self._epoch, self._batch = self._epoch + 1, 0
+        self._sampler.epoch, self._sampler.start = self._epoch, self._batch
+        for images in self._get_dataloader():
+            self._batch += 1
+            yield images.to(self.device, non_blocking=True)
+
+    def state(self) -> dict:
+        return {"kind": "pil", "epoch": self._epoch, "batch": self._batch, **self._identity()}
+
+    def load_state(self, state: dict) -> None:
+        check_state(state, "pil", self._identity())
+        self._epoch, self._batch = int(state["epoch"]), int(state["batch"])
+
+    def close(self) -> None:
+        self._dataloader = None  # stops persistent workers
+
+    def _identity(self) -> dict:
+        return {
+            "num_files": len(self.files),
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "shard_id": self.shard_id,
+            "num_shards": self.num_shards,
+        }
+
+    def _get_dataloader(self) -> torch.utils.data.DataLoader:
+        if self._dataloader is None:
+            generator = torch.Generator()
+            generator.manual_seed(derive_seeds(self.seed, self.shard_id, count=1)[0])
+            self._dataloader = torch.utils.data.DataLoader(
+                _FileDataset(self.files, pil_transform(self.aug)),
+                batch_sampler=self._sampler,
+                num_workers=self.num_workers,
+                pin_memory=self.pin_memory,
+                persistent_workers=self.num_workers > 0,
+                generator=generator,
+            )
+        return self._dataloader

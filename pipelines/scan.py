@@ -1,0 +1,320 @@
+"""Find the images of a dataset folder, check each one cheaply, cache the list.
+
+Two layouts are accepted:
+
+- ImageNet style: ``root/<class>/.../*.JPEG``; each non-hidden subfolder is a
+  class (label = index in sorted class names), files found recursively, as
+  torchvision's ImageFolder does. Loose files at the top level are ignored.
+- Flat: ``root/*.jpg`` with no subfolders; one class named ".".
+
+Only files whose extension is in IMAGE_EXTS are considered (case-insensitive);
+other files are ignored. Each candidate is checked by content, not by name: a
+JPEG must start with the SOI marker and have an EOI marker near its end, a PNG
+must have its signature and an IEND chunk, and PIL must parse the header.
+Grayscale and CMYK JPEGs and any PNG mode are valid (the pipelines decode to
+RGB). Files that fail go to ScanResult.bad with a reason.
+
+The result is cached as JSON keyed by a fingerprint of (relative path, size,
+mtime_ns) of every candidate: listing and stat'ing 1.28M ImageNet files takes
+seconds, reading them takes minutes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS: tuple[str, ...] = (".jpg", ".jpeg", ".png")  # compared lower-case
+CACHE_NAME = ".mae_fast_scan.json"
+CACHE_VERSION = 1
+PROGRESS_MIN_FILES = 2000  # below this a progress bar only flickers
+
+_JPEG_SOI = b"\xff\xd8\xff"
+_JPEG_EOI = b"\xff\xd9"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_IEND = b"IEND\xaeB`\x82"  # chunk type + its fixed CRC
+_OTHER_FORMATS = ((b"GIF8", "GIF"), (b"BM", "BMP"), (b"RIFF", "WebP/RIFF"), (b"II*\0", "TIFF"),
+                  (b"MM\0*", "TIFF"))
+_TAIL_BYTES = 1024  # EOI may be followed by padding; IEND is the last 12 bytes
+
+
+class DatasetScanError(Exception):
+    """The dataset folder is missing, not a folder, or holds no usable image."""
+
+
+@dataclass
+class ScanResult:
+    root: str  # absolute
+    files: list[str]  # absolute paths of the valid images, sorted by (label, path)
+    labels: list[int]  # class index of each file
+    classes: list[str]  # class folder names, sorted; ["."] for a flat folder
+    bad: list[tuple[str, str]]  # (absolute path, reason) of files left out
+    from_cache: bool = False
+    cache_path: str | None = None  # where the cache was read or written; None if not cached
+    notes: list[str] = field(default_factory=list)  # e.g. why the cache was skipped
+
+
+def scan_dataset(
+    root: str,
+    cache_dir: str | None = None,
+    num_workers: int = 8,
+    progress: bool = True,
+) -> ScanResult:
+    """List and check the images under `root`; reuse the cached result if the folder is unchanged.
+
+    The cache lives in `cache_dir` if given, else in `root` (CACHE_NAME); if
+    neither is writable the scan still works, uncached, with a note.
+    Raises DatasetScanError (naming the path) when `root` is missing, is not a
+    folder, holds no image files, or none of them is valid.
+    """
+    root = os.path.abspath(os.path.expanduser(root))
+    if not os.path.exists(root):
+        raise DatasetScanError(f"dataset path does not exist: {root}")
+    if not os.path.isdir(root):
+        raise DatasetScanError(f"dataset path is not a directory: {root}")
+
+    classes, entries = _list_images(root)  # entries: (relpath, label, size, mtime_ns)
+    if not entries:
+        raise DatasetScanError(
+            f"no image files ({', '.join(IMAGE_EXTS)}) found in {root} "
+            "(expected root/<class>/*.JPEG or root/*.jpg)"
+        )
+    fingerprint = _fingerprint(classes, entries)
+    cache_path = _cache_path(root, cache_dir)
+
+    cached = _read_cache(cache_path, root, fingerprint)
+    if cached is not None:
+        result = _result_from_cache(root, cached)
+        result.from_cache, result.cache_path = True, cache_path
+        return result
+
+    relpaths = [e[0] for e in entries]
+    reasons = _check_all(root, relpaths, num_workers, progress)
+    files, labels, bad = [], [], []
+    for (rel, label, _, _), reason in zip(entries, reasons):
+        if reason is None:
+            files.append(rel)
+            labels.append(label)
+        else:
+            bad.append((rel, reason))
+    payload = {
+        "version": CACHE_VERSION,
+        "root": root,
+        "fingerprint": fingerprint,
+        "classes": classes,
+        "files": files,
+        "labels": labels,
+        "bad": bad,
+    }
+    result = _result_from_cache(root, payload)
+    if not result.files:
+        raise DatasetScanError(
+            f"none of the {len(entries)} image files in {root} is a valid JPEG or PNG: "
+            + format_bad(result)
+        )
+    note = _write_cache(cache_path, payload)
+    if note:
+        result.notes.append(note)
+        log.info(note)
+    else:
+        result.cache_path = cache_path
+    return result
+
+
+def format_bad(result: ScanResult, limit: int = 5) -> str:
+    """One line such as '2 of 10 files left out: a.jpg (truncated JPEG), b.jpg (not an image)'."""
+    if not result.bad:
+        return f"0 of {len(result.files)} files left out"
+    total = len(result.files) + len(result.bad)
+    shown = [f"{os.path.relpath(p, result.root)} ({why})" for p, why in result.bad[:limit]]
+    more = len(result.bad) - len(shown)
+    tail = f", and {more} more" if more > 0 else ""
+    return f"{len(result.bad)} of {total} files left out: " + ", ".join(shown) + tail
+
+
+# ---------------------------------------------------------------- listing
+
+
+def _is_image_name(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTS)
+
+
+def _walk(folder: str, rel: str, out: list[tuple[str, int, int]]) -> None:
+    """Append (relpath, size, mtime_ns) of the image files under `folder`, recursively."""
+    with os.scandir(folder) as it:
+        subdirs = []
+        for entry in it:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                subdirs.append(entry.name)
+            elif _is_image_name(entry.name) and entry.is_file():
+                st = entry.stat()
+                out.append((f"{rel}{entry.name}", st.st_size, st.st_mtime_ns))
+    for name in subdirs:
+        _walk(os.path.join(folder, name), f"{rel}{name}/", out)
+
+
+def _list_images(root: str) -> tuple[list[str], list[tuple[str, int, int, int]]]:
+    """Return (classes, [(relpath, label, size, mtime_ns)]) sorted by (label, relpath)."""
+    with os.scandir(root) as it:
+        subdirs = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+    if not subdirs:  # flat folder
+        found: list[tuple[str, int, int]] = []
+        _walk(root, "", found)
+        return ["."], [(rel, 0, size, mtime) for rel, size, mtime in sorted(found)]
+    classes: list[str] = []
+    entries: list[tuple[str, int, int, int]] = []
+    for name in subdirs:
+        found = []
+        _walk(os.path.join(root, name), f"{name}/", found)
+        if not found:
+            continue  # an empty or non-image subfolder is not a class
+        label = len(classes)
+        classes.append(name)
+        entries.extend((rel, label, size, mtime) for rel, size, mtime in sorted(found))
+    return classes, entries
+
+
+def _fingerprint(classes: list[str], entries: list[tuple[str, int, int, int]]) -> str:
+    """Hash of every (relpath, size, mtime_ns): changes when a file is added, removed or rewritten."""
+    h = hashlib.sha256()
+    h.update("\0".join(classes).encode())
+    for rel, label, size, mtime in entries:
+        h.update(f"\0{rel}\0{label}\0{size}\0{mtime}".encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- checking
+
+
+def check_image(path: str) -> str | None:
+    """Return None if `path` looks like a decodable JPEG or PNG, else the reason it does not.
+
+    Reads the first bytes, the last _TAIL_BYTES and lets PIL parse the header;
+    never decodes pixels (PNG verify() reads the chunks and checks their CRCs).
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - _TAIL_BYTES))
+            tail = f.read()
+    except OSError as e:
+        return f"unreadable: {e.strerror or e}"
+    if size == 0:
+        return "empty file"
+    if head.startswith(_JPEG_SOI):
+        kind = "JPEG"
+        if _JPEG_EOI not in tail:
+            return "truncated JPEG (no end marker)"
+    elif head.startswith(_PNG_SIGNATURE):
+        kind = "PNG"
+        if _PNG_IEND not in tail[-64:]:
+            return "truncated PNG (no IEND chunk)"
+    else:
+        for magic, name in _OTHER_FORMATS:
+            if head.startswith(magic):
+                return f"unsupported format ({name})"
+        return "not a JPEG or PNG" if _looks_binary(head) else "not an image (text)"
+    try:
+        with Image.open(path) as im:
+            if im.format != kind:
+                return f"{kind} signature but PIL reads {im.format}"
+            w, h = im.size
+            if w <= 0 or h <= 0:
+                return f"bad {kind} size {w}x{h}"
+            if kind == "PNG":
+                im.verify()
+    except Exception as e:  # PIL raises many types for malformed headers
+        return f"bad {kind} header: {type(e).__name__}: {e}"
+    return None
+
+
+def _looks_binary(head: bytes) -> bool:
+    return any(b < 9 or 13 < b < 32 for b in head)
+
+
+def _check_all(root: str, relpaths: list[str], num_workers: int, progress: bool) -> list[str | None]:
+    """check_image on every file with a thread pool (I/O-bound), in chunks, with an optional bar."""
+    paths = [os.path.join(root, rel) for rel in relpaths]
+    chunk = 256
+    chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
+
+    def run_chunk(part: list[str]) -> list[str | None]:
+        return [check_image(p) for p in part]
+
+    results: list[str | None] = []
+    with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
+        done = pool.map(run_chunk, chunks)
+        if progress and len(paths) >= PROGRESS_MIN_FILES:
+            from rich.progress import Progress
+
+            with Progress(transient=True) as bar:
+                task = bar.add_task(f"checking {len(paths)} images in {root}", total=len(paths))
+                for part in done:
+                    results.extend(part)
+                    bar.advance(task, len(part))
+        else:
+            for part in done:
+                results.extend(part)
+    return results
+
+
+# ---------------------------------------------------------------- cache
+
+
+def _cache_path(root: str, cache_dir: str | None) -> str:
+    if cache_dir is None:
+        return os.path.join(root, CACHE_NAME)
+    # One cache folder may serve several datasets: name the file after the root.
+    tag = hashlib.sha1(root.encode()).hexdigest()[:12]
+    return os.path.join(os.path.abspath(cache_dir), f"mae_fast_scan-{tag}.json")
+
+
+def _read_cache(path: str, root: str, fingerprint: str) -> dict | None:
+    try:
+        with open(path) as f:
+            payload = json.load(f)
+    except (OSError, ValueError):
+        return None
+    ok = (
+        isinstance(payload, dict)
+        and payload.get("version") == CACHE_VERSION
+        and payload.get("root") == root
+        and payload.get("fingerprint") == fingerprint
+    )
+    return payload if ok else None
+
+
+def _write_cache(path: str, payload: dict) -> str | None:
+    """Write atomically (temp file + rename); return a note instead of raising if not writable."""
+    folder = os.path.dirname(path)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".mae_fast_scan.", dir=folder)
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f)
+        os.replace(tmp, path)
+    except OSError as e:
+        return f"scan cache not written ({path}: {e.strerror or e}); pass cache_dir to cache it"
+    return None
+
+
+def _result_from_cache(root: str, payload: dict) -> ScanResult:
+    return ScanResult(
+        root=root,
+        files=[os.path.join(root, rel) for rel in payload["files"]],
+        labels=list(payload["labels"]),
+        classes=list(payload["classes"]),
+        bad=[(os.path.join(root, rel), why) for rel, why in payload["bad"]],
+    )
