@@ -1,0 +1,156 @@
+"""Benchmarks: the training step on synthetic data, and the data loaders, each against its baseline
+measured in the same run. Timings synchronize before reading the clock and leave out warm-up
+and compilation."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .config import Config, derive
+from .model import build_model, model_flops_per_image
+from .optim import build_optimizer
+from .step import TrainStep
+from .train import resolve_device, seed_everything
+
+
+def env_info(device: torch.device) -> dict:
+    info = {"torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"}
+    try:
+        import nvidia.dali as dali
+        info["dali"] = dali.__version__
+    except ImportError:
+        info["dali"] = None
+    try:
+        info["git_sha"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                         cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        info["git_sha"] = None
+    return info
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_matmul_flops(device: torch.device) -> float:
+    """The card's real dense matmul rate (bf16 on GPU, fp32 on CPU), FLOP/s: MFU's denominator."""
+    n, dtype, reps = (8192, torch.bfloat16, 10) if device.type == "cuda" else (1024, torch.float32, 5)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
+def _time_steps(run_step: Callable[[], None], steps: int, warmup: int, device: torch.device) -> float:
+    """Seconds per step after `warmup` untimed steps (compilation happens there)."""
+    for _ in range(warmup):
+        run_step()
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        run_step()
+    _sync(device)
+    return (time.perf_counter() - t) / steps
+
+
+def _mae_fast_step(cfg: Config, device: torch.device, batch: int) -> Callable[[], None]:
+    o = cfg.optimization
+    model = build_model(cfg.model.type, cfg.model.norm_pix_loss, cfg.data.input_size,
+                        cfg.model.grad_checkpointing).to(device)
+    opt = build_optimizer(model, 1e-4, o.weight_decay, (o.adam_beta1, o.adam_beta2), device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    step = TrainStep(model, opt, micro_batch=batch, accum_steps=1, mask_ratio=cfg.model.mask_ratio,
+                     gradient_clip=o.gradient_clip, device=device, input_dtype=dtype, compile=cfg.misc.compile,
+                     compile_mode=cfg.misc.compile_mode, log_every=1 << 20)
+    step.inputs.normal_()
+
+    def run() -> None:
+        step.micro_step()
+        step.optimizer_step(1e-4)
+        if step.ring_full:
+            step.read_metrics()
+    return run
+
+
+def _reference_step(cfg: Config, device: torch.device, batch: int) -> Callable[[], None]:
+    """The official engine_pretrain.py step: eager, fp16 autocast + GradScaler (grad-norm unscale),
+    AdamW (foreach), loss.item() and a synchronize every step. fp32 without scaler on the CPU."""
+    o = cfg.optimization
+    model = build_model(cfg.model.type, cfg.model.norm_pix_loss, cfg.data.input_size).to(device)
+    from .optim import param_groups
+    opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=1e-4, betas=(o.adam_beta1, o.adam_beta2))
+    cuda = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda)
+    x = torch.randn(batch, 3, cfg.data.input_size, cfg.data.input_size, device=device)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run() -> None:
+        with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
+            loss, _, _ = model(x, cfg.model.mask_ratio)
+        loss.item()
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, float("inf"))  # the official scaler computes the norm
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        _sync(device)
+    return run
+
+
+def bench_step(cfg: Config, *, steps: int = 20, warmup: int = 5, compare: bool = False,
+               batch: int | None = None, log: Callable[[str], None] = print) -> dict:
+    seed_everything(cfg.misc.seed)
+    device = resolve_device(cfg.misc.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    batch = batch or cfg.optimization.micro_batch_size or derive(cfg, cfg.optimization.batch_size).micro_batch_size
+    arch = build_model(cfg.model.type, img_size=cfg.data.input_size).arch
+    flops_img = model_flops_per_image(arch, cfg.model.mask_ratio)
+    peak = measure_matmul_flops(device)
+    log(f"{env_info(device)['device']}: measured matmul peak {peak / 1e12:.1f} TFLOP/s; "
+        f"{cfg.model.type} {flops_img / 1e9:.1f} GFLOP/image (fwd+bwd), batch {batch}")
+
+    variants = [("mae-fast", _mae_fast_step)] + ([("reference", _reference_step)] if compare else [])
+    results = []
+    for name, make in variants:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        run = make(cfg, device, batch)
+        sec = _time_steps(run, steps, warmup, device)
+        r = {"name": name, "batch": batch, "img_s": batch / sec, "ms_per_iter": 1000 * sec,
+             "gflop_per_img": flops_img / 1e9, "mfu": flops_img * batch / sec / peak,
+             "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+        results.append(r)
+        log(f"{name:>10}: {r['img_s']:,.1f} img/s  {r['ms_per_iter']:.1f} ms/iter  MFU {100 * r['mfu']:.1f}%"
+            + (f"  peak mem {r['peak_mem_gb']:.1f} GB" if r["peak_mem_gb"] is not None else ""))
+        del run
+    out = {"results": results, "env": {**env_info(device), "matmul_peak_tflops": peak / 1e12,
+                                       "model": cfg.model.type, "compile": cfg.misc.compile,
+                                       "compile_mode": cfg.misc.compile_mode}}
+    if compare:
+        out["speedup"] = results[0]["img_s"] / results[1]["img_s"]
+        log(f"mae-fast / reference: {out['speedup']:.2f}x")
+    return out
+
+
+def write_json(data: dict, path: str | None) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(data, indent=2))

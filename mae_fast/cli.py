@@ -1,0 +1,91 @@
+"""`mae-fast` command line: train, bench-step, bench-loader, scan, make-sample-data."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import ConfigError, load_config
+
+# Exit codes: 0 done; 1 error in the run; 2 bad config, data path or arguments; 3 training diverged.
+EXIT_ERROR, EXIT_USAGE, EXIT_DIVERGED = 1, 2, 3
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML (or JSON) config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set optimization.base_lr=1e-4 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mae-fast", description="Fast MAE pretraining with DALI and torch.compile")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="pretrain an MAE as the config says")
+    _add_config(p)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+
+    p = sub.add_parser("bench-step", help="time the training step on synthetic data")
+    _add_config(p)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--batch", type=int, default=None, help="micro-batch (default: the config's)")
+    p.add_argument("--compare", action="store_true", help="also time the official reference step")
+    p.add_argument("--json", default=None, help="write the results here")
+
+    p = sub.add_parser("bench-loader", help="time the data loaders (DALI and/or PIL) on the config's data")
+    _add_config(p)
+    p.add_argument("--backend", choices=["dali", "pil", "both"], default="both")
+    p.add_argument("--batches", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--json", default=None)
+
+    p = sub.add_parser("scan", help="list and check the images of a data folder (cached)")
+    p.add_argument("data_path")
+    p.add_argument("--workers", type=int, default=8)
+
+    p = sub.add_parser("make-sample-data", help="write a small ImageNet-like JPEG folder from real photos")
+    p.add_argument("out_dir")
+    p.add_argument("--n", type=int, default=256)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from pipelines.scan import DatasetScanError
+    from .metrics import NonFiniteLoss
+    try:
+        return _run(args)
+    except (ConfigError, DatasetScanError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "train":
+        from .train import train
+        train(load_config(args.config, args.overrides), max_steps=args.max_steps)
+    elif args.command == "bench-step":
+        from .bench import bench_step, write_json
+        write_json(bench_step(load_config(args.config, args.overrides), steps=args.steps, warmup=args.warmup,
+                              compare=args.compare, batch=args.batch), args.json)
+    elif args.command == "bench-loader":
+        from .bench import bench_loader, write_json
+        write_json(bench_loader(load_config(args.config, args.overrides), backend=args.backend,
+                                batches=args.batches, warmup=args.warmup), args.json)
+    elif args.command == "scan":
+        from pipelines.scan import format_bad, scan_dataset
+        result = scan_dataset(args.data_path, num_workers=args.workers)
+        print(f"{len(result.files)} images in {len(result.classes) or 1} classes under {args.data_path}")
+        if result.bad:
+            print(format_bad(result))
+    elif args.command == "make-sample-data":
+        from pipelines.sample_data import make_sample_data
+        print(f"sample data in {make_sample_data(args.out_dir, n=args.n)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""The training step: autocast forward + loss (compiled), backward, clip, fused AdamW.
+
+Ownership: the step owns one static input buffer (N, 3, H, W) and one noise buffer (N, L);
+callers copy each batch into `step.inputs` (DALI owns its own output until the next batch,
+and a fixed address is what CUDA graphs need). Nothing here reads a value back to the host:
+losses go into a device-side ring of `log_every` slots that `read_losses()` fetches once per
+log interval (the one host sync of the loop).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from .model import MaskedAutoencoderViT
+
+
+class TrainStep:
+    def __init__(self, model: MaskedAutoencoderViT, optimizer: torch.optim.Optimizer, *,
+                 micro_batch: int, accum_steps: int, mask_ratio: float, gradient_clip: float,
+                 device: torch.device, input_dtype: torch.dtype = torch.float32,
+                 mean: tuple[float, ...] = (0.485, 0.456, 0.406), std: tuple[float, ...] = (0.229, 0.224, 0.225),
+                 compile: bool = True, compile_mode: str = "default", compile_backend: str | Callable = "inductor",
+                 log_every: int = 100, ddp_model: nn.Module | None = None):
+        self.model = model  # uncompiled: checkpoints use its parameter names
+        self.ddp_model = ddp_model  # DistributedDataParallel wrapper, or None
+        self.optimizer = optimizer
+        self.accum_steps = accum_steps
+        self.mask_ratio = mask_ratio
+        self.gradient_clip = gradient_clip
+        self.device = device
+        self.amp = device.type == "cuda"  # bf16 autocast on GPU; fp32 on the CPU
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+        size = model.arch.img_size
+        self.inputs = torch.zeros(micro_batch, 3, size, size, dtype=input_dtype, device=device)
+        self.noise = torch.zeros(micro_batch, model.num_patches, device=device)
+        # uint8 batches are normalized inside the compiled graph (fused with the first conv's read)
+        self.uint8 = input_dtype == torch.uint8
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+
+        self.log_every = log_every
+        self.loss_ring = torch.zeros(log_every, device=device)  # mean micro-batch loss per step
+        self.gnorm_ring = torch.zeros(log_every, device=device)
+        self._loss_acc = torch.zeros((), device=device)
+        self.slot = 0
+
+        fn = self._loss
+        if compile:
+            kw = {"mode": compile_mode} if compile_mode != "default" and compile_backend == "inductor" else {}
+            fn = torch.compile(fn, fullgraph=True, dynamic=False, backend=compile_backend, **kw)
+        self.loss_fn = fn
+
+    def _loss(self, imgs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        if self.uint8:
+            imgs = (imgs.float() - self.mean) / self.std
+        module = self.ddp_model if self.ddp_model is not None else self.model
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            loss, _, _ = module(imgs, self.mask_ratio, noise)
+        return loss
+
+    def micro_step(self, sync_grads: bool = True) -> None:
+        """Forward and backward of `self.inputs`, accumulating gradients scaled by 1/accum_steps.
+
+        sync_grads=False skips the DDP gradient all-reduce (micro-steps before the last one).
+        """
+        torch.rand(self.noise.shape, device=self.device, out=self.noise)
+        ctx = self.ddp_model.no_sync() if (self.ddp_model is not None and not sync_grads) else contextlib.nullcontext()
+        with ctx:
+            loss = self.loss_fn(self.inputs, self.noise)
+            (loss / self.accum_steps).backward()
+        self._loss_acc += loss.detach()
+
+    def optimizer_step(self, lr: float) -> None:
+        """Clip, update with the scheduled lr (written into the optimizer's lr tensor), record the loss."""
+        if self.gradient_clip > 0:
+            gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.gradient_clip, foreach=True)
+        else:
+            gnorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in self.params])))
+        self.optimizer.param_groups[0]["lr"].fill_(lr)  # shared 0-D tensor: no recompile, no sync
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.loss_ring[self.slot].copy_(self._loss_acc / self.accum_steps)
+        self.gnorm_ring[self.slot].copy_(gnorm)
+        self._loss_acc.zero_()
+        self.slot += 1
+
+    def read_metrics(self) -> tuple[list[float], list[float]]:
+        """Losses and grad norms of the steps since the last read. This is a CPU-GPU sync point."""
+        n = self.slot
+        losses = self.loss_ring[:n].tolist()
+        gnorms = self.gnorm_ring[:n].tolist()
+        self.slot = 0
+        return losses, gnorms
+
+    @property
+    def ring_full(self) -> bool:
+        return self.slot >= self.log_every

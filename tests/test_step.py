@@ -1,0 +1,128 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mae_fast.model import build_model
+from mae_fast.optim import build_optimizer, cosine_lr, param_groups
+from mae_fast.step import TrainStep
+
+CPU = torch.device("cpu")
+
+
+def make_step(seed=0, micro=8, accum=1, compile=False, backend="inductor", clip=0.0, norm_pix=False):
+    torch.manual_seed(seed)
+    model = build_model("mae_vit_tiny_patch8", norm_pix_loss=norm_pix)
+    opt = build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), CPU)
+    return TrainStep(model, opt, micro_batch=micro, accum_steps=accum, mask_ratio=0.75, gradient_clip=clip,
+                     device=CPU, compile=compile, compile_backend=backend, log_every=1000)
+
+
+def run_steps(step, batches, lrs):
+    for lr, micro_batches in zip(lrs, batches):
+        for i, b in enumerate(micro_batches):
+            step.inputs.copy_(b)
+            step.micro_step(sync_grads=i == len(micro_batches) - 1)
+        step.optimizer_step(lr)
+    return step.read_metrics()[0]
+
+
+def test_compiled_equals_eager_and_compiles_once():
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor")
+    eager, compiled = make_step(), make_step(compile=True, backend=counter)
+    g = torch.Generator().manual_seed(1)
+    batches = [[torch.randn(8, 3, 32, 32, generator=g)] for _ in range(4)]
+    lrs = [1e-3, 5e-4, 2e-3, 1e-4]  # a changing lr must not recompile
+    torch.manual_seed(5)
+    l_eager = run_steps(eager, batches, lrs)
+    torch.manual_seed(5)
+    l_comp = run_steps(compiled, batches, lrs)
+    assert counter.frame_count == 1  # one graph: fullgraph, no recompiles
+    assert l_comp == pytest.approx(l_eager, rel=2e-4, abs=1e-5)
+    for (n, p), q in zip(eager.model.named_parameters(), compiled.model.parameters()):
+        assert torch.allclose(p, q, atol=2e-4, rtol=1e-3), n
+
+
+def test_accumulation_of_4x2_equals_batch_of_8():
+    g = torch.Generator().manual_seed(2)
+    big = [torch.randn(8, 3, 32, 32, generator=g) for _ in range(2)]
+    one, four = make_step(micro=8, accum=1, clip=1.0), make_step(micro=2, accum=4, clip=1.0)
+    # the masking noise of 4 (2,16) draws equals one (8,16) draw on the CPU generator
+    for step, chunks in ((one, 1), (four, 4)):
+        torch.manual_seed(3)
+        for b in big[0].chunk(chunks):
+            step.inputs.copy_(b)
+            step.micro_step()
+    for (n, p), q in zip(one.model.named_parameters(), four.model.parameters()):
+        if p.requires_grad:
+            assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-7), n
+    one.optimizer_step(1e-3)
+    four.optimizer_step(1e-3)
+    torch.manual_seed(4)
+    l1 = run_steps(one, [[big[1]]], [1e-3])
+    torch.manual_seed(4)
+    l4 = run_steps(four, [list(big[1].split(2))], [1e-3])
+    assert l4 == pytest.approx(l1, rel=1e-5)
+    for (n, p), q in zip(one.model.named_parameters(), four.model.parameters()):
+        assert torch.allclose(p, q, atol=1e-4), n
+
+
+def test_tiny_model_overfits_one_batch():
+    step = make_step(clip=1.0)
+    # smooth images, so masked patches are predictable from the visible ones
+    batch = F.interpolate(torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(0)), size=32, mode="bilinear")
+    losses = run_steps(step, [[batch]] * 300, [3e-3] * 300)
+    assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:5]) / 5
+
+
+def test_lr_schedule_values():
+    peak, floor, warm, total = 2.4e-3, 1e-5, 100, 1000
+    assert cosine_lr(0, peak, floor, warm, total) == 0.0
+    assert cosine_lr(50, peak, floor, warm, total) == pytest.approx(peak / 2)
+    assert cosine_lr(warm, peak, floor, warm, total) == pytest.approx(peak)  # warm-up end
+    mid = warm + (total - warm) // 2
+    assert cosine_lr(mid, peak, floor, warm, total) == pytest.approx(floor + (peak - floor) / 2)  # mid cosine
+    assert cosine_lr(total, peak, floor, warm, total) == pytest.approx(floor)  # the end
+    q = warm + (total - warm) // 4
+    assert cosine_lr(q, peak, floor, warm, total) == pytest.approx(floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi / 4)))
+
+
+def test_weight_decay_groups():
+    model = build_model("mae_vit_tiny_patch8")
+    decay, no_decay = param_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    d = {names[id(p)] for p in decay["params"]}
+    nd = {names[id(p)] for p in no_decay["params"]}
+    assert "blocks.0.attn.qkv.weight" in d and "decoder_pred.weight" in d and "patch_embed.proj.weight" in d
+    assert "cls_token" in d and "mask_token" in d  # 3-D tokens decay, as the official add_weight_decay
+    assert "blocks.0.attn.qkv.bias" in nd and "norm.weight" in nd and "blocks.1.norm2.weight" in nd
+    assert "pos_embed" not in d | nd  # frozen
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
+
+
+def test_lr_is_a_shared_tensor():
+    step = make_step()
+    step.inputs.normal_()
+    step.micro_step()
+    step.optimizer_step(1.234e-3)
+    assert all(g["lr"] is step.optimizer.param_groups[0]["lr"] for g in step.optimizer.param_groups)
+    assert float(step.optimizer.param_groups[0]["lr"]) == pytest.approx(1.234e-3)
+
+
+def test_non_finite_loss_is_reported_with_its_step():
+    from mae_fast.metrics import Meter, NonFiniteLoss
+    step = make_step()
+    step.inputs.normal_()
+    for i in range(3):
+        if i == 1:
+            step.inputs[0, 0, 0, 0] = float("nan")
+        step.micro_step()
+        step.optimizer_step(1e-3)
+    losses, gnorms = step.read_metrics()
+    meter = Meter(effective_batch=8, steps_per_epoch=10, total_steps=10)
+    with pytest.raises(NonFiniteLoss, match="at step 12"):
+        meter.update(first_step=10, losses=losses, gnorms=gnorms, lr=1e-3, data_wait_s=0.0)
