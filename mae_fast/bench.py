@@ -150,6 +150,53 @@ def bench_step(cfg: Config, *, steps: int = 20, warmup: int = 5, compare: bool =
     return out
 
 
+def bench_loader(cfg: Config, *, backend: str = "both", batches: int = 50, warmup: int = 5,
+                 log: Callable[[str], None] = print) -> dict:
+    """img/s and ms per batch of the DALI and/or PIL loaders over the config's data, same run, same data."""
+    from dataclasses import replace
+
+    from .data import build_loader, find_dataset
+    device = resolve_device(cfg.misc.device)
+    dataset = find_dataset(cfg)
+    for w in dataset.warnings:
+        log(f"WARNING: {w}")
+    batch = cfg.optimization.micro_batch_size or cfg.optimization.batch_size
+    if dataset.num_images < batch:
+        raise ValueError(f"data.data_path: {dataset.num_images} images, fewer than one batch of {batch}")
+    per_epoch = dataset.num_images // batch
+    results = []
+    for name in (["dali", "pil"] if backend == "both" else [backend]):
+        run_cfg = replace(cfg, data=replace(cfg.data, backend=name))
+        loader, _, desc = build_loader(run_cfg, dataset, batch, per_epoch, device)
+        log(f"{name}: {desc}, batch {batch}, {cfg.data.input_size}px")
+        epoch, seen = 0, 0
+        it = None
+        t = 0.0
+        for i in range(warmup + batches):
+            if i == warmup:  # time from here, after the workers/threads and decoders warmed up
+                _sync(device)
+                t = time.perf_counter()
+            if it is None or seen == per_epoch:
+                loader.set_epoch(epoch)
+                it, seen, epoch = iter(loader), 0, epoch + 1
+            b = next(it)
+            seen += 1
+        _sync(device)
+        sec = (time.perf_counter() - t) / batches
+        results.append({"backend": name, "img_s": batch / sec, "ms_per_batch": 1000 * sec, "batch": batch,
+                        "workers": cfg.data.num_workers, "output_device": str(b.device), "dtype": str(b.dtype)})
+        log(f"{name:>5}: {batch / sec:,.1f} img/s  {1000 * sec:.1f} ms/batch")
+        if hasattr(loader, "close"):
+            loader.close()
+        del loader, it
+    out = {"results": results, "env": {**env_info(device), "input_size": cfg.data.input_size,
+                                       "num_images": dataset.num_images, "data_path": cfg.data.data_path}}
+    if len(results) == 2:
+        out["ratio_dali_over_pil"] = results[0]["img_s"] / results[1]["img_s"]
+        log(f"DALI / PIL: {out['ratio_dali_over_pil']:.2f}x")
+    return out
+
+
 def write_json(data: dict, path: str | None) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -79,7 +79,7 @@ def train(cfg: Config, *, log: Callable[[str], None] = print, max_steps: int | N
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     log(f"model {cfg.model.type}: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M "
         f"trainable parameters on {dev_name}; {'compiled' if cfg.misc.compile else 'eager'}; "
-        f"{flops / derived.effective_batch / 1e9:.1f} GFLOP per image")
+        f"{flops / derived.effective_batch / 1e9:.3g} GFLOP per image")
 
     result = TrainResult(derived)
     batches = TimedBatches(loader)
@@ -99,7 +99,7 @@ def train(cfg: Config, *, log: Callable[[str], None] = print, max_steps: int | N
             step.optimizer_step(lr)
             global_step += 1
             first = global_step == derived.start_step + 1  # report the first step at once (compile time)
-            if first or step.ring_full or global_step == end_step:
+            if first or global_step % lg.print_freq == 0 or global_step == end_step:
                 losses, gnorms = step.read_metrics()  # the loop's one CPU-GPU sync point
                 mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
                 snap = meter.update(first_step=last_logged, losses=losses, gnorms=gnorms, lr=lr,

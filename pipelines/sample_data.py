@@ -13,8 +13,9 @@ import os
 import numpy as np
 from PIL import Image, ImageEnhance
 
-# Colour photographs that skimage.data loads from files inside the package (no download).
-_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")
+# Colour photographs that skimage.data loads from files inside the package (no download);
+# together their pixel statistics are close to ImageNet's (the Hubble field is too dark).
+_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "stereo_motorcycle")
 
 
 def make_sample_data(out_dir: str, n: int = 256, num_classes: int = 4, seed: int = 0) -> str:
@@ -49,6 +50,8 @@ def _load_photos() -> list[Image.Image]:
     for name in _PHOTOS:
         try:
             arr = getattr(skimage.data, name)()
+            if name == "stereo_motorcycle":
+                arr = arr[0]  # (left, right, disparity): the left view
         except Exception:  # a photo that would need a download, or is missing in this version
             continue
         photos.append(Image.fromarray(np.ascontiguousarray(arr[..., :3])))
