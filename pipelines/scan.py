@@ -5,7 +5,7 @@ Two layouts are accepted:
 - ImageNet style: ``root/<class>/.../*.JPEG``; each non-hidden subfolder is a
   class (label = index in sorted class names), files found recursively, as
   torchvision's ImageFolder does. Loose files at the top level are ignored.
-- Flat: ``root/*.jpg`` with no subfolders; one class named ".".
+- Flat: ``root/*.jpg`` and no subfolder holding images; one class named ".".
 
 Only files whose extension is in IMAGE_EXTS are considered (case-insensitive);
 other files are ignored. Each candidate is checked by content, not by name: a
@@ -165,24 +165,32 @@ def _walk(folder: str, rel: str, out: list[tuple[str, int, int]]) -> None:
 
 
 def _list_images(root: str) -> tuple[list[str], list[tuple[str, int, int, int]]]:
-    """Return (classes, [(relpath, label, size, mtime_ns)]) sorted by (label, relpath)."""
+    """Return (classes, [(relpath, label, size, mtime_ns)]) sorted by (label, relpath).
+
+    Subfolders holding images are classes; if there are none, the folder is flat
+    (so a flat folder may also hold, say, a cache folder).
+    """
     with os.scandir(root) as it:
         subdirs = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
-    if not subdirs:  # flat folder
-        found: list[tuple[str, int, int]] = []
-        _walk(root, "", found)
-        return ["."], [(rel, 0, size, mtime) for rel, size, mtime in sorted(found)]
     classes: list[str] = []
     entries: list[tuple[str, int, int, int]] = []
     for name in subdirs:
-        found = []
+        found: list[tuple[str, int, int]] = []
         _walk(os.path.join(root, name), f"{name}/", found)
         if not found:
             continue  # an empty or non-image subfolder is not a class
         label = len(classes)
         classes.append(name)
         entries.extend((rel, label, size, mtime) for rel, size, mtime in sorted(found))
-    return classes, entries
+    if classes:
+        return classes, entries
+    found = []
+    with os.scandir(root) as it:
+        for entry in it:
+            if _is_image_name(entry.name) and entry.is_file():
+                st = entry.stat()
+                found.append((entry.name, st.st_size, st.st_mtime_ns))
+    return ["."], [(rel, 0, size, mtime) for rel, size, mtime in sorted(found)]
 
 
 def _fingerprint(classes: list[str], entries: list[tuple[str, int, int, int]]) -> str:

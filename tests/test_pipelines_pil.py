@@ -1,0 +1,103 @@
+"""The PIL reference loader: MAE's transform, the shared epoch order, sharding, position resume."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("torchvision")
+
+from pipelines.common import AugmentConfig  # noqa: E402
+from pipelines.pil import build_pil_loader, pil_transform  # noqa: E402
+
+SIZE = 32
+AUG = AugmentConfig(input_size=SIZE)
+LEVELS = (0, 85, 170, 255)
+
+
+def index_colour(i: int) -> tuple[int, int, int]:
+    return LEVELS[i // 16 % 4], LEVELS[i // 4 % 4], LEVELS[i % 4]
+
+
+def decode_indices(batch: torch.Tensor) -> list[int]:
+    mean = torch.tensor(AUG.mean).view(1, 3, 1, 1) * 255
+    std = torch.tensor(AUG.std).view(1, 3, 1, 1) * 255
+    rgb = (batch * std + mean).mean((2, 3))
+    levels = torch.tensor(LEVELS, dtype=torch.float32)
+    code = (rgb[:, :, None] - levels).abs().argmin(-1)
+    assert ((rgb - levels[code]).abs() < 20).all()
+    return (code[:, 0] * 16 + code[:, 1] * 4 + code[:, 2]).tolist()
+
+
+@pytest.fixture(scope="module")
+def index_files(tmp_path_factory) -> list[str]:
+    folder = tmp_path_factory.mktemp("index")
+    files = []
+    for i in range(27):
+        path = os.path.join(folder, f"{i:03d}.jpg")
+        # Grey and palette images too: the dataset converts everything to RGB.
+        img = Image.new("RGB", (40, 30), index_colour(i))
+        if i == 0:
+            img = img.convert("L")
+        files.append(path)
+        img.save(path, quality=95)
+    return files
+
+
+def test_transform_is_mae_main_pretrain():
+    from torchvision import transforms
+
+    t = pil_transform(AugmentConfig(input_size=48, crop_scale=(0.3, 0.9), hflip_prob=0.25))
+    crop, flip, to_tensor, norm = t.transforms
+    assert isinstance(crop, transforms.RandomResizedCrop) and crop.size == (48, 48)
+    assert crop.scale == (0.3, 0.9) and crop.ratio == (3 / 4, 4 / 3)
+    assert crop.interpolation == transforms.InterpolationMode.BICUBIC
+    assert isinstance(flip, transforms.RandomHorizontalFlip) and flip.p == 0.25
+    assert isinstance(to_tensor, transforms.ToTensor)
+    assert isinstance(norm, transforms.Normalize) and tuple(norm.std) == AUG.std
+
+
+def test_order_shards_and_resume_position(index_files):
+    B = 3  # 27 files, 2 shards: 4 batches of 3 each, 3 files left out
+    shards = [
+        build_pil_loader(index_files, B, AUG, seed=4, shard_id=k, num_shards=2, num_workers=0)
+        for k in range(2)
+    ]
+    seen = []
+    for loader in shards:
+        assert len(loader) == 4
+        batches = list(loader)
+        assert len(batches) == 4
+        assert all(b.shape == (B, 3, SIZE, SIZE) and b.dtype == torch.float32 for b in batches)
+        indices = [i for b in batches for i in decode_indices(b)]
+        assert indices == loader.epoch_order(0).ravel().tolist()
+        seen.append(set(indices))
+        assert len(seen[-1]) == 12
+    assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 24
+
+    loader = shards[0]
+    loader.set_epoch(1)
+    it = iter(loader)
+    head = [decode_indices(next(it)) for _ in range(2)]
+    state = json.loads(json.dumps(loader.state()))
+    assert (state["epoch"], state["batch"]) == (1, 2)
+    resumed = build_pil_loader(index_files, B, AUG, seed=4, shard_id=0, num_shards=2, num_workers=0)
+    resumed.load_state(state)
+    resumed.set_epoch(1)  # keeps the position
+    tail = [decode_indices(b) for b in resumed]
+    assert head + tail == loader.epoch_order(1).tolist()
+    assert loader.epoch_order(1).tolist() != loader.epoch_order(0).tolist()
+    with pytest.raises(ValueError, match="shard_id"):
+        shards[1].load_state(state)
+
+
+def test_workers_and_device(index_files):
+    loader = build_pil_loader(index_files, 9, AUG, seed=0, num_workers=2, device="cpu")
+    batches = list(loader)
+    assert len(batches) == 3 and all(b.device.type == "cpu" for b in batches)
+    assert sorted(i for b in batches for i in decode_indices(b)) == list(range(27))
+    loader.close()
