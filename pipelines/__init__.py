@@ -1,29 +1,32 @@
 """Data pipelines for MAE pretraining: DALI (fast), PIL (reference), synthetic; dataset scan.
 
-Never imports mae_fast, so the pipelines can be benchmarked alone. DALI and
-torchvision are imported only when a loader of that kind is built.
+Never imports mae_fast, so the pipelines can be benchmarked alone. The names
+below are imported on first use, so `import pipelines.scan` stays light (no
+torch, no DALI): the scan's worker processes start quickly.
 """
 
-from .common import AugmentConfig, epoch_order
-from .dali import DaliLoader, build_dali_loader, dali_available
-from .pil import PilLoader, build_pil_loader
-from .sample_data import make_sample_data
-from .scan import IMAGE_EXTS, DatasetScanError, ScanResult, format_bad, scan_dataset
-from .synthetic import SyntheticLoader
+from importlib import import_module
 
-__all__ = [
-    "IMAGE_EXTS",
-    "AugmentConfig",
-    "DaliLoader",
-    "DatasetScanError",
-    "PilLoader",
-    "ScanResult",
-    "SyntheticLoader",
-    "build_dali_loader",
-    "build_pil_loader",
-    "dali_available",
-    "epoch_order",
-    "format_bad",
-    "make_sample_data",
-    "scan_dataset",
-]
+_EXPORTS = {
+    "AugmentConfig": "common",
+    "epoch_order": "common",
+    "DaliLoader": "dali",
+    "build_dali_loader": "dali",
+    "dali_available": "dali",
+    "PilLoader": "pil",
+    "build_pil_loader": "pil",
+    "make_sample_data": "sample_data",
+    "IMAGE_EXTS": "scan",
+    "DatasetScanError": "scan",
+    "ScanResult": "scan",
+    "format_bad": "scan",
+    "scan_dataset": "scan",
+    "SyntheticLoader": "synthetic",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pipelines' has no attribute {name!r}")
+    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)

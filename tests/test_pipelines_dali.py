@@ -295,3 +295,53 @@ def test_resume_mid_epoch_gives_identical_batches(photo_files):
 
     with pytest.raises(ValueError, match="seed"):
         make(seed=3).load_state(state)
+
+
+# ---------------------------------------------------------------- GPU ("mixed" decoding)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_mixed_decoding_matches_cpu_pipeline(photo_files):
+    gpu = build_dali_loader(photo_files, 32, AUG, seed=0, device_id=0, num_threads=4, hw_decoder_load=0.7)
+    batches = epoch_batches(gpu)
+    assert len(batches) == len(gpu) == 4
+    assert all(b.device == torch.device("cuda", 0) and b.dtype == torch.float16 for b in batches)
+    assert all(b.shape == (32, 3, SIZE, SIZE) for b in batches)
+    x = torch.cat(batches).float().cpu()
+    y = torch.cat(epoch_batches(build_dali_loader(photo_files, 32, AUG, seed=0, num_threads=4))).float()
+    assert torch.isfinite(x).all()
+    assert torch.allclose(x.mean((0, 2, 3)), y.mean((0, 2, 3)), atol=0.08)
+    assert torch.allclose(x.std((0, 2, 3)), y.std((0, 2, 3)), atol=0.08)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_order_resume_and_odd_formats(index_files, photo_files, tmp_path):
+    loader = build_dali_loader(index_files, 4, AUG, seed=7, device_id=0, shard_id=1, num_shards=2)
+    order = [i for b in epoch_batches(loader) for i in decode_indices(b.cpu())]
+    assert order == loader.epoch_order(0).ravel().tolist()
+
+    def make():
+        return build_dali_loader(photo_files[:64], 8, AUG, seed=2, device_id=0)
+
+    ref = epoch_batches(make())
+    run = make()
+    it = iter(run)
+    head = [next(it).clone() for _ in range(3)]
+    state = json.loads(json.dumps(run.state()))
+    del run, it
+    resumed = make()
+    resumed.load_state(state)
+    assert same(head + epoch_batches(resumed), ref)
+
+    rgb = (np.random.default_rng(0).random((60, 80, 3)) * 255).astype(np.uint8)
+    Image.fromarray(rgb).convert("L").save(tmp_path / "grey.jpg")
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    Image.fromarray(rgb).convert("RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(rgb).save(tmp_path / "rgb.jpg")
+    files = scan_dataset(str(tmp_path), progress=False).files
+    (batch,) = epoch_batches(build_dali_loader(files, 4, AUG, seed=0, device_id=0, output_dtype="uint8"))
+    assert batch.shape == (4, 3, SIZE, SIZE) and batch.dtype == torch.uint8 and batch.is_cuda

@@ -201,12 +201,13 @@ def test_cache_dir_and_unwritable_root(tmp_path, monkeypatch):
     assert r.notes and "not written" in r.notes[0]
 
 
-def test_progress_bar_path_gives_the_same_result(tmp_path, monkeypatch):
+def test_progress_bar_and_worker_processes_give_the_same_result(tmp_path, monkeypatch):
     for i in range(12):
         jpeg(tmp_path / f"{i:02d}.jpg")
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut")
     monkeypatch.setattr(scan, "PROGRESS_MIN_FILES", 1)
-    with_bar = scan_dataset(str(tmp_path), num_workers=3, progress=True, cache_dir=str(tmp_path / "c1"))
+    monkeypatch.setattr(scan, "PROCESS_MIN_FILES", 1)  # as for a large data set
+    with_bar = scan_dataset(str(tmp_path), num_workers=2, progress=True, cache_dir=str(tmp_path / "c1"))
     quiet = scan_dataset(str(tmp_path), num_workers=1, progress=False, cache_dir=str(tmp_path / "c2"))
     assert len(with_bar.files) == 12 and len(with_bar.bad) == 1
     assert (with_bar.files, with_bar.bad) == (quiet.files, quiet.bad)
