@@ -49,9 +49,7 @@ class AugmentConfig:
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError(f"mean and std need 3 values, std > 0; got {self.mean}, {self.std}")
         if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(
-                f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}"
-            )
+            raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
 
 
 def batches_per_epoch(num_files: int, batch_size: int, num_shards: int) -> int:
@@ -106,10 +104,6 @@ def check_state(state: dict, kind: str, identity: dict) -> None:
     """Raise ValueError naming each setting that differs between a saved `state` and a loader."""
     if state.get("kind") != kind:
         raise ValueError(f"state is for a {state.get('kind')!r} loader, this one is {kind!r}")
-    diffs = [
-        f"{k}: state {state.get(k)!r} vs loader {v!r}"
-        for k, v in identity.items()
-        if state.get(k) != v
-    ]
+    diffs = [f"{k}: state {state.get(k)!r} vs loader {v!r}" for k, v in identity.items() if state.get(k) != v]
     if diffs:
         raise ValueError("loader state does not match this loader: " + "; ".join(diffs))

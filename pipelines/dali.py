@@ -323,9 +323,7 @@ def _define_pipeline(loader: DaliLoader, feed: _PathFeed, seeds: list[int], chec
         )
         mirror = fn.random.coin_flip(probability=aug.hflip_prob, seed=seeds[2])
         if loader.output_dtype == "uint8":
-            out = fn.crop_mirror_normalize(
-                images, mirror=mirror, dtype=types.UINT8, output_layout="CHW"
-            )
+            out = fn.crop_mirror_normalize(images, mirror=mirror, dtype=types.UINT8, output_layout="CHW")
         else:
             out = fn.crop_mirror_normalize(
                 images,
@@ -337,4 +335,3 @@ def _define_pipeline(loader: DaliLoader, feed: _PathFeed, seeds: list[int], chec
             )
         pipe.set_outputs(out)
     return pipe
-

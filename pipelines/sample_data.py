@@ -26,9 +26,7 @@ def make_sample_data(out_dir: str, n: int = 256, num_classes: int = 4, seed: int
     """
     if n < 1 or num_classes < 1:
         raise ValueError(f"need n >= 1 and num_classes >= 1, got n={n}, num_classes={num_classes}")
-    paths = [
-        os.path.join(out_dir, f"class_{i % num_classes}", f"img_{i:06d}.JPEG") for i in range(n)
-    ]
+    paths = [os.path.join(out_dir, f"class_{i % num_classes}", f"img_{i:06d}.JPEG") for i in range(n)]
     missing = [i for i, p in enumerate(paths) if not os.path.exists(p)]
     if not missing:
         return out_dir

@@ -44,8 +44,13 @@ _JPEG_SOI = b"\xff\xd8\xff"
 _JPEG_EOI = b"\xff\xd9"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_IEND = b"IEND\xaeB`\x82"  # chunk type + its fixed CRC
-_OTHER_FORMATS = ((b"GIF8", "GIF"), (b"BM", "BMP"), (b"RIFF", "WebP/RIFF"), (b"II*\0", "TIFF"),
-                  (b"MM\0*", "TIFF"))
+_OTHER_FORMATS = (
+    (b"GIF8", "GIF"),
+    (b"BM", "BMP"),
+    (b"RIFF", "WebP/RIFF"),
+    (b"II*\0", "TIFF"),
+    (b"MM\0*", "TIFF"),
+)
 _TAIL_BYTES = 1024  # EOI may be followed by padding; IEND is the last 12 bytes
 
 
@@ -102,7 +107,7 @@ def scan_dataset(
     relpaths = [e[0] for e in entries]
     reasons = _check_all(root, relpaths, num_workers, progress)
     files, labels, bad = [], [], []
-    for (rel, label, _, _), reason in zip(entries, reasons):
+    for (rel, label, _, _), reason in zip(entries, reasons, strict=True):
         if reason is None:
             files.append(rel)
             labels.append(label)
@@ -120,8 +125,7 @@ def scan_dataset(
     result = _result_from_cache(root, payload)
     if not result.files:
         raise DatasetScanError(
-            f"none of the {len(entries)} image files in {root} is a valid JPEG or PNG: "
-            + format_bad(result)
+            f"none of the {len(entries)} image files in {root} is a valid JPEG or PNG: " + format_bad(result)
         )
     note = _write_cache(cache_path, payload)
     if note:

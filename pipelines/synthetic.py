@@ -70,5 +70,8 @@ class SyntheticLoader:
         check_state(state, "synthetic", self._identity())
         self._epoch, self._batch = int(state["epoch"]), int(state["batch"])
 
+    def close(self) -> None:
+        """Nothing to free; here so every loader has the same interface."""
+
     def _identity(self) -> dict:
         return {"shape": list(self.shape), "batches_per_epoch": self.batches_per_epoch, "seed": self.seed}

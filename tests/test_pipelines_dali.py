@@ -72,7 +72,7 @@ def epoch_batches(loader) -> list[torch.Tensor]:
 
 
 def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 # ---------------------------------------------------------------- tests
@@ -96,9 +96,12 @@ def test_output_shape_dtype_and_normalized_statistics(photo_files):
     # Normalized: near 0 and 1 on photographs ...
     assert (mean.abs() < 0.5).all() and ((std > 0.7) & (std < 1.5)).all(), (mean, std)
     # ... and exactly what (pixel / 255 - mean) / std of the source files gives, up to cropping.
-    pixels = np.concatenate(
-        [np.asarray(Image.open(f).convert("RGB").reduce(4)).reshape(-1, 3) for f in photo_files]
-    ) / 255.0
+    pixels = (
+        np.concatenate(
+            [np.asarray(Image.open(f).convert("RGB").reduce(4)).reshape(-1, 3) for f in photo_files]
+        )
+        / 255.0
+    )
     expected = (pixels - np.array(AUG.mean)) / np.array(AUG.std)
     assert np.allclose(mean.numpy(), expected.mean(0), atol=0.08), (mean, expected.mean(0))
     assert np.allclose(std.numpy(), expected.std(0), atol=0.12), (std, expected.std(0))
@@ -217,7 +220,7 @@ def test_flip_mirrors_the_same_crop(photo_files):
     assert not torch.equal(always, never)
     flipped = [torch.equal(half[i], never[i].flip(-1)) for i in range(16)]
     kept = [torch.equal(half[i], never[i]) for i in range(16)]
-    assert all(f != k for f, k in zip(flipped, kept))  # each image is one or the other
+    assert all(f != k for f, k in zip(flipped, kept, strict=True))  # each image is one or the other
     assert 0 < sum(flipped) < 16
 
 

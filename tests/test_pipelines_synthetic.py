@@ -23,7 +23,7 @@ def test_shapes_determinism_epochs_and_resume():
     assert a.epoch == 1 and not torch.equal(e0[0], e1[0])
 
     b = make()
-    assert all(torch.equal(p, q) for p, q in zip(e0, list(b)))
+    assert all(torch.equal(p, q) for p, q in zip(e0, list(b), strict=True))
     assert not torch.equal(e0[0], next(iter(make(seed=1))))
 
     c = make()
@@ -34,7 +34,7 @@ def test_shapes_determinism_epochs_and_resume():
     d = make()
     d.load_state(state)
     d.set_epoch(1)
-    assert all(torch.equal(p, q) for p, q in zip(e1[1:], list(d)))
+    assert all(torch.equal(p, q) for p, q in zip(e1[1:], list(d), strict=True))
     with pytest.raises(ValueError, match="seed"):
         make(seed=2).load_state(state)
 
