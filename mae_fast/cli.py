@@ -6,8 +6,10 @@ import sys
 
 from .config import ConfigError, load_config
 
-# Exit codes: 0 done; 1 error in the run; 2 bad config, data path or arguments; 3 training diverged.
-EXIT_ERROR, EXIT_USAGE, EXIT_DIVERGED = 1, 2, 3
+# Exit codes: 0 done; 1 error in the run (a checkpoint that cannot be read or written included);
+# 2 bad config, data path or arguments; 3 training diverged (non-finite loss);
+# 4 stopped by SIGTERM/SIGINT after saving a checkpoint (run again with misc.auto_resume to continue).
+EXIT_ERROR, EXIT_USAGE, EXIT_DIVERGED, EXIT_PREEMPTED = 1, 2, 3, 4
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
@@ -52,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipelines.scan import DatasetScanError
+    from .checkpoint import CheckpointError
     from .metrics import NonFiniteLoss
     try:
         return _run(args)
@@ -61,12 +64,17 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_DIVERGED
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "train":
         from .train import train
-        train(load_config(args.config, args.overrides), max_steps=args.max_steps)
+        result = train(load_config(args.config, args.overrides), max_steps=args.max_steps)
+        if result.preempted:
+            return EXIT_PREEMPTED
     elif args.command == "bench-step":
         from .bench import bench_step, write_json
         write_json(bench_step(load_config(args.config, args.overrides), steps=args.steps, warmup=args.warmup,

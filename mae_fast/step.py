@@ -55,8 +55,9 @@ class TrainStep:
         self.loss_fn = fn
 
     def _loss(self, imgs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        if self.uint8:
-            imgs = (imgs.float() - self.mean) / self.std
+        # fp16 (DALI) / bf16 (synthetic) batches: the loss target is computed in fp32, and autocast
+        # picks the matmul precision; uint8 batches are normalized here, fused into the same graph
+        imgs = (imgs.float() - self.mean) / self.std if self.uint8 else imgs.float()
         module = self.ddp_model if self.ddp_model is not None else self.model
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             loss, _, _ = module(imgs, self.mask_ratio, noise)
@@ -80,7 +81,8 @@ class TrainStep:
             gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.gradient_clip, foreach=True)
         else:
             gnorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in self.params])))
-        self.optimizer.param_groups[0]["lr"].fill_(lr)  # shared 0-D tensor: no recompile, no sync
+        for group in self.optimizer.param_groups:
+            group["lr"].fill_(lr)  # a 0-D tensor: no recompile, no sync
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.loss_ring[self.slot].copy_(self._loss_acc / self.accum_steps)

@@ -1,8 +1,9 @@
-"""The train loop: config -> data -> model -> compiled step -> metrics, top to bottom."""
+"""The train loop: config -> data -> model -> compiled step -> metrics and checkpoints, top to bottom."""
 from __future__ import annotations
 
-import os
+import dataclasses
 import random
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,11 +12,14 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .checkpoint import CheckpointError, CheckpointManager, load_checkpoint, rng_state, set_rng_state
 from .config import Config, Derived, derive, format_config, lr_warnings, save_config
+from .dashboard import RunInfo
 from .data import TimedBatches, build_loader, find_dataset
-from .metrics import Meter, Snapshot, format_line, peak_bf16_flops
+from .metrics import Meter, Snapshot, peak_bf16_flops
 from .model import build_model, model_flops_per_image
 from .optim import build_optimizer, cosine_lr
+from .runlog import RunLog
 from .step import TrainStep
 
 
@@ -27,6 +31,10 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -36,37 +44,113 @@ def seed_everything(seed: int) -> None:
 @dataclass
 class TrainResult:
     derived: Derived
-    losses: list[float] = field(default_factory=list)  # every step's loss, in order
+    losses: list[float] = field(default_factory=list)  # every step's loss run by this process, in order
     snapshots: list[Snapshot] = field(default_factory=list)
-    steps_done: int = 0
+    start_step: int = 0  # global step this process started from (> 0 after a resume)
+    steps_done: int = 0  # global steps done at the end
+    preempted: bool = False  # stopped by SIGTERM/SIGINT after saving a checkpoint
+    resumed_from: str = ""
 
 
-def train(cfg: Config, *, log: Callable[[str], None] = print, max_steps: int | None = None) -> TrainResult:
-    """Pretrain as configured. `max_steps` stops early (tests, benchmarks)."""
+class StopFlag:
+    """SIGTERM / SIGINT: finish the current step, save, exit. A second Ctrl-C exits at once."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "StopFlag":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C
+        self.signal = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def check_resumable(ckpt: dict, cfg: Config, derived: Derived, path: str) -> None:
+    """Refuse a checkpoint whose model or batch settings differ from this run's, saying what differs."""
+    saved, sd = ckpt.get("config", {}), ckpt.get("derived", {})
+    pairs = [("model.type", saved.get("model", {}).get("type"), cfg.model.type),
+             ("data.input_size", saved.get("data", {}).get("input_size"), cfg.data.input_size),
+             ("optimization.batch_size", sd.get("effective_batch"), derived.effective_batch),
+             ("micro-batch size", sd.get("micro_batch_size"), derived.micro_batch_size),
+             ("world size", sd.get("world_size"), derived.world_size),
+             ("steps per epoch (data set size / batch)", sd.get("steps_per_epoch"), derived.steps_per_epoch)]
+    diffs = [f"{k}: checkpoint {a!r}, config {b!r}" for k, a, b in pairs if a != b]
+    if diffs:
+        raise CheckpointError(f"cannot resume from {path}: it does not fit this config ({'; '.join(diffs)})")
+
+
+def train(cfg: Config, *, log: Callable[[str], None] | None = None, max_steps: int | None = None) -> TrainResult:
+    """Pretrain as configured. `max_steps` stops after that many steps of this process (tests, benchmarks);
+    `log` replaces console output (the log file and metrics.jsonl are written all the same)."""
     seed_everything(cfg.misc.seed)
     device = resolve_device(cfg.misc.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    o, s, lg = cfg.optimization, cfg.schedule, cfg.logging
+    s, lg = cfg.schedule, cfg.logging
 
     # data first: a bad data_path stops the run before any model is built
     dataset = find_dataset(cfg)
     derived = derive(cfg, dataset.num_images)
     loader, input_dtype, data_desc = build_loader(cfg, dataset, derived.micro_batch_size,
                                                   derived.steps_per_epoch * derived.accum_steps, device)
+    run_name = cfg.misc.run_name or Path(lg.output_dir).name
+    info = RunInfo(run_name, cfg.model.type, device_name(device),
+                   f"batch {derived.effective_batch} ({derived.micro_batch_size} x {derived.accum_steps} accum) · "
+                   f"lr {derived.lr:.3g} · {s.epochs} epochs · {data_desc}")
+    out = RunLog(lg.output_dir, dashboard=lg.dashboard, info=info, tensorboard=lg.tensorboard, echo=log)
+    try:
+        return _train(cfg, device, dataset, derived, loader, input_dtype, data_desc, out, max_steps)
+    finally:
+        out.close()
+        if hasattr(loader, "close"):
+            loader.close()
+
+
+def _train(cfg: Config, device: torch.device, dataset, derived: Derived, loader, input_dtype: torch.dtype,
+           data_desc: str, out: RunLog, max_steps: int | None) -> TrainResult:
+    o, s, lg, ck = cfg.optimization, cfg.schedule, cfg.logging, cfg.checkpointing
     for w in dataset.warnings + lr_warnings(cfg):
-        log(f"WARNING: {w}")
-    log(f"data: {data_desc}")
-    log(format_config(cfg, derived))
-    out_dir = Path(lg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, derived, out_dir / "config.yaml")
+        out.info(f"WARNING: {w}")
+    out.info(f"data: {data_desc}")
+    out.info(format_config(cfg, derived))
+    save_config(cfg, derived, Path(lg.output_dir) / "config.yaml")
 
     model = build_model(cfg.model.type, cfg.model.norm_pix_loss, cfg.data.input_size,
                         cfg.model.grad_checkpointing).to(device)
     optimizer = build_optimizer(model, derived.lr, o.weight_decay, (o.adam_beta1, o.adam_beta2), device)
+    ckpts = CheckpointManager(ck.checkpoint_dir, ck.keep_last_n)
+    result = TrainResult(derived)
+
+    # resume: misc.resume names a file; misc.auto_resume takes latest.pt when there is one
+    resume = cfg.misc.resume or (str(ckpts.latest) if cfg.misc.auto_resume and ckpts.latest.exists() else "")
+    global_step = derived.start_step
+    if resume:
+        ckpt = load_checkpoint(resume, map_location=device)
+        check_resumable(ckpt, cfg, derived, resume)
+        model.load_state_dict(ckpt["model"], strict=True)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        loader.load_state(ckpt["data"])
+        set_rng_state(ckpt["rng"])
+        global_step = int(ckpt["step"])
+        result.resumed_from = resume
+        out.info(f"resumed from {resume}: step {global_step}, epoch {global_step // derived.steps_per_epoch} "
+                 f"(+{global_step % derived.steps_per_epoch} steps), saved {ckpt.get('saved_at', '?')}")
+    result.start_step = global_step
+
     a = cfg.data.augmentation
     step = TrainStep(model, optimizer, micro_batch=derived.micro_batch_size, accum_steps=derived.accum_steps,
                      mask_ratio=cfg.model.mask_ratio, gradient_clip=o.gradient_clip, device=device,
@@ -75,46 +159,78 @@ def train(cfg: Config, *, log: Callable[[str], None] = print, max_steps: int | N
     flops = model_flops_per_image(model.arch, cfg.model.mask_ratio) * derived.effective_batch
     meter = Meter(effective_batch=derived.effective_batch, steps_per_epoch=derived.steps_per_epoch,
                   total_steps=derived.total_steps, flops_per_step=flops,
-                  peak_flops=peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else 0.0)
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    log(f"model {cfg.model.type}: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M "
-        f"trainable parameters on {dev_name}; {'compiled' if cfg.misc.compile else 'eager'}; "
-        f"{flops / derived.effective_batch / 1e9:.3g} GFLOP per image")
+                  peak_flops=peak_bf16_flops(device_name(device)))
+    out.info(f"model {cfg.model.type}: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M "
+             f"trainable parameters on {device_name(device)}; {'compiled' if cfg.misc.compile else 'eager'}; "
+             f"{flops / derived.effective_batch / 1e9:.3g} GFLOP per image")
 
-    result = TrainResult(derived)
-    batches = TimedBatches(loader)
-    global_step = derived.start_step
+    def state(epoch: int) -> dict:
+        return {"format": "mae-fast", "version": 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "epoch": epoch, "step": global_step, "rng": rng_state(), "data": loader.state(),
+                "config": cfg.to_dict(), "derived": dataclasses.asdict(derived),
+                "saved_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+
     last_logged = global_step
+
+    def flush_metrics(lr: float, first: bool = False) -> None:
+        """Read the device-side losses since the last read: the loop's one CPU-GPU sync point."""
+        nonlocal last_logged
+        if global_step == last_logged:
+            return
+        losses, gnorms = step.read_metrics()
+        mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+        snap = meter.update(first_step=last_logged, losses=losses, gnorms=gnorms, lr=lr,
+                            data_wait_s=batches.take_wait(), mem_gb=mem)  # raises NonFiniteLoss
+        last_logged = global_step
+        result.losses.extend(losses)
+        result.snapshots.append(snap)
+        if first:
+            out.info(f"first step done in {time.perf_counter() - t0:.1f}s (compilation included), loss {snap.loss:.4f}")
+            meter.restart_clock()
+        else:
+            out.metrics(snap)
+
+    def save(name: str | None, epoch: int, lr: float) -> None:
+        flush_metrics(lr)  # never save a state whose loss went non-finite
+        path = ckpts.save(state(epoch), name, cfg.to_dict(), out.log_path)
+        out.checkpoint_saved(str(path))
+
+    batches = TimedBatches(loader)
     end_step = derived.total_steps if max_steps is None else min(derived.total_steps, global_step + max_steps)
     t0 = time.perf_counter()
-    for epoch in range(s.start_epoch, s.epochs):
-        if global_step >= end_step:
-            break
-        batches.start_epoch(epoch)
-        for _ in range(derived.steps_per_epoch):
-            lr = cosine_lr(global_step, derived.lr, o.min_lr, derived.warmup_steps, derived.total_steps)
-            for i in range(derived.accum_steps):
-                step.inputs.copy_(batches.next(), non_blocking=True)
-                step.micro_step(sync_grads=i == derived.accum_steps - 1)
-            step.optimizer_step(lr)
-            global_step += 1
-            first = global_step == derived.start_step + 1  # report the first step at once (compile time)
-            if first or global_step % lg.print_freq == 0 or global_step == end_step:
-                losses, gnorms = step.read_metrics()  # the loop's one CPU-GPU sync point
-                mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-                snap = meter.update(first_step=last_logged, losses=losses, gnorms=gnorms, lr=lr,
-                                    data_wait_s=batches.take_wait(), mem_gb=mem)
-                last_logged = global_step
-                result.losses += losses
-                result.snapshots.append(snap)
-                if first:
-                    log(f"first step done in {time.perf_counter() - t0:.1f}s (compilation included), "
-                        f"loss {snap.loss:.4f}")
-                    meter.restart_clock()
-                else:
-                    log(format_line(snap))
-            if global_step >= end_step:
-                break
-    result.steps_done = global_step - derived.start_step
-    log(f"done: {result.steps_done} steps in {time.perf_counter() - t0:.1f}s")
+    lr = cosine_lr(global_step, derived.lr, o.min_lr, derived.warmup_steps, derived.total_steps)
+    with StopFlag() as stop:
+        while global_step < end_step and stop.signal is None:
+            epoch = global_step // derived.steps_per_epoch
+            batches.start_epoch(epoch)
+            for _ in range(global_step % derived.steps_per_epoch, derived.steps_per_epoch):
+                lr = cosine_lr(global_step, derived.lr, o.min_lr, derived.warmup_steps, derived.total_steps)
+                for i in range(derived.accum_steps):
+                    step.inputs.copy_(batches.next(), non_blocking=True)
+                    step.micro_step(sync_grads=i == derived.accum_steps - 1)
+                step.optimizer_step(lr)
+                global_step += 1
+                first = global_step == result.start_step + 1  # report the first step at once (compile time)
+                if first or global_step % lg.print_freq == 0 or global_step == end_step:
+                    flush_metrics(lr, first)
+                if ck.save_freq_steps and global_step % ck.save_freq_steps == 0:
+                    save(f"step-{global_step}", epoch, lr)
+                if global_step >= end_step or stop.signal is not None:
+                    break
+            done_epochs = global_step // derived.steps_per_epoch
+            if (global_step % derived.steps_per_epoch == 0 and ck.save_freq_epochs
+                    and done_epochs % ck.save_freq_epochs == 0):
+                save(f"epoch-{done_epochs}", done_epochs, lr)
+        flush_metrics(lr)
+        if stop.signal is not None:
+            out.status(f"received {signal.Signals(stop.signal).name}: saving a checkpoint at step {global_step}")
+            save(f"step-{global_step}", global_step // derived.steps_per_epoch, lr)
+            result.preempted = True
+        elif global_step >= derived.total_steps:
+            path = ckpts.save_final(state(s.epochs))
+            out.checkpoint_saved(str(path))
+    result.steps_done = global_step
+    out.info(f"{'stopped' if result.preempted else 'done'}: step {global_step}/{derived.total_steps}, "
+             f"{global_step - result.start_step} steps in {time.perf_counter() - t0:.1f}s")
     return result
+

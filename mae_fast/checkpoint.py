@@ -1,0 +1,173 @@
+"""Checkpoints: the seed guide's layout, atomic writes, safe loading, exact resume state.
+
+    checkpoint_dir/
+        epoch-N/  model.pt  config.json  mae_pretrain_*.log     every save_freq_epochs (N epochs done)
+        step-N/   model.pt  config.json  mae_pretrain_*.log     every save_freq_steps (N steps done)
+        latest.pt                                               the newest save, always
+        final.pt                                                at the end of the run
+
+model.pt holds the uncompiled model's state dict (official parameter names), the optimizer,
+epoch and step, the RNG states (torch, CUDA, numpy, python), the data loader's position and
+the resolved config. keep_last_n applies to epoch-N and step-N separately. Every file is written to a temporary name, flushed, fsynced and renamed,
+so a crash or a full disk leaves the previous checkpoint intact. Files are read with
+torch.load(weights_only=True): a checkpoint cannot run code on load.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Call write(file_object) on a temporary file beside `path`, fsync it, then rename over `path`.
+
+    On any error (a full disk included) the temporary file is removed, `path` is untouched and
+    the error propagates as CheckpointError naming the file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise CheckpointError(f"could not write {path}: {e}") from e
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_torch(path: Path, obj: dict) -> None:
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """torch.load with weights_only=True; clear errors for a missing file or a file that is no checkpoint."""
+    path = Path(path)
+    if path.is_dir() and (path / "model.pt").is_file():
+        path = path / "model.pt"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # unpickling errors, truncated zip, a foreign pickle with code
+        raise CheckpointError(f"{path} is not a readable checkpoint: {str(e).splitlines()[0]}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} is not a checkpoint (it holds a {type(obj).__name__})")
+    return obj
+
+
+class CheckpointManager:
+    """Writes the numbered directories, latest.pt and final.pt; rotates keep_last_n."""
+
+    def __init__(self, root: str | Path, keep_last_n: int):
+        self.root = Path(root)
+        self.keep_last_n = keep_last_n
+
+    @property
+    def latest(self) -> Path:
+        return self.root / "latest.pt"
+
+    def save(self, state: dict, name: str | None, config: dict, log_file: Path | None) -> Path:
+        """Save `state` as <name>/model.pt (when name is given) and as latest.pt. Returns the model.pt path."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        if name is None:
+            save_torch(self.latest, state)
+            return self.latest
+        folder = self.root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(folder / "config.json", lambda f: f.write(json.dumps(config, indent=2).encode()))
+        if log_file is not None and log_file.exists():
+            atomic_write(folder / log_file.name, lambda f: f.write(log_file.read_bytes()))
+        model_pt = folder / "model.pt"
+        save_torch(model_pt, state)
+        self._link_latest(model_pt)
+        self._rotate()
+        return model_pt
+
+    def save_final(self, state: dict) -> Path:
+        path = self.root / "final.pt"
+        save_torch(path, state)
+        self._link_latest(path)
+        return path
+
+    def _link_latest(self, src: Path) -> None:
+        """latest.pt becomes the same file as `src`: a hard link (no second write), else a copy."""
+        tmp = self.root / ".latest.pt.link"
+        try:
+            if tmp.exists():
+                tmp.unlink()
+            os.link(src, tmp)
+            os.replace(tmp, self.latest)
+            _fsync_dir(self.root)
+        except OSError:
+            atomic_write(self.latest, lambda f: f.write(src.read_bytes()))
+
+    def numbered(self, kind: str) -> list[Path]:
+        """kind-N directories ("epoch" or "step") holding a model.pt, in increasing N."""
+        dirs = [d for d in self.root.glob(f"{kind}-*")
+                if d.is_dir() and d.name[len(kind) + 1:].isdigit() and (d / "model.pt").exists()]
+        return sorted(dirs, key=lambda d: int(d.name[len(kind) + 1:]))
+
+    def _rotate(self) -> None:
+        """Keep the newest keep_last_n epoch-N and, separately, step-N directories."""
+        if self.keep_last_n <= 0:
+            return
+        for kind in ("epoch", "step"):
+            for d in self.numbered(kind)[:-self.keep_last_n]:
+                shutil.rmtree(d, ignore_errors=True)

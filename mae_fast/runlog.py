@@ -1,0 +1,98 @@
+"""Where a run's messages and metrics go: the console (live dashboard on a terminal, plain lines
+otherwise), the complete log file mae_pretrain_YYYYMMDD_HHMMSS.log (flushed as written),
+metrics.jsonl (one record per log interval) and TensorBoard scalars when it is installed."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable, TextIO
+
+from .dashboard import Dashboard, RunInfo
+from .metrics import Snapshot, format_line
+
+
+class RunLog:
+    def __init__(self, output_dir: str | Path | None, *, dashboard: str = "auto", info: RunInfo | None = None,
+                 tensorboard: bool = False, echo: Callable[[str], None] | None = None, stream: TextIO | None = None):
+        """output_dir None: console only (non-zero ranks, benchmarks). `echo` replaces console printing."""
+        self.stream = stream or sys.stdout
+        self.echo = echo
+        self.log_path: Path | None = None
+        self._file = self._jsonl = self._tb = None
+        if output_dir is not None:
+            out = Path(output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            self.log_path = out / f"mae_pretrain_{time.strftime('%Y%m%d_%H%M%S')}.log"
+            self._file = open(self.log_path, "a", buffering=1)  # line-buffered: flushed as written
+            self._jsonl = open(out / "metrics.jsonl", "a", buffering=1)
+            if tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                    self._tb = SummaryWriter(str(out / "tensorboard"))
+                except ImportError:
+                    self.info("tensorboard is not installed: TensorBoard scalars are off (pip install tensorboard)")
+        live = dashboard == "on" or (dashboard == "auto" and echo is None and self.stream.isatty())
+        self.dashboard = Dashboard(info or RunInfo("run", "", "", "")) if live and info is not None else None
+        if self.dashboard:
+            self.dashboard.start()
+
+    def _console(self, message: str) -> None:
+        if self.echo is not None:
+            self.echo(message)
+        elif self.dashboard is not None:
+            self.dashboard.print(message)
+        else:
+            print(message, file=self.stream, flush=True)
+
+    def _to_file(self, message: str) -> None:
+        if self._file is not None:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            self._file.write("".join(f"[{stamp}] {line}\n" for line in message.splitlines() or [""]))
+
+    def info(self, message: str) -> None:
+        self._to_file(message)
+        self._console(message)
+
+    def file_only(self, message: str) -> None:
+        self._to_file(message)
+
+    def metrics(self, snap: Snapshot) -> None:
+        line = format_line(snap)
+        self._to_file(line)
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps({"time": time.time(), **snap.record()}) + "\n")
+        if self._tb is not None:
+            for key in ("loss", "loss_smooth", "lr", "grad_norm", "samples_per_s", "ms_per_iter", "data_wait_pct", "mfu"):
+                self._tb.add_scalar(f"train/{key}", getattr(snap, key), snap.step)
+        if self.dashboard is not None:
+            self.dashboard.update(snap)
+        else:
+            self._console(line)
+
+    def checkpoint_saved(self, path: str) -> None:
+        self._to_file(f"checkpoint saved: {path}")
+        if self.dashboard is not None:
+            self.dashboard.update(checkpoint=path)
+        else:
+            self._console(f"checkpoint saved: {path}")
+
+    def status(self, message: str) -> None:
+        """A transient state shown on the dashboard (or printed), and logged."""
+        self._to_file(message)
+        if self.dashboard is not None:
+            self.dashboard.update(status=message)
+        else:
+            self._console(message)
+
+    def close(self) -> None:
+        if self.dashboard is not None:
+            self.dashboard.stop()
+            self.dashboard = None
+        for f in (self._file, self._jsonl):
+            if f is not None:
+                f.close()
+        if self._tb is not None:
+            self._tb.close()
+        self._file = self._jsonl = self._tb = None
