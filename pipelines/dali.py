@@ -102,22 +102,31 @@ class _PathFeed:
 
     The stream is epoch e batches 0..L-1, then epoch e+1, and so on; DALI calls
     this ahead of consumption (prefetch), so its position leads the loader's.
+    It holds no reference to the loader, so dropping the loader frees the pipeline.
     """
 
     def __init__(self, loader: DaliLoader, epoch: int, batch: int) -> None:
-        self.loader = loader
+        self.files = loader.files
+        self.sharding = dict(
+            num_files=len(loader.files),
+            batch_size=loader.batch_size,
+            seed=loader.seed,
+            shard_id=loader.shard_id,
+            num_shards=loader.num_shards,
+        )
         self.epoch, self.batch = epoch, batch
-        self._orders: dict[int, np.ndarray] = {}
+        self._current = self.order(epoch)  # one epoch's order: 10 MB for ImageNet
+
+    def order(self, epoch: int) -> np.ndarray:
+        return epoch_order(epoch=epoch, **self.sharding)  # (L, batch_size) file indices
 
     def __call__(self) -> list[np.ndarray]:
-        if self.batch >= self.loader.batches_per_epoch:
+        if self.batch >= len(self._current):
             self.epoch, self.batch = self.epoch + 1, 0
-        if self.epoch not in self._orders:  # keep one epoch's order (10 MB for ImageNet)
-            self._orders = {self.epoch: self.loader.epoch_order(self.epoch)}
-        indices = self._orders[self.epoch][self.batch]
+            self._current = self.order(self.epoch)
+        indices = self._current[self.batch]
         self.batch += 1
-        files = self.loader.files
-        return [np.frombuffer(files[i].encode(), dtype=np.uint8) for i in indices]
+        return [np.frombuffer(self.files[i].encode(), dtype=np.uint8) for i in indices]
 
 
 class DaliLoader:
@@ -310,7 +319,7 @@ def _define_pipeline(loader: DaliLoader, feed: _PathFeed, seeds: list[int], chec
             output_type=types.RGB,
             random_area=list(aug.crop_scale),
             random_aspect_ratio=list(aug.crop_ratio),
-            num_attempts=10,  # as torchvision; then DALI falls back to a whole-image crop
+            num_attempts=10,  # as torchvision; then, as there, the largest crop with the ratio clamped
             seed=seeds[1],
             **decoder,
         )
