@@ -57,8 +57,10 @@ def batches_per_epoch(num_files: int, batch_size: int, num_shards: int) -> int:
     return num_files // num_shards // batch_size
 
 
-def check_sharding(num_files: int, batch_size: int, shard_id: int, num_shards: int) -> int:
-    """Validate the arguments; return batches_per_epoch (at least 1)."""
+def check_sharding(
+    num_files: int, batch_size: int, shard_id: int, num_shards: int, limit: int | None = None
+) -> int:
+    """Validate the arguments; return the batches per epoch (at least 1), at most `limit`."""
     if batch_size < 1 or num_shards < 1 or not 0 <= shard_id < num_shards:
         raise ValueError(
             f"need batch_size >= 1 and 0 <= shard_id < num_shards; "
@@ -70,6 +72,10 @@ def check_sharding(num_files: int, batch_size: int, shard_id: int, num_shards: i
             f"{num_files} files are too few for one batch of {batch_size} on each of "
             f"{num_shards} shard(s) (need at least {batch_size * num_shards})"
         )
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"batches_per_epoch must be positive, got {limit}")
+        n = min(n, limit)
     return n
 
 

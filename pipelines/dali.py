@@ -75,12 +75,16 @@ def build_dali_loader(
     prefetch: int = 2,
     output_dtype: str = "float16",
     hw_decoder_load: float | None = None,
+    batches_per_epoch: int | None = None,
 ) -> DaliLoader:
     """A DaliLoader over `files` (paths as given; absolute is safest).
 
     device_id: CUDA index for "mixed" (GPU) decoding and GPU outputs; None runs
-    everything on the CPU. seed must be the same on every shard (it fixes the
-    epoch order); the augmentation RNG also depends on shard_id.
+    everything on the CPU (hw_decoder_load then does nothing). seed must be the
+    same on every shard (it fixes the epoch order); the augmentation RNG also
+    depends on shard_id. batches_per_epoch caps the epoch below its natural
+    length (all full batches): a train loop that consumes fewer batches per
+    epoch should pass its count, so the stream runs on without a rebuild.
     """
     return DaliLoader(
         files,
@@ -94,6 +98,7 @@ def build_dali_loader(
         prefetch=prefetch,
         output_dtype=output_dtype,
         hw_decoder_load=hw_decoder_load,
+        batches_per_epoch=batches_per_epoch,
     )
 
 
@@ -114,11 +119,12 @@ class _PathFeed:
             shard_id=loader.shard_id,
             num_shards=loader.num_shards,
         )
+        self.batches_per_epoch = loader.batches_per_epoch
         self.epoch, self.batch = epoch, batch
         self._current = self.order(epoch)  # one epoch's order: 10 MB for ImageNet
 
     def order(self, epoch: int) -> np.ndarray:
-        return epoch_order(epoch=epoch, **self.sharding)  # (L, batch_size) file indices
+        return epoch_order(epoch=epoch, **self.sharding)[: self.batches_per_epoch]  # (L, batch_size)
 
     def __call__(self) -> list[np.ndarray]:
         if self.batch >= len(self._current):
@@ -158,10 +164,13 @@ class DaliLoader:
         prefetch: int = 2,
         output_dtype: str = "float16",
         hw_decoder_load: float | None = None,
+        batches_per_epoch: int | None = None,
     ) -> None:
         if output_dtype not in _OUTPUT_DTYPES:
             raise ValueError(f"output_dtype must be one of {_OUTPUT_DTYPES}, got {output_dtype!r}")
-        self.batches_per_epoch = check_sharding(len(files), batch_size, shard_id, num_shards)
+        self.batches_per_epoch = check_sharding(
+            len(files), batch_size, shard_id, num_shards, limit=batches_per_epoch
+        )
         self.files = list(files)
         self.batch_size = batch_size
         self.aug = aug
@@ -195,7 +204,7 @@ class DaliLoader:
             epoch=epoch,
             shard_id=self.shard_id,
             num_shards=self.num_shards,
-        )
+        )[: self.batches_per_epoch]
 
     def set_epoch(self, epoch: int) -> None:
         if epoch < 0:
@@ -259,6 +268,7 @@ class DaliLoader:
             "seed": self.seed,
             "shard_id": self.shard_id,
             "num_shards": self.num_shards,
+            "batches_per_epoch": self.batches_per_epoch,
         }
 
     def _next_epoch_start(self) -> tuple[int, int]:

@@ -59,8 +59,12 @@ def build_pil_loader(
     num_workers: int = 8,
     pin_memory: bool = True,
     device: str = "cpu",
+    batches_per_epoch: int | None = None,
 ) -> PilLoader:
-    """A PilLoader over `files`; batches are float32 (N, 3, H, W) moved to `device`."""
+    """A PilLoader over `files`; batches are float32 (N, 3, H, W) moved to `device`.
+
+    batches_per_epoch caps the epoch length, as for build_dali_loader.
+    """
     return PilLoader(
         files,
         batch_size,
@@ -71,6 +75,7 @@ def build_pil_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         device=device,
+        batches_per_epoch=batches_per_epoch,
     )
 
 
@@ -117,8 +122,11 @@ class PilLoader:
         num_workers: int = 8,
         pin_memory: bool = True,
         device: str = "cpu",
+        batches_per_epoch: int | None = None,
     ) -> None:
-        self.batches_per_epoch = check_sharding(len(files), batch_size, shard_id, num_shards)
+        self.batches_per_epoch = check_sharding(
+            len(files), batch_size, shard_id, num_shards, limit=batches_per_epoch
+        )
         self.files = list(files)
         self.batch_size = batch_size
         self.aug = aug
@@ -146,7 +154,7 @@ class PilLoader:
             epoch=epoch,
             shard_id=self.shard_id,
             num_shards=self.num_shards,
-        )
+        )[: self.batches_per_epoch]
 
     def set_epoch(self, epoch: int) -> None:
         """As DaliLoader.set_epoch: the current epoch keeps its position, another starts at batch 0."""
@@ -180,6 +188,7 @@ class PilLoader:
             "seed": self.seed,
             "shard_id": self.shard_id,
             "num_shards": self.num_shards,
+            "batches_per_epoch": self.batches_per_epoch,
         }
 
     def _get_dataloader(self) -> torch.utils.data.DataLoader:

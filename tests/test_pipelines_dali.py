@@ -171,6 +171,19 @@ def test_set_epoch_jump_is_reproducible(index_files):
     assert [i for x in batches_a for i in decode_indices(x)] == a.epoch_order(5).ravel().tolist()
 
 
+def test_capped_epoch_streams_on_without_rebuild(index_files):
+    loader = build_dali_loader(index_files, 4, AUG, seed=3, num_threads=THREADS, batches_per_epoch=2)
+    assert len(loader) == 2  # 10 full batches, capped
+    assert len(build_dali_loader(index_files, 4, AUG, seed=3, batches_per_epoch=99)) == 10
+    e0 = [i for b in epoch_batches(loader) for i in decode_indices(b)]
+    pipe = loader._pipe
+    loader.set_epoch(1)
+    e1 = [i for b in epoch_batches(loader) for i in decode_indices(b)]
+    assert loader._pipe is pipe  # the prefetching pipeline ran on into epoch 1
+    full = build_dali_loader(index_files, 4, AUG, seed=3).epoch_order
+    assert e0 == full(0)[:2].ravel().tolist() and e1 == full(1)[:2].ravel().tolist()
+
+
 def _gradient_image(path, W: int = 320, H: int = 240) -> None:
     """Red encodes x (0..255 across the width), green encodes y: a crop is read off its colours."""
     x = np.linspace(0, 255, W)[None, :].repeat(H, 0)
