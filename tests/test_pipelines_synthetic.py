@@ -11,7 +11,9 @@ from pipelines.synthetic import SyntheticLoader
 
 
 def test_shapes_determinism_epochs_and_resume():
-    make = lambda seed=0: SyntheticLoader(4, 16, batches_per_epoch=3, dtype=torch.float16, seed=seed)  # noqa: E731
+    def make(seed: int = 0) -> SyntheticLoader:
+        return SyntheticLoader(4, 16, batches_per_epoch=3, dtype=torch.float16, seed=seed)
+
     a = make()
     assert len(a) == 3
     e0 = list(a)
