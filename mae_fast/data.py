@@ -70,14 +70,15 @@ def build_loader(cfg: Config, dataset: Dataset, micro_batch: int, batches_per_ep
         device_id = (device.index or 0) if device.type == "cuda" else None
         loader = build_dali_loader(dataset.files, micro_batch, aug, seed=seed, shard_id=rank, num_shards=world_size,
                                    device_id=device_id, num_threads=max(1, d.num_workers), prefetch=d.prefetch,
-                                   output_dtype=d.output_dtype, hw_decoder_load=d.hw_decoder_load)
+                                   output_dtype=d.output_dtype, hw_decoder_load=d.hw_decoder_load,
+                                   batches_per_epoch=batches_per_epoch)
         dtype = torch.float16 if d.output_dtype == "float16" else torch.uint8
         where = f"DALI, decode on {'GPU (mixed)' if device_id is not None else 'CPU'}, {d.num_workers} threads"
     else:
         from pipelines.pil import build_pil_loader
         loader = build_pil_loader(dataset.files, micro_batch, aug, seed=seed, shard_id=rank, num_shards=world_size,
                                   num_workers=d.num_workers, pin_memory=d.pin_memory and device.type == "cuda",
-                                  device=str(device))
+                                  device=str(device), batches_per_epoch=batches_per_epoch)
         dtype = torch.float32
         where = f"PIL (torchvision), {d.num_workers} workers"
     return loader, dtype, f"{dataset.num_images} images in {d.data_path}; {where}"
