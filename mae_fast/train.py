@@ -113,7 +113,8 @@ def train(cfg: Config, *, log: Callable[[str], None] | None = None, max_steps: i
                    f"lr {derived.lr:.3g} · {s.epochs} epochs · {data_desc}")
     out = RunLog(lg.output_dir, dashboard=lg.dashboard, info=info, tensorboard=lg.tensorboard, echo=log)
     try:
-        return _train(cfg, device, dataset, derived, loader, input_dtype, data_desc, out, max_steps)
+        with StopFlag() as stop:  # from here on, SIGTERM/SIGINT end the run with a checkpoint
+            return _train(cfg, device, dataset, derived, loader, input_dtype, data_desc, out, max_steps, stop)
     finally:
         out.close()
         if hasattr(loader, "close"):
@@ -121,7 +122,7 @@ def train(cfg: Config, *, log: Callable[[str], None] | None = None, max_steps: i
 
 
 def _train(cfg: Config, device: torch.device, dataset, derived: Derived, loader, input_dtype: torch.dtype,
-           data_desc: str, out: RunLog, max_steps: int | None) -> TrainResult:
+           data_desc: str, out: RunLog, max_steps: int | None, stop: StopFlag) -> TrainResult:
     o, s, lg, ck = cfg.optimization, cfg.schedule, cfg.logging, cfg.checkpointing
     for w in dataset.warnings + lr_warnings(cfg):
         out.info(f"WARNING: {w}")
@@ -164,9 +165,10 @@ def _train(cfg: Config, device: torch.device, dataset, derived: Derived, loader,
              f"trainable parameters on {device_name(device)}; {'compiled' if cfg.misc.compile else 'eager'}; "
              f"{flops / derived.effective_batch / 1e9:.3g} GFLOP per image")
 
-    def state(epoch: int) -> dict:
+    def state() -> dict:
         return {"format": "mae-fast", "version": 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "epoch": epoch, "step": global_step, "rng": rng_state(), "data": loader.state(),
+                "epoch": global_step // derived.steps_per_epoch, "step": global_step,  # done
+                "rng": rng_state(), "data": loader.state(),
                 "config": cfg.to_dict(), "derived": dataclasses.asdict(derived),
                 "saved_at": time.strftime("%Y-%m-%d %H:%M:%S")}
 
@@ -185,50 +187,48 @@ def _train(cfg: Config, device: torch.device, dataset, derived: Derived, loader,
         result.losses.extend(losses)
         result.snapshots.append(snap)
         if first:
-            out.info(f"first step done in {time.perf_counter() - t0:.1f}s (compilation included), loss {snap.loss:.4f}")
+            out.info(f"first step done in {time.perf_counter() - t0:.1f}s (compilation included)")
             meter.restart_clock()
-        else:
-            out.metrics(snap)
+        out.metrics(snap)
 
-    def save(name: str | None, epoch: int, lr: float) -> None:
+    def save(name: str, lr: float) -> None:
         flush_metrics(lr)  # never save a state whose loss went non-finite
-        path = ckpts.save(state(epoch), name, cfg.to_dict(), out.log_path)
+        path = ckpts.save(state(), name, cfg.to_dict(), out.log_path)
         out.checkpoint_saved(str(path))
 
     batches = TimedBatches(loader)
     end_step = derived.total_steps if max_steps is None else min(derived.total_steps, global_step + max_steps)
     t0 = time.perf_counter()
     lr = cosine_lr(global_step, derived.lr, o.min_lr, derived.warmup_steps, derived.total_steps)
-    with StopFlag() as stop:
-        while global_step < end_step and stop.signal is None:
-            epoch = global_step // derived.steps_per_epoch
-            batches.start_epoch(epoch)
-            for _ in range(global_step % derived.steps_per_epoch, derived.steps_per_epoch):
-                lr = cosine_lr(global_step, derived.lr, o.min_lr, derived.warmup_steps, derived.total_steps)
-                for i in range(derived.accum_steps):
-                    step.inputs.copy_(batches.next(), non_blocking=True)
-                    step.micro_step(sync_grads=i == derived.accum_steps - 1)
-                step.optimizer_step(lr)
-                global_step += 1
-                first = global_step == result.start_step + 1  # report the first step at once (compile time)
-                if first or global_step % lg.print_freq == 0 or global_step == end_step:
-                    flush_metrics(lr, first)
-                if ck.save_freq_steps and global_step % ck.save_freq_steps == 0:
-                    save(f"step-{global_step}", epoch, lr)
-                if global_step >= end_step or stop.signal is not None:
-                    break
-            done_epochs = global_step // derived.steps_per_epoch
-            if (global_step % derived.steps_per_epoch == 0 and ck.save_freq_epochs
-                    and done_epochs % ck.save_freq_epochs == 0):
-                save(f"epoch-{done_epochs}", done_epochs, lr)
-        flush_metrics(lr)
-        if stop.signal is not None:
-            out.status(f"received {signal.Signals(stop.signal).name}: saving a checkpoint at step {global_step}")
-            save(f"step-{global_step}", global_step // derived.steps_per_epoch, lr)
-            result.preempted = True
-        elif global_step >= derived.total_steps:
-            path = ckpts.save_final(state(s.epochs))
-            out.checkpoint_saved(str(path))
+    while global_step < end_step and stop.signal is None:
+        epoch = global_step // derived.steps_per_epoch
+        batches.start_epoch(epoch)
+        for _ in range(global_step % derived.steps_per_epoch, derived.steps_per_epoch):
+            lr = cosine_lr(global_step, derived.lr, o.min_lr, derived.warmup_steps, derived.total_steps)
+            for i in range(derived.accum_steps):
+                step.inputs.copy_(batches.next(), non_blocking=True)
+                step.micro_step(sync_grads=i == derived.accum_steps - 1)
+            step.optimizer_step(lr)
+            global_step += 1
+            first = global_step == result.start_step + 1  # report the first step at once (compile time)
+            if first or global_step % lg.print_freq == 0 or global_step == end_step:
+                flush_metrics(lr, first)
+            if ck.save_freq_steps and global_step % ck.save_freq_steps == 0:
+                save(f"step-{global_step}", lr)
+            if global_step >= end_step or stop.signal is not None:
+                break
+        done_epochs = global_step // derived.steps_per_epoch
+        if (global_step % derived.steps_per_epoch == 0 and ck.save_freq_epochs
+                and done_epochs % ck.save_freq_epochs == 0):
+            save(f"epoch-{done_epochs}", lr)
+    flush_metrics(lr)
+    if stop.signal is not None:
+        out.status(f"received {signal.Signals(stop.signal).name}: saving a checkpoint at step {global_step}")
+        save(f"step-{global_step}", lr)
+        result.preempted = True
+    elif global_step >= derived.total_steps:
+        path = ckpts.save_final(state())
+        out.checkpoint_saved(str(path))
     result.steps_done = global_step
     out.info(f"{'stopped' if result.preempted else 'done'}: step {global_step}/{derived.total_steps}, "
              f"{global_step - result.start_step} steps in {time.perf_counter() - t0:.1f}s")

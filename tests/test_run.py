@@ -1,0 +1,225 @@
+"""Run management: checkpoints, exact resume (SIGKILL), SIGTERM, rotation, failed saves, logs, dashboard."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from mae_fast.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
+from mae_fast.config import load_config
+from mae_fast.dashboard import RunInfo, render, sparkline
+from mae_fast.metrics import Snapshot
+from mae_fast.runlog import RunLog
+from mae_fast.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def sample_dir(tmp_path_factory):
+    from pipelines.sample_data import make_sample_data
+    return make_sample_data(str(tmp_path_factory.mktemp("data") / "sample"), n=96)
+
+
+def run_args(tmp, data, out, *extra):
+    """A tiny DALI (CPU) run: 96 images, batch 16 as 2 x 8 accumulation -> 6 steps per epoch."""
+    return ["--set", f"data.data_path={data}", "--set", "data.make_sample=false", "--set", "data.input_size=32",
+            "--set", "optimization.batch_size=16", "--set", "optimization.micro_batch_size=8",
+            "--set", "schedule.epochs=3", "--set", "schedule.warmup_epochs=1", "--set", "misc.compile=false",
+            "--set", "logging.print_freq=1", "--set", f"logging.output_dir={out}",
+            "--set", f"checkpointing.checkpoint_dir={tmp}/ckpt", "--set", "checkpointing.save_freq_epochs=0",
+            *extra]
+
+
+def losses_by_step(out_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records}
+
+
+def spawn(args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "mae_fast", "train", str(ROOT / "configs/demo.yaml"), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    t = time.time()
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before {path} appeared:\n{proc.stdout.read()}")
+        if time.time() - t > timeout:
+            proc.kill()
+            raise AssertionError(f"{path} did not appear in {timeout}s")
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_sigkill_then_auto_resume_gives_the_uninterrupted_losses(tmp_path, sample_dir):
+    full = spawn(run_args(tmp_path / "a", sample_dir, tmp_path / "a/out"))
+    assert full.wait(timeout=300) == 0, full.stdout.read()
+    expect = losses_by_step(tmp_path / "a/out")
+    assert sorted(expect) == list(range(1, 19))
+
+    b = tmp_path / "b"
+    first = spawn(run_args(b, sample_dir, b / "out1", "--set", "checkpointing.save_freq_steps=4",
+                           "--set", "misc.auto_resume=true"))
+    wait_for(b / "ckpt/step-8/model.pt", first)  # mid-epoch (6 steps per epoch)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    resumed_at = int(torch.load(b / "ckpt/latest.pt", weights_only=True)["step"])
+    assert resumed_at >= 8 and resumed_at % 4 == 0
+    second = spawn(run_args(b, sample_dir, b / "out2", "--set", "checkpointing.save_freq_steps=4",
+                            "--set", "misc.auto_resume=true"))
+    log = second.communicate(timeout=300)[0]
+    assert second.returncode == 0, log
+    assert f"resumed from {b}/ckpt/latest.pt: step {resumed_at}" in log
+    got = losses_by_step(b / "out2")
+    assert sorted(got) == list(range(resumed_at + 1, 19))
+    for k, v in got.items():
+        assert v == expect[k], f"step {k}: resumed {v} != uninterrupted {expect[k]}"
+    assert (b / "ckpt/final.pt").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_with_code_4(tmp_path, sample_dir):
+    proc = spawn(run_args(tmp_path, sample_dir, tmp_path / "out", "--set", "schedule.epochs=200"))
+    metrics = tmp_path / "out/metrics.jsonl"
+    wait_for(metrics, proc)
+    while not metrics.read_text().count("\n") >= 3:  # a few steps into training
+        assert proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 4, log
+    assert "received SIGTERM: saving a checkpoint at step" in log
+    ckpt = load_checkpoint(tmp_path / "ckpt/latest.pt")
+    step = ckpt["step"]
+    assert (tmp_path / f"ckpt/step-{step}/model.pt").exists()
+    assert (tmp_path / f"ckpt/step-{step}/config.json").exists()
+    assert list((tmp_path / f"ckpt/step-{step}").glob("mae_pretrain_*.log"))
+    assert 3 <= step < 200 * 6
+    # and it resumes from there
+    again = spawn(run_args(tmp_path, sample_dir, tmp_path / "out2", "--set", "schedule.epochs=200",
+                           "--set", "misc.auto_resume=true"))
+    wait_for(tmp_path / "out2/metrics.jsonl", again)
+    again.send_signal(signal.SIGTERM)
+    log = again.communicate(timeout=120)[0]
+    assert again.returncode == 4 and f"resumed from {tmp_path}/ckpt/latest.pt: step {step}" in log, log
+
+
+def tiny_cfg(tmp_path, data, *extra):
+    args = run_args(tmp_path, data, tmp_path / "out", *extra)
+    return load_config(ROOT / "configs/demo.yaml", [a for a in args if a != "--set"])
+
+
+def test_keep_last_n_and_checkpoint_contents(tmp_path, sample_dir):
+    cfg = tiny_cfg(tmp_path, sample_dir, "checkpointing.save_freq_steps=2", "checkpointing.save_freq_epochs=1",
+                   "checkpointing.keep_last_n=2")
+    train(cfg, log=lambda m: None)
+    ck = tmp_path / "ckpt"
+    assert sorted(p.name for p in ck.glob("step-*")) == ["step-16", "step-18"]
+    assert sorted(p.name for p in ck.glob("epoch-*")) == ["epoch-2", "epoch-3"]
+    final = load_checkpoint(ck / "final.pt")
+    assert final["step"] == 18 and final["epoch"] == 3
+    assert set(final["model"]) == set(torch.load(ck / "epoch-3/model.pt", weights_only=True)["model"])
+    assert "blocks.0.attn.qkv.weight" in final["model"]  # uncompiled names, no _orig_mod.
+    assert set(final["rng"]) == {"torch", "cuda", "numpy", "python"}
+    assert final["data"]["kind"] == "dali" and final["config"]["model"]["type"] == "mae_vit_tiny_patch8"
+    assert os.path.samefile(ck / "latest.pt", ck / "final.pt")
+    assert json.loads((ck / "epoch-3/config.json").read_text())["optimization"]["batch_size"] == 16
+    # the log file and metrics.jsonl hold what they should
+    logs = list((tmp_path / "out").glob("mae_pretrain_*.log"))
+    assert len(logs) == 1
+    text = logs[0].read_text()
+    assert "derived:" in text and "checkpoint saved:" in text and "step 18/18" in text
+    records = [json.loads(x) for x in (tmp_path / "out/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 19))
+    for key in ("epoch", "loss", "loss_smooth", "lr", "samples_per_s", "ms_per_iter", "data_wait_pct",
+                "eta_epoch_s", "eta_run_s", "mem_gb"):
+        assert key in records[-1], key
+
+
+def test_failed_save_leaves_latest_loadable(tmp_path, monkeypatch):
+    mgr = CheckpointManager(tmp_path, keep_last_n=3)
+    good = {"step": 1, "model": {"w": torch.ones(3)}}
+    mgr.save(good, "step-1", {"a": 1}, None)
+
+    def full_disk(obj, f, *a, **k):
+        f.write(b"partial bytes")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        mgr.save({"step": 2, "model": {"w": torch.zeros(3)}}, "step-2", {"a": 1}, None)
+    monkeypatch.undo()
+    latest = load_checkpoint(tmp_path / "latest.pt")
+    assert latest["step"] == 1 and torch.equal(latest["model"]["w"], torch.ones(3))
+    assert not list(tmp_path.rglob("*.tmp"))  # no debris
+
+
+def test_mismatched_checkpoint_is_refused(tmp_path, sample_dir):
+    cfg = tiny_cfg(tmp_path, sample_dir, "checkpointing.save_freq_steps=2")
+    train(cfg, log=lambda m: None, max_steps=2)
+    other = tiny_cfg(tmp_path, sample_dir, "misc.auto_resume=true", "optimization.batch_size=32",
+                     "optimization.micro_batch_size=16")
+    with pytest.raises(CheckpointError, match=r"does not fit this config \(optimization.batch_size: checkpoint 16, "
+                                              r"config 32; micro-batch size: checkpoint 8, config 16"):
+        train(other, log=lambda m: None)
+
+
+def test_unsafe_or_foreign_files_are_refused(tmp_path):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "evil.pt")
+    (tmp_path / "text.pt").write_text("hello")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "text.pt")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def snapshot(**kw):
+    base = dict(step=120, epoch=3, epoch_step=20, steps_per_epoch=50, total_steps=500, loss=0.61, loss_avg=0.63,
+                loss_smooth=0.64, lr=1.2e-3, grad_norm=0.5, samples_per_s=5123.4, ms_per_iter=49.9,
+                data_wait_pct=1.5, eta_epoch_s=90, eta_run_s=4000, mfu=0.37, mem_gb=13.0, elapsed_s=600,
+                history=[1.0, 0.9, 0.8, 0.7, 0.65, 0.61])
+    base.update(kw)
+    return Snapshot(**base)
+
+
+def test_dashboard_renders_a_frame():
+    console = Console(record=True, width=110, force_terminal=True, color_system=None)
+    console.print(render(snapshot(), RunInfo("vitb-run", "mae_vit_base_patch16", "NVIDIA H200", "batch 4096"),
+                         last_checkpoint="ckpt/step-100/model.pt"))
+    text = console.export_text()
+    for piece in ("vitb-run", "mae_vit_base_patch16", "NVIDIA H200", "0.6100", "0.6400", "1.200e-03",
+                  "5,123 img/s", "49.9 ms", "1.5 %", "37.0 %", "13.0 GB", "step 120/500", "20/50",
+                  "ckpt/step-100/model.pt", sparkline([1.0, 0.9, 0.8, 0.7, 0.65, 0.61])):
+        assert piece in text, piece
+    assert sparkline([3, 2, 1]) == "█▅▁" and sparkline([5, 5]) == "▁▁"
+
+
+def test_non_terminal_output_prints_plain_lines(tmp_path):
+    import io
+    stream = io.StringIO()  # not a tty: no live dashboard
+    log = RunLog(tmp_path, dashboard="auto", info=RunInfo("r", "m", "cpu", ""), stream=stream)
+    assert log.dashboard is None
+    log.metrics(snapshot())
+    log.checkpoint_saved("ckpt/x.pt")
+    log.close()
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith("epoch 3 [20/50] step 120/500 loss 0.6100") and "5,123.4 img/s" in lines[0]
+    assert lines[1] == "checkpoint saved: ckpt/x.pt"
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["samples_per_s"] == 5123.4
