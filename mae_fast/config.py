@@ -90,7 +90,7 @@ class LoggingConfig:
     print_freq: int = 100  # steps between metric reads (the only host sync in the loop)
     console_clear_freq: int = 100  # accepted for seed compatibility; the dashboard redraws in place
     output_dir: str = "./output"  # log file, metrics.jsonl, resolved config
-    dashboard: str = "auto"  # auto (when stdout is a terminal) | on | off
+    dashboard: bool | str = "auto"  # auto (when stdout is a terminal) | on | off (YAML reads on/off as booleans)
     tensorboard: bool = False
 
 
@@ -289,6 +289,8 @@ def validate(cfg: Config) -> None:
     for key in ("save_freq_epochs", "save_freq_steps", "keep_last_n"):
         _check(getattr(c, key) >= 0, f"checkpointing.{key}", f"must be >= 0, got {getattr(c, key)}")
     _check(lg.print_freq > 0, "logging.print_freq", f"must be positive, got {lg.print_freq}")
+    if isinstance(lg.dashboard, bool):
+        lg.dashboard = "on" if lg.dashboard else "off"
     _check(lg.dashboard in ("auto", "on", "off"), "logging.dashboard", f"must be auto, on or off, got {lg.dashboard!r}")
     _check(x.device in ("auto", "cuda", "cpu") or x.device.startswith("cuda:"), "misc.device",
            f"must be auto, cuda, cuda:N or cpu, got {x.device!r}")

@@ -30,7 +30,7 @@ class Snapshot:
     mfu: float  # model FLOPs utilization, 0..1 (0 when the peak is unknown)
     mem_gb: float  # peak device memory allocated
     elapsed_s: float
-    history: list[float] = field(default_factory=list)  # recent step losses, for sparklines
+    history: list[float] = field(default_factory=list)  # recent smoothed losses, one per step, for sparklines
 
     def record(self) -> dict:
         d = asdict(self)
@@ -74,7 +74,8 @@ class Meter:
                 raise NonFiniteLoss(first_step + i + 1, v)
             self._ema = self.beta * self._ema + (1 - self.beta) * v
             self._ema_n += 1
-        self.history = (self.history + losses)[-200:]
+            self.history.append(self._ema / (1 - self.beta ** self._ema_n))
+        self.history = self.history[-200:]
         now = time.perf_counter()
         dt, self.t_last = now - self.t_last, now
         n = max(1, len(losses))

@@ -59,3 +59,46 @@ def test_bench_step_reports_figures(tmp_path):
         assert r["img_s"] > 0 and r["ms_per_iter"] > 0 and 0 < r["mfu"] and r["gflop_per_img"] > 0
     assert data["speedup"] == pytest.approx(data["results"][0]["img_s"] / data["results"][1]["img_s"])
     assert data["env"]["torch"] and data["env"]["matmul_peak_tflops"] > 0
+
+
+def test_demo_config_trains_on_sample_jpegs_through_dali_and_loss_falls(tmp_path):
+    """The README's first command, shortened: real JPEGs (created on first use), DALI on the CPU."""
+    cfg = demo_cfg(tmp_path, f"data.data_path={tmp_path}/sample", "misc.compile=false", "schedule.epochs=12",
+                   "checkpointing.save_freq_epochs=0")
+    lines = []
+    result = train(cfg, log=lines.append)
+    assert any("DALI, decode on CPU" in line for line in lines)
+    assert result.steps_done == 12 * 8 and len(result.losses) == 96
+    first, last = sum(result.losses[:8]) / 8, sum(result.losses[-8:]) / 8
+    assert last < 0.8 * first, (first, last)
+
+
+def test_folder_with_bad_files_trains_and_reports_them(tmp_path):
+    """Corrupt and fake JPEGs are left out (and reported); grey, CMYK and PNG images are trained on."""
+    from PIL import Image
+
+    from pipelines.sample_data import make_sample_data
+    data = Path(make_sample_data(str(tmp_path / "data"), n=30))
+    photo = Image.open(next(data.glob("class_0/*.JPEG")))
+    photo.convert("L").save(data / "class_0/grey.jpg")
+    photo.convert("CMYK").save(data / "class_1/cmyk.jpg")
+    photo.save(data / "class_2/photo.png")
+    raw = (data / "class_0/img_000000.JPEG").read_bytes()
+    (data / "class_3/truncated.jpg").write_bytes(raw[: len(raw) // 2])
+    (data / "class_3/notes.jpg").write_text("this is not an image")
+    cfg = demo_cfg(tmp_path, f"data.data_path={data}", "misc.compile=false", "schedule.epochs=2",
+                   "optimization.batch_size=11", "data.input_size=32")
+    lines = []
+    result = train(cfg, log=lines.append)
+    warning = next(line for line in lines if line.startswith("WARNING"))
+    assert "2 of 35" in warning and "truncated.jpg" in warning and "notes.jpg" in warning
+    assert result.derived.num_images == 33 and result.steps_done == 2 * 3
+
+
+def test_missing_data_path_stops_before_the_model(tmp_path, capsys):
+    rc = main(["train", str(ROOT / "configs/demo.yaml"), "--set", f"data.data_path={tmp_path}/nope",
+               "--set", "data.make_sample=false", "--set", f"logging.output_dir={tmp_path}/out"])
+    assert rc == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "data.data_path" in err and f"{tmp_path}/nope" in err
+    assert not (tmp_path / "out").exists()  # nothing was started
