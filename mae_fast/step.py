@@ -63,12 +63,16 @@ class TrainStep:
             loss, _, _ = module(imgs, self.mask_ratio, noise)
         return loss
 
-    def micro_step(self, sync_grads: bool = True) -> None:
+    def micro_step(self, sync_grads: bool = True, noise: torch.Tensor | None = None) -> None:
         """Forward and backward of `self.inputs`, accumulating gradients scaled by 1/accum_steps.
 
         sync_grads=False skips the DDP gradient all-reduce (micro-steps before the last one).
+        `noise` (N, L) fixes the masking (tests); by default it is drawn from torch's RNG.
         """
-        torch.rand(self.noise.shape, device=self.device, out=self.noise)
+        if noise is None:
+            torch.rand(self.noise.shape, device=self.device, out=self.noise)
+        else:
+            self.noise.copy_(noise)
         ctx = self.ddp_model.no_sync() if (self.ddp_model is not None and not sync_grads) else contextlib.nullcontext()
         with ctx:
             loss = self.loss_fn(self.inputs, self.noise)
@@ -90,11 +94,16 @@ class TrainStep:
         self._loss_acc.zero_()
         self.slot += 1
 
-    def read_metrics(self) -> tuple[list[float], list[float]]:
-        """Losses and grad norms of the steps since the last read. This is a CPU-GPU sync point."""
+    def read_metrics(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[list[float], list[float]]:
+        """Losses and grad norms of the steps since the last read. This is a CPU-GPU sync point.
+
+        `reduce` combines the (2, n) tensor of losses and norms across processes (a mean over ranks).
+        """
         n = self.slot
-        losses = self.loss_ring[:n].tolist()
-        gnorms = self.gnorm_ring[:n].tolist()
+        both = torch.stack([self.loss_ring[:n], self.gnorm_ring[:n]])
+        if reduce is not None:
+            both = reduce(both)
+        losses, gnorms = both.tolist()
         self.slot = 0
         return losses, gnorms
 

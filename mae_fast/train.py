@@ -15,6 +15,7 @@ import torch
 from .checkpoint import CheckpointError, CheckpointManager, load_checkpoint, rng_state, set_rng_state
 from .config import Config, Derived, derive, format_config, lr_warnings, save_config
 from .dashboard import RunInfo
+from .distributed import Dist, any_rank, gather, init_distributed, mean, shutdown
 from .data import TimedBatches, build_loader, find_dataset
 from .metrics import Meter, Snapshot, peak_bf16_flops
 from .model import build_model, model_flops_per_image
@@ -23,9 +24,11 @@ from .runlog import RunLog
 from .step import TrainStep
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if name == "cuda" and torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"misc.device is {name!r} but no CUDA device is visible; use 'auto' or 'cpu'")
     return torch.device(name)
@@ -92,10 +95,22 @@ def check_resumable(ckpt: dict, cfg: Config, derived: Derived, path: str) -> Non
 
 
 def train(cfg: Config, *, log: Callable[[str], None] | None = None, max_steps: int | None = None) -> TrainResult:
-    """Pretrain as configured. `max_steps` stops after that many steps of this process (tests, benchmarks);
-    `log` replaces console output (the log file and metrics.jsonl are written all the same)."""
-    seed_everything(cfg.misc.seed)
-    device = resolve_device(cfg.misc.device)
+    """Pretrain as configured, in this process or as one rank of a torchrun job.
+
+    `max_steps` stops after that many steps of this process (tests, benchmarks); `log` replaces
+    console output (the log file and metrics.jsonl are written all the same). Only rank 0 writes
+    logs, metrics, the dashboard and checkpoints.
+    """
+    d = init_distributed(cfg.misc.device)
+    try:
+        return _setup_and_train(cfg, d, log, max_steps)
+    finally:
+        shutdown(d)
+
+
+def _setup_and_train(cfg: Config, d: Dist, log: Callable[[str], None] | None, max_steps: int | None) -> TrainResult:
+    seed_everything(cfg.misc.seed)  # the same initial weights on every rank
+    device = resolve_device(cfg.misc.device, d.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -103,35 +118,43 @@ def train(cfg: Config, *, log: Callable[[str], None] | None = None, max_steps: i
     s, lg = cfg.schedule, cfg.logging
 
     # data first: a bad data_path stops the run before any model is built
-    dataset = find_dataset(cfg)
-    derived = derive(cfg, dataset.num_images)
+    dataset = find_dataset(cfg, progress=d.is_main)
+    derived = derive(cfg, dataset.num_images, d.world_size)
     loader, input_dtype, data_desc = build_loader(cfg, dataset, derived.micro_batch_size,
-                                                  derived.steps_per_epoch * derived.accum_steps, device)
+                                                  derived.steps_per_epoch * derived.accum_steps, device,
+                                                  rank=d.rank, world_size=d.world_size)
     run_name = cfg.misc.run_name or Path(lg.output_dir).name
-    info = RunInfo(run_name, cfg.model.type, device_name(device),
-                   f"batch {derived.effective_batch} ({derived.micro_batch_size} x {derived.accum_steps} accum) · "
-                   f"lr {derived.lr:.3g} · {s.epochs} epochs · {data_desc}")
-    out = RunLog(lg.output_dir, dashboard=lg.dashboard, info=info, tensorboard=lg.tensorboard, echo=log)
+    where = device_name(device) + (f" x {d.world_size} processes" if d.enabled else "")
+    info = RunInfo(run_name, cfg.model.type, where,
+                   f"batch {derived.effective_batch} ({derived.micro_batch_size} x {derived.accum_steps} accum"
+                   f"{f' x {d.world_size} ranks' if d.enabled else ''}) · lr {derived.lr:.3g} · {s.epochs} epochs · "
+                   f"{data_desc}")
+    if d.is_main:
+        out = RunLog(lg.output_dir, dashboard=lg.dashboard, info=info, tensorboard=lg.tensorboard, echo=log)
+    else:
+        out = RunLog(None, echo=lambda message: None)
     try:
         with StopFlag() as stop:  # from here on, SIGTERM/SIGINT end the run with a checkpoint
-            return _train(cfg, device, dataset, derived, loader, input_dtype, data_desc, out, max_steps, stop)
+            return _train(cfg, d, device, dataset, derived, loader, input_dtype, data_desc, out, max_steps, stop)
     finally:
         out.close()
         if hasattr(loader, "close"):
             loader.close()
 
 
-def _train(cfg: Config, device: torch.device, dataset, derived: Derived, loader, input_dtype: torch.dtype,
+def _train(cfg: Config, d: Dist, device: torch.device, dataset, derived: Derived, loader, input_dtype: torch.dtype,
            data_desc: str, out: RunLog, max_steps: int | None, stop: StopFlag) -> TrainResult:
     o, s, lg, ck = cfg.optimization, cfg.schedule, cfg.logging, cfg.checkpointing
     for w in dataset.warnings + lr_warnings(cfg):
         out.info(f"WARNING: {w}")
-    out.info(f"data: {data_desc}")
+    out.info(f"data: {data_desc}" + (f"; one shard per rank, {d.world_size} ranks" if d.enabled else ""))
     out.info(format_config(cfg, derived))
-    save_config(cfg, derived, Path(lg.output_dir) / "config.yaml")
+    if d.is_main:
+        save_config(cfg, derived, Path(lg.output_dir) / "config.yaml")
 
     model = build_model(cfg.model.type, cfg.model.norm_pix_loss, cfg.data.input_size,
                         cfg.model.grad_checkpointing).to(device)
+    torch.manual_seed(cfg.misc.seed + d.rank)  # each rank draws its own masks
     optimizer = build_optimizer(model, derived.lr, o.weight_decay, (o.adam_beta1, o.adam_beta2), device)
     ckpts = CheckpointManager(ck.checkpoint_dir, ck.keep_last_n)
     result = TrainResult(derived)
@@ -144,31 +167,37 @@ def _train(cfg: Config, device: torch.device, dataset, derived: Derived, loader,
         check_resumable(ckpt, cfg, derived, resume)
         model.load_state_dict(ckpt["model"], strict=True)
         optimizer.load_state_dict(ckpt["optimizer"])
-        loader.load_state(ckpt["data"])
-        set_rng_state(ckpt["rng"])
+        loader.load_state(ckpt["data"][d.rank])  # each rank's own shard position and RNG
+        set_rng_state(ckpt["rng"][d.rank])
         global_step = int(ckpt["step"])
         result.resumed_from = resume
         out.info(f"resumed from {resume}: step {global_step}, epoch {global_step // derived.steps_per_epoch} "
                  f"(+{global_step % derived.steps_per_epoch} steps), saved {ckpt.get('saved_at', '?')}")
     result.start_step = global_step
 
+    ddp_model = None
+    if d.enabled:  # all parameters are used every step: no find_unused_parameters
+        from torch.nn.parallel import DistributedDataParallel
+        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                            gradient_as_bucket_view=True)  # MAE has no buffers to sync
     a = cfg.data.augmentation
     step = TrainStep(model, optimizer, micro_batch=derived.micro_batch_size, accum_steps=derived.accum_steps,
                      mask_ratio=cfg.model.mask_ratio, gradient_clip=o.gradient_clip, device=device,
-                     input_dtype=input_dtype, mean=tuple(a.mean), std=tuple(a.std),
-                     compile=cfg.misc.compile, compile_mode=cfg.misc.compile_mode, log_every=lg.print_freq)
+                     input_dtype=input_dtype, mean=tuple(a.mean), std=tuple(a.std), compile=cfg.misc.compile,
+                     compile_mode=cfg.misc.compile_mode, log_every=lg.print_freq, ddp_model=ddp_model)
     flops = model_flops_per_image(model.arch, cfg.model.mask_ratio) * derived.effective_batch
     meter = Meter(effective_batch=derived.effective_batch, steps_per_epoch=derived.steps_per_epoch,
                   total_steps=derived.total_steps, flops_per_step=flops,
-                  peak_flops=peak_bf16_flops(device_name(device)))
+                  peak_flops=peak_bf16_flops(device_name(device)) * d.world_size)
     out.info(f"model {cfg.model.type}: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M "
              f"trainable parameters on {device_name(device)}; {'compiled' if cfg.misc.compile else 'eager'}; "
              f"{flops / derived.effective_batch / 1e9:.3g} GFLOP per image")
 
     def state() -> dict:
+        """The checkpoint; a collective: every rank calls it, rank 0's copy holds every rank's data position."""
         return {"format": "mae-fast", "version": 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "epoch": global_step // derived.steps_per_epoch, "step": global_step,  # done
-                "rng": rng_state(), "data": loader.state(),
+                "rng": gather(d, rng_state()), "data": gather(d, loader.state()),
                 "config": cfg.to_dict(), "derived": dataclasses.asdict(derived),
                 "saved_at": time.strftime("%Y-%m-%d %H:%M:%S")}
 
@@ -179,7 +208,7 @@ def _train(cfg: Config, device: torch.device, dataset, derived: Derived, loader,
         nonlocal last_logged
         if global_step == last_logged:
             return
-        losses, gnorms = step.read_metrics()
+        losses, gnorms = step.read_metrics(reduce=lambda t: mean(d, t))
         mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
         snap = meter.update(first_step=last_logged, losses=losses, gnorms=gnorms, lr=lr,
                             data_wait_s=batches.take_wait(), mem_gb=mem)  # raises NonFiniteLoss
@@ -193,14 +222,23 @@ def _train(cfg: Config, device: torch.device, dataset, derived: Derived, loader,
 
     def save(name: str, lr: float) -> None:
         flush_metrics(lr)  # never save a state whose loss went non-finite
-        path = ckpts.save(state(), name, cfg.to_dict(), out.log_path)
-        out.checkpoint_saved(str(path))
+        ckpt = state()
+        if d.is_main:
+            path = ckpts.save(ckpt, name, cfg.to_dict(), out.log_path)
+            out.checkpoint_saved(str(path))
+
+    def stop_requested(at_log_point: bool) -> bool:
+        # one process: every step; several: at log points, where all ranks agree on it (a collective)
+        if not d.enabled:
+            return stop.signal is not None
+        return at_log_point and any_rank(d, stop.signal is not None, device)
 
     batches = TimedBatches(loader)
     end_step = derived.total_steps if max_steps is None else min(derived.total_steps, global_step + max_steps)
     t0 = time.perf_counter()
     lr = cosine_lr(global_step, derived.lr, o.min_lr, derived.warmup_steps, derived.total_steps)
-    while global_step < end_step and stop.signal is None:
+    stopping = False
+    while global_step < end_step and not stopping:
         epoch = global_step // derived.steps_per_epoch
         batches.start_epoch(epoch)
         for _ in range(global_step % derived.steps_per_epoch, derived.steps_per_epoch):
@@ -211,26 +249,29 @@ def _train(cfg: Config, device: torch.device, dataset, derived: Derived, loader,
             step.optimizer_step(lr)
             global_step += 1
             first = global_step == result.start_step + 1  # report the first step at once (compile time)
-            if first or global_step % lg.print_freq == 0 or global_step == end_step:
+            log_point = first or global_step % lg.print_freq == 0 or global_step == end_step
+            if log_point:
                 flush_metrics(lr, first)
             if ck.save_freq_steps and global_step % ck.save_freq_steps == 0:
                 save(f"step-{global_step}", lr)
-            if global_step >= end_step or stop.signal is not None:
+            stopping = stop_requested(log_point)
+            if global_step >= end_step or stopping:
                 break
         done_epochs = global_step // derived.steps_per_epoch
         if (global_step % derived.steps_per_epoch == 0 and ck.save_freq_epochs
                 and done_epochs % ck.save_freq_epochs == 0):
             save(f"epoch-{done_epochs}", lr)
     flush_metrics(lr)
-    if stop.signal is not None:
-        out.status(f"received {signal.Signals(stop.signal).name}: saving a checkpoint at step {global_step}")
+    if stopping or stop_requested(True):
+        out.status(f"received {signal.Signals(stop.signal or signal.SIGTERM).name}: "
+                   f"saving a checkpoint at step {global_step}")
         save(f"step-{global_step}", lr)
         result.preempted = True
     elif global_step >= derived.total_steps:
-        path = ckpts.save_final(state())
-        out.checkpoint_saved(str(path))
+        ckpt = state()
+        if d.is_main:
+            out.checkpoint_saved(str(ckpts.save_final(ckpt)))
     result.steps_done = global_step
     out.info(f"{'stopped' if result.preempted else 'done'}: step {global_step}/{derived.total_steps}, "
              f"{global_step - result.start_step} steps in {time.perf_counter() - t0:.1f}s")
     return result
-

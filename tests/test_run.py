@@ -129,8 +129,8 @@ def test_keep_last_n_and_checkpoint_contents(tmp_path, sample_dir):
     assert final["step"] == 18 and final["epoch"] == 3
     assert set(final["model"]) == set(torch.load(ck / "epoch-3/model.pt", weights_only=True)["model"])
     assert "blocks.0.attn.qkv.weight" in final["model"]  # uncompiled names, no _orig_mod.
-    assert set(final["rng"]) == {"torch", "cuda", "numpy", "python"}
-    assert final["data"]["kind"] == "dali" and final["config"]["model"]["type"] == "mae_vit_tiny_patch8"
+    assert set(final["rng"][0]) == {"torch", "cuda", "numpy", "python"}
+    assert len(final["data"]) == 1 and final["data"][0]["kind"] == "dali" and final["config"]["model"]["type"] == "mae_vit_tiny_patch8"
     assert os.path.samefile(ck / "latest.pt", ck / "final.pt")
     assert json.loads((ck / "epoch-3/config.json").read_text())["optimization"]["batch_size"] == 16
     # the log file and metrics.jsonl hold what they should
