@@ -14,6 +14,7 @@ torch.load(weights_only=True): a checkpoint cannot run code on load.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -97,14 +98,18 @@ def save_torch(path: Path, obj: dict) -> None:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """torch.load with weights_only=True; clear errors for a missing file or a file that is no checkpoint."""
+    """torch.load with weights_only=True; clear errors for a missing file or a file that is no checkpoint.
+
+    The one extra type allowed is argparse.Namespace, which facebookresearch/mae checkpoints carry as "args".
+    """
     path = Path(path)
     if path.is_dir() and (path / "model.pt").is_file():
         path = path / "model.pt"
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # unpickling errors, truncated zip, a foreign pickle with code
         raise CheckpointError(f"{path} is not a readable checkpoint: {str(e).splitlines()[0]}") from None
     if not isinstance(obj, dict):

@@ -1,4 +1,4 @@
-"""`mae-fast` command line: train, bench-step, bench-loader, scan, make-sample-data."""
+"""`mae-fast` command line: train, bench-step, bench-loader, scan, make-sample-data, visualize, export."""
 from __future__ import annotations
 
 import argparse
@@ -45,6 +45,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data_path")
     p.add_argument("--workers", type=int, default=8)
 
+    p = sub.add_parser("visualize", help="reconstruction grid (original | masked | reconstruction | pasted) as PNG")
+    p.add_argument("checkpoint", help="a mae-fast checkpoint (model.pt, latest.pt, final.pt) or an official MAE one")
+    p.add_argument("--images", nargs="+", required=True, help="image files, one row each")
+    p.add_argument("--out", default="recon.png")
+    p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random mask")
+    p.add_argument("--norm-pix", choices=["auto", "on", "off"], default="auto",
+                   help="was the model trained with norm_pix_loss? auto: from a mae-fast checkpoint's config, "
+                        "else off")
+
+    p = sub.add_parser("export", help="export the encoder: timm safetensors, TorchScript or torch.export")
+    p.add_argument("checkpoint")
+    p.add_argument("--format", choices=["timm", "torchscript", "exported"], default="timm")
+    p.add_argument("--out", required=True, help="e.g. encoder.safetensors, encoder.ts.pt, encoder.pt2")
+
     p = sub.add_parser("make-sample-data", help="write a small ImageNet-like JPEG folder from real photos")
     p.add_argument("out_dir")
     p.add_argument("--n", type=int, default=256)
@@ -89,6 +104,33 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{len(result.files)} images in {len(result.classes) or 1} classes under {args.data_path}")
         if result.bad:
             print(format_bad(result))
+    elif args.command == "visualize":
+        from .visualize import visualize_files
+        from .weights import load_mae
+        if not 0 < args.mask_ratio < 1:
+            raise ConfigError(f"--mask-ratio must be in (0, 1), got {args.mask_ratio}")
+        loaded = load_mae(args.checkpoint, None if args.norm_pix == "auto" else args.norm_pix == "on")
+        print("\n".join(loaded.notes))
+        try:
+            out = visualize_files(loaded.model, args.images, args.out, args.mask_ratio, args.seed)
+        except ValueError as e:
+            raise ConfigError(f"--images: {e}") from None
+        print(f"wrote {out} ({len(args.images)} rows: original | masked | reconstruction | reconstruction + visible)")
+    elif args.command == "export":
+        from .export import export_program, export_timm, export_torchscript
+        from .weights import load_mae
+        loaded = load_mae(args.checkpoint)
+        print("\n".join(loaded.notes))
+        model_type = loaded.model_type
+        if args.format == "timm":
+            how = export_timm(loaded.model, model_type, args.out)
+            print(f"wrote {args.out}; load it with\n  import timm\n  model = {how}")
+        elif args.format == "torchscript":
+            export_torchscript(loaded.model, args.out)
+            print(f"wrote {args.out}: torch.jit.load(path)(images (N,3,H,W)) -> features (N, D); checked against eager")
+        else:
+            export_program(loaded.model, args.out)
+            print(f"wrote {args.out}: torch.export.load(path).module()(images) -> features (N, D); checked against eager")
     elif args.command == "make-sample-data":
         from pipelines.sample_data import make_sample_data
         print(f"sample data in {make_sample_data(args.out_dir, n=args.n)}")

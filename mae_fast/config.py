@@ -92,6 +92,8 @@ class LoggingConfig:
     output_dir: str = "./output"  # log file, metrics.jsonl, resolved config
     dashboard: bool | str = "auto"  # auto (when stdout is a terminal) | on | off (YAML reads on/off as booleans)
     tensorboard: bool = False
+    visualize_freq_epochs: int = 0  # save a reconstruction grid of fixed sample images every N epochs; 0 = off
+    visualize_images: int = 4  # rows in that grid (images spread over the data set)
 
 
 @dataclass
@@ -101,7 +103,8 @@ class MiscConfig:
     compile: bool = True  # torch.compile the training step
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune(-no-cudagraphs)
     auto_resume: bool = False
-    resume: str = ""  # path of a checkpoint to resume from
+    resume: str = ""  # path of a mae-fast checkpoint to resume from (weights, optimizer, schedule, data position)
+    init_weights: str = ""  # start from these weights only (mae-fast or facebookresearch/mae checkpoint)
     run_name: str = ""
 
 
@@ -289,6 +292,8 @@ def validate(cfg: Config) -> None:
     for key in ("save_freq_epochs", "save_freq_steps", "keep_last_n"):
         _check(getattr(c, key) >= 0, f"checkpointing.{key}", f"must be >= 0, got {getattr(c, key)}")
     _check(lg.print_freq > 0, "logging.print_freq", f"must be positive, got {lg.print_freq}")
+    _check(lg.visualize_freq_epochs >= 0, "logging.visualize_freq_epochs", f"must be >= 0, got {lg.visualize_freq_epochs}")
+    _check(lg.visualize_images > 0, "logging.visualize_images", f"must be positive, got {lg.visualize_images}")
     if isinstance(lg.dashboard, bool):
         lg.dashboard = "on" if lg.dashboard else "off"
     _check(lg.dashboard in ("auto", "on", "off"), "logging.dashboard", f"must be auto, on or off, got {lg.dashboard!r}")

@@ -185,6 +185,13 @@ class MaskedAutoencoderViT(nn.Module):
         x = self._run_blocks(self.blocks, x)
         return self.norm(x), mask, ids_restore
 
+    def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
+        """The encoder on all patches, no masking (inference, export): (N, 1 + L, D) after the final norm."""
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        x = self._run_blocks(self.blocks, torch.cat([cls, x], dim=1))
+        return self.norm(x)
+
     def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         x = self.decoder_embed(x)  # (N, 1 + L_keep, Dd)
         N, L = ids_restore.shape

@@ -22,6 +22,8 @@ from .model import build_model, model_flops_per_image
 from .optim import build_optimizer, cosine_lr
 from .runlog import RunLog
 from .step import TrainStep
+from .visualize import visualize_files
+from .weights import load_mae
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -164,6 +166,10 @@ def _train(cfg: Config, d: Dist, device: torch.device, dataset, derived: Derived
     global_step = derived.start_step
     if resume:
         ckpt = load_checkpoint(resume, map_location=device)
+        if ckpt.get("format") != "mae-fast":
+            raise CheckpointError(f"misc.resume: {resume} is not a mae-fast training checkpoint (no optimizer, "
+                                  f"schedule or data position to resume); to start from its weights, set "
+                                  f"misc.init_weights: {resume}")
         check_resumable(ckpt, cfg, derived, resume)
         model.load_state_dict(ckpt["model"], strict=True)
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -173,6 +179,15 @@ def _train(cfg: Config, d: Dist, device: torch.device, dataset, derived: Derived
         result.resumed_from = resume
         out.info(f"resumed from {resume}: step {global_step}, epoch {global_step // derived.steps_per_epoch} "
                  f"(+{global_step % derived.steps_per_epoch} steps), saved {ckpt.get('saved_at', '?')}")
+    elif cfg.misc.init_weights:
+        init = load_mae(cfg.misc.init_weights)
+        if (init.model_type, init.model.arch.img_size) != (cfg.model.type, cfg.data.input_size):
+            raise CheckpointError(f"misc.init_weights: {cfg.misc.init_weights} holds {init.model_type} at "
+                                  f"{init.model.arch.img_size}px, the config asks for {cfg.model.type} at "
+                                  f"{cfg.data.input_size}px")
+        model.load_state_dict(init.model.state_dict())
+        for note in init.notes:
+            out.info(f"init weights: {note}")
     result.start_step = global_step
 
     ddp_model = None
@@ -227,6 +242,16 @@ def _train(cfg: Config, d: Dist, device: torch.device, dataset, derived: Derived
             path = ckpts.save(ckpt, name, cfg.to_dict(), out.log_path)
             out.checkpoint_saved(str(path))
 
+    vis_files = dataset.files[::max(1, len(dataset.files) // lg.visualize_images)][:lg.visualize_images]
+
+    def visualize(done_epochs: int) -> None:
+        """The reconstruction grid of fixed sample images (same images and masks every time), rank 0 only."""
+        if not (d.is_main and lg.visualize_freq_epochs and vis_files and done_epochs % lg.visualize_freq_epochs == 0):
+            return
+        path = visualize_files(model, vis_files, Path(lg.output_dir) / "reconstructions" / f"epoch-{done_epochs}.png",
+                               cfg.model.mask_ratio, seed=cfg.misc.seed, device=device)
+        out.info(f"reconstructions: {path}")
+
     def stop_requested(at_log_point: bool) -> bool:
         # one process: every step; several: at log points, where all ranks agree on it (a collective)
         if not d.enabled:
@@ -261,6 +286,8 @@ def _train(cfg: Config, d: Dist, device: torch.device, dataset, derived: Derived
         if (global_step % derived.steps_per_epoch == 0 and ck.save_freq_epochs
                 and done_epochs % ck.save_freq_epochs == 0):
             save(f"epoch-{done_epochs}", lr)
+        if global_step % derived.steps_per_epoch == 0:
+            visualize(done_epochs)
     flush_metrics(lr)
     if stopping or stop_requested(True):
         out.status(f"received {signal.Signals(stop.signal or signal.SIGTERM).name}: "

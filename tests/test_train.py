@@ -71,6 +71,9 @@ def test_demo_config_trains_on_sample_jpegs_through_dali_and_loss_falls(tmp_path
     assert result.steps_done == 12 * 8 and len(result.losses) == 96
     first, last = sum(result.losses[:8]) / 8, sum(result.losses[-8:]) / 8
     assert last < 0.8 * first, (first, last)
+    # the demo saves a reconstruction grid of 4 fixed images every 10 epochs
+    from PIL import Image
+    assert Image.open(tmp_path / "out/reconstructions/epoch-10.png").size == (4 * 64, 4 * 64)
 
 
 def test_folder_with_bad_files_trains_and_reports_them(tmp_path):
