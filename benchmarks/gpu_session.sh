@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# One prepared visit to the GPU machine: loader, step and end-to-end figures, each written to
-# $OUT as soon as it is measured. Usage (after DALI is unpacked there): bash benchmarks/gpu_session.sh
+# One prepared visit to the GPU machine (after DALI is unpacked there, see shared/device/README.md):
+# the whole harness for ViT-B, then the performance switches, each result written to $OUT as soon
+# as it is measured. Cheap checks first, compile-heavy ones last. Pass the git sha along:
+#   MAE_FAST_GIT_SHA=<sha> bash benchmarks/gpu_session.sh
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
-run() { local name=$1 limit=$2; shift 2; echo "=== $name"; timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | tail -40; }
+# one log for all (the device tool returns at most 8 files): bash benchmarks/gpu_session.sh 2>&1 | tee $OUT/session.log
+run() { local name=$1 limit=$2; shift 2; echo "=== $name"; timeout "$limit" "$@" 2>&1 | grep -v 'nvjpeg2k\|nvtiff\|nvImageCodec'; }
+B="python3 -m mae_fast"
 nvidia-smi -L; python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"
-run sample 120 python3 -m mae_fast make-sample-data data/bench --n 4096
-run loader 150 python3 -m mae_fast bench-loader configs/bench_vit_base.yaml --backend both --batches 40 --json "$OUT/loader.json"
-run step 240 python3 -m mae_fast bench-step configs/bench_vit_base.yaml --steps 30 --compare --json "$OUT/step_b256.json"
-run e2e 150 python3 -m mae_fast train configs/bench_vit_base.yaml --max-steps 80 --set schedule.epochs=10 \
-    --set logging.print_freq=20 --set logging.output_dir=/tmp/e2e --set checkpointing.checkpoint_dir=/tmp/e2e_ckpt
-run step_b512 150 python3 -m mae_fast bench-step configs/bench_vit_base.yaml --steps 20 --batch 512 --json "$OUT/step_b512.json"
-run step_ro 150 python3 -m mae_fast bench-step configs/bench_vit_base.yaml --steps 30 --set misc.compile_mode=reduce-overhead --json "$OUT/step_ro.json"
+run sample 120 $B make-sample-data data/bench --n 4096
+run gpu_tests 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests
+# the harness: loaders, step (reference vs mae-fast), end to end (PIL + eager vs DALI + compiled)
+run bench 300 $B bench configs/bench_vit_base.yaml --steps 30 --batches 40 --out-dir "$OUT"
+# switches, one JSON each
+run dali_hw90 60 $B bench-loader configs/bench_vit_base.yaml --backend dali --set data.hw_decoder_load=0.9 --json "$OUT/loader_hw90.json"
+run step_b512 150 $B bench-step configs/bench_vit_base.yaml --steps 20 --batch 512 --json "$OUT/step_b512.json"
+run step_gc 150 $B bench-step configs/bench_vit_base.yaml --steps 20 --set model.grad_checkpointing=true --json "$OUT/step_gc.json"

@@ -33,6 +33,7 @@ def env_info(device: torch.device) -> dict:
                                          cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         info["git_sha"] = None
+    info["git_sha"] = info["git_sha"] or os.environ.get("MAE_FAST_GIT_SHA")  # a copy of the tree without .git
     return info
 
 
@@ -87,19 +88,21 @@ def _mae_fast_step(cfg: Config, device: torch.device, batch: int) -> Callable[[]
     return run
 
 
-def _reference_step(cfg: Config, device: torch.device, batch: int) -> Callable[[], None]:
+def _reference_step(cfg: Config, device: torch.device, batch: int) -> Callable[..., None]:
     """The official engine_pretrain.py step: eager, fp16 autocast + GradScaler (grad-norm unscale),
-    AdamW (foreach), loss.item() and a synchronize every step. fp32 without scaler on the CPU."""
+    AdamW (foreach), loss.item() and a synchronize every step. fp32 without scaler on the CPU.
+    run(images=None) trains on `images` (copied to the device, as the official loop) or a fixed batch."""
     o = cfg.optimization
     model = build_model(cfg.model.type, cfg.model.norm_pix_loss, cfg.data.input_size).to(device)
     from .optim import param_groups
     opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=1e-4, betas=(o.adam_beta1, o.adam_beta2))
     cuda = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
-    x = torch.randn(batch, 3, cfg.data.input_size, cfg.data.input_size, device=device)
+    fixed = torch.randn(batch, 3, cfg.data.input_size, cfg.data.input_size, device=device)
     params = [p for p in model.parameters() if p.requires_grad]
 
-    def run() -> None:
+    def run(images: torch.Tensor | None = None) -> None:
+        x = fixed if images is None else images.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
             loss, _, _ = model(x, cfg.model.mask_ratio)
         loss.item()
@@ -123,7 +126,7 @@ def bench_step(cfg: Config, *, steps: int = 20, warmup: int = 5, compare: bool =
     arch = build_model(cfg.model.type, img_size=cfg.data.input_size).arch
     flops_img = model_flops_per_image(arch, cfg.model.mask_ratio)
     peak = measure_matmul_flops(device)
-    log(f"{env_info(device)['device']}: measured matmul peak {peak / 1e12:.1f} TFLOP/s; "
+    log(f"{env_info(device)['device']}: measured matmul peak {peak / 1e12:.3g} TFLOP/s; "
         f"{cfg.model.type} {flops_img / 1e9:.1f} GFLOP/image (fwd+bwd), batch {batch}")
 
     variants = [("mae-fast", _mae_fast_step)] + ([("reference", _reference_step)] if compare else [])
@@ -195,6 +198,100 @@ def bench_loader(cfg: Config, *, backend: str = "both", batches: int = 50, warmu
         out["ratio_dali_over_pil"] = results[0]["img_s"] / results[1]["img_s"]
         log(f"DALI / PIL: {out['ratio_dali_over_pil']:.2f}x")
     return out
+
+
+def _e2e_mae_fast(cfg: Config, steps: int, log: Callable[[str], None]) -> dict:
+    """mae-fast's own train loop on the config's data (DALI), a few log intervals; the first is left out."""
+    import statistics
+    import tempfile
+    from dataclasses import replace
+
+    from .train import train
+    with tempfile.TemporaryDirectory() as tmp:
+        run_cfg = replace(cfg, logging=replace(cfg.logging, output_dir=f"{tmp}/out", dashboard="off",
+                                               print_freq=max(1, steps // 5), visualize_freq_epochs=0),
+                          checkpointing=replace(cfg.checkpointing, checkpoint_dir=f"{tmp}/ckpt",
+                                                save_freq_epochs=0, save_freq_steps=0),
+                          misc=replace(cfg.misc, auto_resume=False, resume=""),
+                          schedule=replace(cfg.schedule, epochs=max(cfg.schedule.epochs, 1000), warmup_epochs=0))
+        result = train(run_cfg, log=lambda m: None, max_steps=steps)
+    snaps = result.snapshots[2:] or result.snapshots[-1:]  # leave out the first step and interval (warm-up)
+    ms = statistics.median(x.ms_per_iter for x in snaps)
+    batch = result.derived.effective_batch
+    return {"name": "mae-fast e2e", "img_s": batch * 1000 / ms, "ms_per_iter": ms, "batch": batch,
+            "data_wait_pct": statistics.median(x.data_wait_pct for x in snaps), "steps": result.steps_done}
+
+
+def _e2e_reference(cfg: Config, steps: int, warmup: int, device: torch.device) -> dict:
+    """The official pipeline: PIL DataLoader (torchvision transforms) feeding the reference step."""
+    from dataclasses import replace
+
+    from .data import build_loader, find_dataset
+    dataset = find_dataset(cfg, progress=False)
+    batch = cfg.optimization.micro_batch_size or cfg.optimization.batch_size
+    per_epoch = dataset.num_images // batch
+    loader, _, _ = build_loader(replace(cfg, data=replace(cfg.data, backend="pil", pin_memory=True)), dataset,
+                                batch, per_epoch, torch.device("cpu"))  # batches stay on the host, as the official
+    run = _reference_step(cfg, device, batch)
+    wait, t, epoch, it, seen = 0.0, 0.0, 0, None, per_epoch
+    for i in range(warmup + steps):
+        if i == warmup:
+            _sync(device)
+            wait, t = 0.0, time.perf_counter()
+        if seen == per_epoch:
+            loader.set_epoch(epoch)
+            it, seen, epoch = iter(loader), 0, epoch + 1
+        t0 = time.perf_counter()
+        images = next(it)
+        wait += time.perf_counter() - t0
+        seen += 1
+        run(images)
+    _sync(device)
+    sec = time.perf_counter() - t
+    loader.close()
+    return {"name": "reference e2e", "img_s": batch * steps / sec, "ms_per_iter": 1000 * sec / steps,
+            "batch": batch, "data_wait_pct": 100 * wait / sec, "steps": steps}
+
+
+def bench_all(cfg: Config, *, steps: int = 30, batches: int = 40, out_dir: str | None = "benchmarks/results",
+              log: Callable[[str], None] = print) -> dict:
+    """The whole harness in one run, on one machine and one data set: loaders (DALI, PIL), the step on
+    synthetic data (reference, mae-fast), and end to end on JPEGs (reference PIL + eager loop, mae-fast)."""
+    device = resolve_device(cfg.misc.device)
+    loader = bench_loader(cfg, backend="both", batches=batches, log=log)
+    step = bench_step(cfg, steps=steps, compare=True, log=log)
+    e2e = [_e2e_reference(cfg, steps, warmup=3, device=device), _e2e_mae_fast(cfg, steps, log)]
+    peak = step["env"]["matmul_peak_tflops"] * 1e12
+    flops_img = step["results"][0]["gflop_per_img"] * 1e9
+    for r in e2e:
+        r["mfu"] = flops_img * r["img_s"] / peak
+    out = {"loader": loader["results"], "step": step["results"], "e2e": e2e,
+           "ratios": {"loader_dali_over_pil": loader.get("ratio_dali_over_pil"),
+                      "step_mae_fast_over_reference": step["speedup"],
+                      "e2e_mae_fast_over_reference": e2e[1]["img_s"] / e2e[0]["img_s"],
+                      "e2e_over_synthetic_step": e2e[1]["img_s"] / step["results"][0]["img_s"]},
+           "env": step["env"]}
+    log(summary_table(out))
+    if out_dir:
+        name = "".join(c if c.isalnum() else "_" for c in out["env"]["device"].split("(")[0].strip().lower())
+        path = Path(out_dir) / f"{name}_{cfg.model.type}_{time.strftime('%Y%m%d_%H%M%S')}.json"
+        write_json(out, str(path))
+        log(f"wrote {path}")
+    return out
+
+
+def summary_table(out: dict) -> str:
+    rows = ["| what | img/s | ms/iter or batch | MFU | data wait | peak mem |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in out["loader"]:
+        rows.append(f"| loader {r['backend']} | {r['img_s']:,.0f} | {r['ms_per_batch']:.1f} | | | |")
+    for r in out["step"]:
+        mem = f"{r['peak_mem_gb']:.1f} GB" if r.get("peak_mem_gb") else ""
+        rows.append(f"| step {r['name']} | {r['img_s']:,.0f} | {r['ms_per_iter']:.1f} | {100 * r['mfu']:.1f}% | | {mem} |")
+    for r in out["e2e"]:
+        rows.append(f"| {r['name']} | {r['img_s']:,.0f} | {r['ms_per_iter']:.1f} | {100 * r['mfu']:.1f}% | "
+                    f"{r['data_wait_pct']:.0f}% | |")
+    ratios = ", ".join(f"{k} {v:.2f}x" for k, v in out["ratios"].items() if v is not None)
+    return "\n".join(rows) + f"\n\n{out['env']['device']}, {out['env'].get('model')}: {ratios}"
 
 
 def write_json(data: dict, path: str | None) -> None:

@@ -1,4 +1,4 @@
-"""`mae-fast` command line: train, bench-step, bench-loader, scan, make-sample-data, visualize, export."""
+"""`mae-fast` command line: train, bench, bench-step, bench-loader, scan, make-sample-data, visualize, export."""
 from __future__ import annotations
 
 import argparse
@@ -33,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=None, help="micro-batch (default: the config's)")
     p.add_argument("--compare", action="store_true", help="also time the official reference step")
     p.add_argument("--json", default=None, help="write the results here")
+
+    p = sub.add_parser("bench", help="the whole harness: loaders, step and end to end, each with its baseline")
+    _add_config(p)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--batches", type=int, default=40)
+    p.add_argument("--out-dir", default="benchmarks/results", help="JSON results go here ('' for none)")
 
     p = sub.add_parser("bench-loader", help="time the data loaders (DALI and/or PIL) on the config's data")
     _add_config(p)
@@ -94,6 +100,10 @@ def _run(args: argparse.Namespace) -> int:
         from .bench import bench_step, write_json
         write_json(bench_step(load_config(args.config, args.overrides), steps=args.steps, warmup=args.warmup,
                               compare=args.compare, batch=args.batch), args.json)
+    elif args.command == "bench":
+        from .bench import bench_all
+        bench_all(load_config(args.config, args.overrides), steps=args.steps, batches=args.batches,
+                  out_dir=args.out_dir or None)
     elif args.command == "bench-loader":
         from .bench import bench_loader, write_json
         write_json(bench_loader(load_config(args.config, args.overrides), backend=args.backend,
