@@ -37,7 +37,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.manual_seed(0)
         model = build_model("mae_vit_tiny_patch8", grad_checkpointing=gc)
         count = [0]
-        model.blocks[0].register_forward_hook(lambda *a: count.__setitem__(0, count[0] + 1))
+        model.blocks[0].register_forward_pre_hook(lambda *a: count.__setitem__(0, count[0] + 1))
         loss, _, _ = model(imgs, 0.75, noise)
         loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
