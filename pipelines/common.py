@@ -1,4 +1,4 @@
-"""What the DALI and PIL pipelines share: the augmentation settings and the epoch order.
+"""What the pipelines share: the augmentation settings, the epoch order and the loader position.
 
 Every loader here (DaliLoader, PilLoader, SyntheticLoader) has one interface:
 
@@ -7,7 +7,9 @@ Every loader here (DaliLoader, PilLoader, SyntheticLoader) has one interface:
     state = loader.state()       # JSON-serializable position (and RNG state where exact)
     loader.load_state(state)     # continue exactly where `state` was taken
 
-Iterating again without set_epoch continues with the next epoch.
+Iterating again without set_epoch continues with the next epoch. EpochPosition
+keeps that position for all three; ShardedFileLoader adds the files and the
+order of the two that read files.
 """
 
 from __future__ import annotations
@@ -113,3 +115,91 @@ def check_state(state: dict, kind: str, identity: dict) -> None:
     diffs = [f"{k}: state {state.get(k)!r} vs loader {v!r}" for k, v in identity.items() if state.get(k) != v]
     if diffs:
         raise ValueError("loader state does not match this loader: " + "; ".join(diffs))
+
+
+class EpochPosition:
+    """The position part of the loader interface, shared by every loader.
+
+    The next batch to yield is batch `_batch` of epoch `_epoch`; `_batch ==
+    batches_per_epoch` means that epoch is finished. A subclass sets `kind`,
+    provides `_identity()` (the settings a saved state must match) and an
+    `__iter__` that calls `_start_pass()` first and counts `_batch` up as it yields.
+    """
+
+    kind: str  # names the loader in state(); load_state() refuses another kind
+
+    def __init__(self, batches_per_epoch: int) -> None:
+        self.batches_per_epoch = batches_per_epoch
+        self._epoch, self._batch = 0, 0  # the next batch to yield
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Keep the position if `epoch` is the current one (as right after load_state), else start it."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        if epoch != self._epoch:
+            self._epoch, self._batch = epoch, 0
+
+    def state(self) -> dict:
+        """JSON-serializable position; subclasses may append keys (checkpoints store this dict)."""
+        return {"kind": self.kind, "epoch": self._epoch, "batch": self._batch, **self._identity()}
+
+    def load_state(self, state: dict) -> None:
+        check_state(state, self.kind, self._identity())
+        self._epoch, self._batch = int(state["epoch"]), int(state["batch"])
+
+    def _identity(self) -> dict:
+        raise NotImplementedError
+
+    def _next_position(self) -> tuple[int, int]:
+        """The position of the next batch, with a finished epoch (e, L) written as (e + 1, 0)."""
+        if self._batch >= self.batches_per_epoch:
+            return self._epoch + 1, 0
+        return self._epoch, self._batch
+
+    def _start_pass(self) -> None:
+        """Top of __iter__: after a finished epoch, iterating again goes on with the next one."""
+        self._epoch, self._batch = self._next_position()
+
+
+class ShardedFileLoader(EpochPosition):
+    """EpochPosition over this shard's part of `files`, in the order of epoch_order (DALI, PIL)."""
+
+    def __init__(
+        self,
+        files: list[str],
+        batch_size: int,
+        *,
+        seed: int,
+        shard_id: int,
+        num_shards: int,
+        batches_per_epoch: int | None,
+    ) -> None:
+        super().__init__(check_sharding(len(files), batch_size, shard_id, num_shards, limit=batches_per_epoch))
+        self.files = list(files)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shard_id, self.num_shards = shard_id, num_shards
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """This shard's file indices for `epoch`, shape (len(self), batch_size)."""
+        return epoch_order(epoch=epoch, **self._sharding())[: self.batches_per_epoch]
+
+    def _sharding(self) -> dict:
+        """The arguments of epoch_order other than the epoch (a fresh dict: _PathFeed keeps one)."""
+        return {
+            "num_files": len(self.files),
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "shard_id": self.shard_id,
+            "num_shards": self.num_shards,
+        }
+
+    def _identity(self) -> dict:
+        return {**self._sharding(), "batches_per_epoch": self.batches_per_epoch}

@@ -37,7 +37,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .common import AugmentConfig, check_sharding, check_state, derive_seeds, epoch_order
+from .common import AugmentConfig, ShardedFileLoader, derive_seeds, epoch_order
 
 __all__ = ["AugmentConfig", "DaliLoader", "build_dali_loader", "dali_available"]
 
@@ -112,13 +112,7 @@ class _PathFeed:
 
     def __init__(self, loader: DaliLoader, epoch: int, batch: int) -> None:
         self.files = loader.files
-        self.sharding = dict(
-            num_files=len(loader.files),
-            batch_size=loader.batch_size,
-            seed=loader.seed,
-            shard_id=loader.shard_id,
-            num_shards=loader.num_shards,
-        )
+        self.sharding = loader._sharding()
         self.batches_per_epoch = loader.batches_per_epoch
         self.epoch, self.batch = epoch, batch
         self._current = self.order(epoch)  # one epoch's order: 10 MB for ImageNet
@@ -135,7 +129,7 @@ class _PathFeed:
         return [np.frombuffer(self.files[i].encode(), dtype=np.uint8) for i in indices]
 
 
-class DaliLoader:
+class DaliLoader(ShardedFileLoader):
     """Batches of augmented images, (N, 3, H, W) float16 or uint8, from a DALI pipeline.
 
     One epoch per iteration: `for batch in loader` yields exactly len(loader)
@@ -149,6 +143,8 @@ class DaliLoader:
     Treat it as DALI's once you ask for the next batch: copy it (e.g. into a
     static input buffer) before then if you need it longer.
     """
+
+    kind = "dali"
 
     def __init__(
         self,
@@ -168,59 +164,30 @@ class DaliLoader:
     ) -> None:
         if output_dtype not in _OUTPUT_DTYPES:
             raise ValueError(f"output_dtype must be one of {_OUTPUT_DTYPES}, got {output_dtype!r}")
-        self.batches_per_epoch = check_sharding(
-            len(files), batch_size, shard_id, num_shards, limit=batches_per_epoch
+        super().__init__(
+            files, batch_size, seed=seed, shard_id=shard_id, num_shards=num_shards, batches_per_epoch=batches_per_epoch
         )
-        self.files = list(files)
-        self.batch_size = batch_size
         self.aug = aug
-        self.seed = seed
-        self.shard_id, self.num_shards = shard_id, num_shards
         self.device_id = device_id
         self.num_threads, self.prefetch = num_threads, prefetch
         self.output_dtype = output_dtype
         self.hw_decoder_load = hw_decoder_load
-
-        self._epoch, self._batch = 0, 0  # the next batch to yield
         self._pipe = None  # when set, its next output is batch (_epoch, _batch)
         self._stream_start: tuple[int, int] | None = None  # position the pipe was built at
         self._restore: bytes | None = None  # DALI checkpoint for the next build
 
     # ------------------------------------------------------------ public interface
 
-    def __len__(self) -> int:
-        return self.batches_per_epoch
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch
-
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        """This shard's file indices for `epoch`, shape (len(self), batch_size)."""
-        return epoch_order(
-            len(self.files),
-            self.batch_size,
-            seed=self.seed,
-            epoch=epoch,
-            shard_id=self.shard_id,
-            num_shards=self.num_shards,
-        )[: self.batches_per_epoch]
-
     def set_epoch(self, epoch: int) -> None:
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        if epoch == self._epoch:
-            return  # keep the position: the usual call right after load_state
-        if (epoch, 0) == self._next_epoch_start():
-            self._epoch, self._batch = epoch, 0  # the pipeline's stream continues here
-            return
-        self._close_pipe()  # its prefetched batches belong to another part of the stream
-        self._restore = None
-        self._epoch, self._batch = epoch, 0
+        # Only a jump drops the pipeline: if `epoch` starts where the stream goes on, it continues.
+        jump = epoch != self._epoch and (epoch, 0) != self._next_position()
+        super().set_epoch(epoch)
+        if jump:
+            self._close_pipe()  # its prefetched batches belong to another part of the stream
+            self._restore = None
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        if self._batch >= self.batches_per_epoch:
-            self._epoch, self._batch = self._epoch + 1, 0
+        self._start_pass()
         if self._pipe is None:
             self._build()
         stream = None
@@ -237,19 +204,15 @@ class DaliLoader:
         if self._pipe is not None:
             checkpoint = self._pipe.checkpoint()
         return {
-            "kind": "dali",
-            "epoch": self._epoch,
-            "batch": self._batch,
-            **self._identity(),
+            **super().state(),
             "stream_start": list(self._stream_start) if checkpoint is not None else None,
             "dali_checkpoint": base64.b64encode(checkpoint).decode() if checkpoint else None,
         }
 
     def load_state(self, state: dict) -> None:
         """Restore a position saved by state() of a loader built with the same arguments."""
-        check_state(state, "dali", self._identity())
+        super().load_state(state)  # checks the settings, then sets the position
         self._close_pipe()
-        self._epoch, self._batch = int(state["epoch"]), int(state["batch"])
         ckpt = state.get("dali_checkpoint")
         self._restore = base64.b64decode(ckpt) if ckpt else None
         start = state.get("stream_start")
@@ -260,22 +223,6 @@ class DaliLoader:
         self._close_pipe()
 
     # ------------------------------------------------------------ internals
-
-    def _identity(self) -> dict:
-        return {
-            "num_files": len(self.files),
-            "batch_size": self.batch_size,
-            "seed": self.seed,
-            "shard_id": self.shard_id,
-            "num_shards": self.num_shards,
-            "batches_per_epoch": self.batches_per_epoch,
-        }
-
-    def _next_epoch_start(self) -> tuple[int, int]:
-        """The position that follows the current one, with (e, L) written as (e + 1, 0)."""
-        if self._batch >= self.batches_per_epoch:
-            return self._epoch + 1, 0
-        return self._epoch, self._batch
 
     def _close_pipe(self) -> None:
         self._pipe = None  # DALI frees its resources when the Pipeline object goes

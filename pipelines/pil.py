@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .common import AugmentConfig, check_sharding, check_state, derive_seeds, epoch_order
+from .common import AugmentConfig, ShardedFileLoader, derive_seeds
 
 __all__ = ["PilLoader", "build_pil_loader", "pil_transform"]
 
@@ -107,8 +107,10 @@ class _BatchSampler:
         return len(self.loader) - self.start
 
 
-class PilLoader:
+class PilLoader(ShardedFileLoader):
     """Same contract as DaliLoader (see pipelines.common); batches are float32 and fresh tensors."""
+
+    kind = "pil"
 
     def __init__(
         self,
@@ -124,72 +126,25 @@ class PilLoader:
         device: str = "cpu",
         batches_per_epoch: int | None = None,
     ) -> None:
-        self.batches_per_epoch = check_sharding(
-            len(files), batch_size, shard_id, num_shards, limit=batches_per_epoch
+        super().__init__(
+            files, batch_size, seed=seed, shard_id=shard_id, num_shards=num_shards, batches_per_epoch=batches_per_epoch
         )
-        self.files = list(files)
-        self.batch_size = batch_size
         self.aug = aug
-        self.seed = seed
-        self.shard_id, self.num_shards = shard_id, num_shards
         self.num_workers = num_workers
         self.device = torch.device(device)
         self.pin_memory = pin_memory and self.device.type == "cuda"
-        self._epoch, self._batch = 0, 0  # the next batch to yield
         self._sampler = _BatchSampler(self)
         self._dataloader: torch.utils.data.DataLoader | None = None
 
-    def __len__(self) -> int:
-        return self.batches_per_epoch
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch
-
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        return epoch_order(
-            len(self.files),
-            self.batch_size,
-            seed=self.seed,
-            epoch=epoch,
-            shard_id=self.shard_id,
-            num_shards=self.num_shards,
-        )[: self.batches_per_epoch]
-
-    def set_epoch(self, epoch: int) -> None:
-        """As DaliLoader.set_epoch: the current epoch keeps its position, another starts at batch 0."""
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        if epoch != self._epoch:
-            self._epoch, self._batch = epoch, 0
-
     def __iter__(self) -> Iterator[torch.Tensor]:
-        if self._batch >= self.batches_per_epoch:
-            self._epoch, self._batch = self._epoch + 1, 0
+        self._start_pass()
         self._sampler.epoch, self._sampler.start = self._epoch, self._batch
         for images in self._get_dataloader():
             self._batch += 1
             yield images.to(self.device, non_blocking=True)
 
-    def state(self) -> dict:
-        return {"kind": "pil", "epoch": self._epoch, "batch": self._batch, **self._identity()}
-
-    def load_state(self, state: dict) -> None:
-        check_state(state, "pil", self._identity())
-        self._epoch, self._batch = int(state["epoch"]), int(state["batch"])
-
     def close(self) -> None:
         self._dataloader = None  # stops persistent workers
-
-    def _identity(self) -> dict:
-        return {
-            "num_files": len(self.files),
-            "batch_size": self.batch_size,
-            "seed": self.seed,
-            "shard_id": self.shard_id,
-            "num_shards": self.num_shards,
-            "batches_per_epoch": self.batches_per_epoch,
-        }
 
     def _get_dataloader(self) -> torch.utils.data.DataLoader:
         if self._dataloader is None:

@@ -6,17 +6,19 @@ from collections.abc import Iterator
 
 import torch
 
-from .common import check_state, derive_seeds
+from .common import EpochPosition, derive_seeds
 
 __all__ = ["SyntheticLoader"]
 
 
-class SyntheticLoader:
+class SyntheticLoader(EpochPosition):
     """batches_per_epoch batches of N(0, 1) images (N, 3, H, W), made on `device`.
 
     Batch i of epoch e is a function of (seed, e, i) only, so the same seed
     gives the same batches and resume is exact.
     """
+
+    kind = "synthetic"
 
     def __init__(
         self,
@@ -33,42 +35,20 @@ class SyntheticLoader:
                 "batch_size, input_size and batches_per_epoch must be positive, got "
                 f"{batch_size}, {input_size}, {batches_per_epoch}"
             )
+        super().__init__(batches_per_epoch)
         self.shape = (batch_size, 3, input_size, input_size)
-        self.batches_per_epoch = batches_per_epoch
         self.device = torch.device(device)
         self.dtype = dtype
         self.seed = seed
-        self._epoch, self._batch = 0, 0  # the next batch to yield
         self._generator = torch.Generator(device=self.device)
 
-    def __len__(self) -> int:
-        return self.batches_per_epoch
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        if epoch != self._epoch:
-            self._epoch, self._batch = epoch, 0
-
     def __iter__(self) -> Iterator[torch.Tensor]:
-        if self._batch >= self.batches_per_epoch:
-            self._epoch, self._batch = self._epoch + 1, 0
+        self._start_pass()
         while self._batch < self.batches_per_epoch:
             self._generator.manual_seed(derive_seeds(self.seed, self._epoch, self._batch, count=1)[0])
             self._batch += 1
             x = torch.randn(self.shape, generator=self._generator, device=self.device)
             yield x.to(self.dtype)
-
-    def state(self) -> dict:
-        return {"kind": "synthetic", "epoch": self._epoch, "batch": self._batch, **self._identity()}
-
-    def load_state(self, state: dict) -> None:
-        check_state(state, "synthetic", self._identity())
-        self._epoch, self._batch = int(state["epoch"]), int(state["batch"])
 
     def close(self) -> None:
         """Nothing to free; here so every loader has the same interface."""
