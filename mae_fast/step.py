@@ -17,30 +17,49 @@ import torch.nn as nn
 from .model import MaskedAutoencoderViT
 
 
+class MAELoss(nn.Module):
+    """The part that is compiled (and, with several processes, wrapped by DistributedDataParallel):
+    batch -> fp32 (uint8 batches normalized here, fused into the graph) -> autocast MAE forward -> loss."""
+
+    def __init__(self, mae: MaskedAutoencoderViT, mask_ratio: float, amp: bool, uint8: bool,
+                 mean: tuple[float, ...], std: tuple[float, ...], device: torch.device):
+        super().__init__()
+        self.mae = mae
+        self.mask_ratio = mask_ratio
+        self.amp = amp  # bf16 autocast on GPU; fp32 on the CPU
+        self.device_type = device.type
+        self.uint8 = uint8
+        # plain attributes, not buffers: nothing for DDP to broadcast, constants for the compiler
+        self.mean255 = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+        self.std255 = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+
+    def forward(self, imgs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        # fp16 (DALI) / bf16 (synthetic) batches: the loss target is computed in fp32 and autocast picks
+        # the matmul precision
+        imgs = (imgs.float() - self.mean255) / self.std255 if self.uint8 else imgs.float()
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.amp):
+            loss, _, _ = self.mae(imgs, self.mask_ratio, noise)
+        return loss
+
+
 class TrainStep:
     def __init__(self, model: MaskedAutoencoderViT, optimizer: torch.optim.Optimizer, *,
                  micro_batch: int, accum_steps: int, mask_ratio: float, gradient_clip: float,
                  device: torch.device, input_dtype: torch.dtype = torch.float32,
                  mean: tuple[float, ...] = (0.485, 0.456, 0.406), std: tuple[float, ...] = (0.229, 0.224, 0.225),
                  compile: bool = True, compile_mode: str = "default", compile_backend: str | Callable = "inductor",
-                 log_every: int = 100, ddp_model: nn.Module | None = None):
+                 log_every: int = 100, distributed: bool = False):
+        """distributed=True wraps the loss module in DistributedDataParallel (a process group must exist)."""
         self.model = model  # uncompiled: checkpoints use its parameter names
-        self.ddp_model = ddp_model  # DistributedDataParallel wrapper, or None
         self.optimizer = optimizer
         self.accum_steps = accum_steps
-        self.mask_ratio = mask_ratio
         self.gradient_clip = gradient_clip
         self.device = device
-        self.amp = device.type == "cuda"  # bf16 autocast on GPU; fp32 on the CPU
         self.params = [p for p in model.parameters() if p.requires_grad]
 
         size = model.arch.img_size
         self.inputs = torch.zeros(micro_batch, 3, size, size, dtype=input_dtype, device=device)
         self.noise = torch.zeros(micro_batch, model.num_patches, device=device)
-        # uint8 batches are normalized inside the compiled graph (fused with the first conv's read)
-        self.uint8 = input_dtype == torch.uint8
-        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
 
         self.log_every = log_every
         self.loss_ring = torch.zeros(log_every, device=device)  # mean micro-batch loss per step
@@ -48,20 +67,20 @@ class TrainStep:
         self._loss_acc = torch.zeros((), device=device)
         self.slot = 0
 
-        fn = self._loss
+        module: nn.Module = MAELoss(model, mask_ratio, device.type == "cuda", input_dtype == torch.uint8,
+                                    mean, std, device)
         if compile:
             kw = {"mode": compile_mode} if compile_mode != "default" and compile_backend == "inductor" else {}
-            fn = torch.compile(fn, fullgraph=True, dynamic=False, backend=compile_backend, **kw)
-        self.loss_fn = fn
-
-    def _loss(self, imgs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        # fp16 (DALI) / bf16 (synthetic) batches: the loss target is computed in fp32, and autocast
-        # picks the matmul precision; uint8 batches are normalized here, fused into the same graph
-        imgs = (imgs.float() - self.mean) / self.std if self.uint8 else imgs.float()
-        module = self.ddp_model if self.ddp_model is not None else self.model
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            loss, _, _ = module(imgs, self.mask_ratio, noise)
-        return loss
+            module = torch.compile(module, fullgraph=True, dynamic=False, backend=compile_backend, **kw)
+        self.ddp = None
+        if distributed:
+            # DDP around the compiled module (Dynamo cannot trace DDP's own forward); Dynamo sees it runs inside
+            # DDP and splits the graph at DDP's buckets, so the all-reduce overlaps the backward.
+            # All parameters are used every step: no find_unused_parameters.
+            from torch.nn.parallel import DistributedDataParallel
+            module = self.ddp = DistributedDataParallel(
+                module, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+        self.loss_fn = module
 
     def micro_step(self, sync_grads: bool = True, noise: torch.Tensor | None = None) -> None:
         """Forward and backward of `self.inputs`, accumulating gradients scaled by 1/accum_steps.
@@ -73,7 +92,7 @@ class TrainStep:
             torch.rand(self.noise.shape, device=self.device, out=self.noise)
         else:
             self.noise.copy_(noise)
-        ctx = self.ddp_model.no_sync() if (self.ddp_model is not None and not sync_grads) else contextlib.nullcontext()
+        ctx = self.ddp.no_sync() if (self.ddp is not None and not sync_grads) else contextlib.nullcontext()
         with ctx:
             loss = self.loss_fn(self.inputs, self.noise)
             (loss / self.accum_steps).backward()

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, CheckpointManager, load_checkpoint, rng_state, set_rng_state
-from .config import Config, Derived, derive, format_config, lr_warnings, save_config
+from .config import Config, ConfigError, Derived, derive, format_config, lr_warnings, save_config
 from .dashboard import RunInfo
 from .distributed import Dist, any_rank, gather, init_distributed, mean, shutdown
 from .data import TimedBatches, build_loader, find_dataset
@@ -32,7 +32,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "cuda" and torch.cuda.is_available():
         return torch.device("cuda", local_rank)
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"misc.device is {name!r} but no CUDA device is visible; use 'auto' or 'cpu'")
+        raise ConfigError(f"misc.device: {name!r} but no CUDA device is visible; use 'auto' or 'cpu'")
     return torch.device(name)
 
 
@@ -190,16 +190,11 @@ def _train(cfg: Config, d: Dist, device: torch.device, dataset, derived: Derived
             out.info(f"init weights: {note}")
     result.start_step = global_step
 
-    ddp_model = None
-    if d.enabled:  # all parameters are used every step: no find_unused_parameters
-        from torch.nn.parallel import DistributedDataParallel
-        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                            gradient_as_bucket_view=True)  # MAE has no buffers to sync
     a = cfg.data.augmentation
     step = TrainStep(model, optimizer, micro_batch=derived.micro_batch_size, accum_steps=derived.accum_steps,
                      mask_ratio=cfg.model.mask_ratio, gradient_clip=o.gradient_clip, device=device,
                      input_dtype=input_dtype, mean=tuple(a.mean), std=tuple(a.std), compile=cfg.misc.compile,
-                     compile_mode=cfg.misc.compile_mode, log_every=lg.print_freq, ddp_model=ddp_model)
+                     compile_mode=cfg.misc.compile_mode, log_every=lg.print_freq, distributed=d.enabled)
     flops = model_flops_per_image(model.arch, cfg.model.mask_ratio) * derived.effective_batch
     meter = Meter(effective_batch=derived.effective_batch, steps_per_epoch=derived.steps_per_epoch,
                   total_steps=derived.total_steps, flops_per_step=flops,

@@ -26,19 +26,19 @@ def global_batches():
     return [(torch.randn(GLOBAL, 3, 32, 32, generator=g), torch.rand(GLOBAL, 16, generator=g)) for _ in range(STEPS)]
 
 
-def make_step(micro, accum, ddp=False):
+def make_step(micro, accum, ddp=False, compile=False):
     torch.manual_seed(0)
     model = build_model("mae_vit_tiny_patch8")
     opt = build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), CPU)
-    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if ddp else None
+    # aot_eager: the same Dynamo tracing and DDP graph splitting as inductor, without its C++ compile time
     return TrainStep(model, opt, micro_batch=micro, accum_steps=accum, mask_ratio=0.75, gradient_clip=1.0,
-                     device=CPU, compile=False, log_every=100, ddp_model=ddp_model)
+                     device=CPU, compile=compile, compile_backend="aot_eager", log_every=100, distributed=ddp)
 
 
-def _worker(rank: int, store: str, out: str) -> None:
+def _worker(rank: int, store: str, out: str, compile: bool) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    step = make_step(MICRO, ACCUM, ddp=True)
+    step = make_step(MICRO, ACCUM, ddp=True, compile=compile)
     first_grads = []
     for imgs, noise in global_batches():
         mine = slice(rank * MICRO * ACCUM, (rank + 1) * MICRO * ACCUM)  # this rank's shard of the global batch
@@ -52,8 +52,9 @@ def _worker(rank: int, store: str, out: str) -> None:
     dist.destroy_process_group()
 
 
-def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=True)
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path, compile):
+    mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path), compile), nprocs=WORLD, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD))
     # the ranks agree exactly
     for k in r0["params"]:
