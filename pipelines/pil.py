@@ -48,37 +48,6 @@ def pil_transform(aug: AugmentConfig):
     )
 
 
-def build_pil_loader(
-    files: list[str],
-    batch_size: int,
-    aug: AugmentConfig,
-    *,
-    seed: int,
-    shard_id: int = 0,
-    num_shards: int = 1,
-    num_workers: int = 8,
-    pin_memory: bool = True,
-    device: str = "cpu",
-    batches_per_epoch: int | None = None,
-) -> PilLoader:
-    """A PilLoader over `files`; batches are float32 (N, 3, H, W) moved to `device`.
-
-    batches_per_epoch caps the epoch length, as for build_dali_loader.
-    """
-    return PilLoader(
-        files,
-        batch_size,
-        aug,
-        seed=seed,
-        shard_id=shard_id,
-        num_shards=num_shards,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        device=device,
-        batches_per_epoch=batches_per_epoch,
-    )
-
-
 class _FileDataset(torch.utils.data.Dataset):
     def __init__(self, files: list[str], transform) -> None:
         self.files, self.transform = files, transform
@@ -126,6 +95,10 @@ class PilLoader(ShardedFileLoader):
         device: str = "cpu",
         batches_per_epoch: int | None = None,
     ) -> None:
+        """A PilLoader over `files`; batches are float32 (N, 3, H, W) moved to `device`.
+
+        batches_per_epoch caps the epoch length, as for build_dali_loader.
+        """
         super().__init__(
             files, batch_size, seed=seed, shard_id=shard_id, num_shards=num_shards, batches_per_epoch=batches_per_epoch
         )
@@ -159,3 +132,6 @@ class PilLoader(ShardedFileLoader):
                 generator=generator,
             )
         return self._dataloader
+
+
+build_pil_loader = PilLoader  # the builder name callers use
