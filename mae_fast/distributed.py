@@ -59,6 +59,15 @@ def gather(d: Dist, obj: Any) -> list[Any]:
     return out
 
 
+def broadcast(d: Dist, obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (others pass None)."""
+    if not d.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def mean(d: Dist, t: torch.Tensor) -> torch.Tensor:
     """The mean of `t` over ranks (in place)."""
     if d.enabled:

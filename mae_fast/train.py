@@ -15,7 +15,7 @@ import torch
 from .checkpoint import CheckpointError, CheckpointManager, load_checkpoint, rng_state, set_rng_state
 from .config import Config, ConfigError, Derived, derive, format_config, lr_warnings, save_config
 from .dashboard import RunInfo
-from .distributed import Dist, any_rank, gather, init_distributed, mean, shutdown
+from .distributed import Dist, any_rank, broadcast, gather, init_distributed, mean, shutdown
 from .data import TimedBatches, build_loader, find_dataset
 from .metrics import Meter, Snapshot, peak_bf16_flops
 from .model import build_model, model_flops_per_image
@@ -120,7 +120,8 @@ def _setup_and_train(cfg: Config, d: Dist, log: Callable[[str], None] | None, ma
     s, lg = cfg.schedule, cfg.logging
 
     # data first: a bad data_path stops the run before any model is built
-    dataset = find_dataset(cfg, progress=d.is_main)
+    # rank 0 scans and every rank trains on its exact file list (the shards must partition one list)
+    dataset = broadcast(d, find_dataset(cfg) if d.is_main else None)
     derived = derive(cfg, dataset.num_images, d.world_size)
     loader, input_dtype, data_desc = build_loader(cfg, dataset, derived.micro_batch_size,
                                                   derived.steps_per_epoch * derived.accum_steps, device,
