@@ -216,6 +216,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
 
 def config_from_dict(data: dict[str, Any], overrides: list[str] = ()) -> Config:
     data = dict(data or {})
+    data.pop("derived", None)  # a saved resolved config (config.yaml/config.json of a run) loads as is: recomputed
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(data, key, value)
     cfg = _build(Config, data, "")

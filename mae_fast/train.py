@@ -235,7 +235,7 @@ def _train(cfg: Config, d: Dist, device: torch.device, dataset, derived: Derived
         flush_metrics(lr)  # never save a state whose loss went non-finite
         ckpt = state()
         if d.is_main:
-            path = ckpts.save(ckpt, name, cfg.to_dict(), out.log_path)
+            path = ckpts.save(ckpt, name, {**cfg.to_dict(), "derived": dataclasses.asdict(derived)}, out.log_path)
             out.checkpoint_saved(str(path))
 
     vis_files = dataset.files[::max(1, len(dataset.files) // lg.visualize_images)][:lg.visualize_images]

@@ -132,7 +132,9 @@ def test_keep_last_n_and_checkpoint_contents(tmp_path, sample_dir):
     assert set(final["rng"][0]) == {"torch", "cuda", "numpy", "python"}
     assert len(final["data"]) == 1 and final["data"][0]["kind"] == "dali" and final["config"]["model"]["type"] == "mae_vit_tiny_patch8"
     assert os.path.samefile(ck / "latest.pt", ck / "final.pt")
-    assert json.loads((ck / "epoch-3/config.json").read_text())["optimization"]["batch_size"] == 16
+    saved = json.loads((ck / "epoch-3/config.json").read_text())
+    assert saved["optimization"]["batch_size"] == 16 and saved["derived"]["accum_steps"] == 2
+    assert load_config(ck / "epoch-3/config.json") == cfg  # the saved resolved config runs as it is
     # the log file and metrics.jsonl hold what they should
     logs = list((tmp_path / "out").glob("mae_pretrain_*.log"))
     assert len(logs) == 1
