@@ -128,12 +128,8 @@ class CheckpointManager:
     def latest(self) -> Path:
         return self.root / "latest.pt"
 
-    def save(self, state: dict, name: str | None, config: dict, log_file: Path | None) -> Path:
-        """Save `state` as <name>/model.pt (when name is given) and as latest.pt. Returns the model.pt path."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        if name is None:
-            save_torch(self.latest, state)
-            return self.latest
+    def save(self, state: dict, name: str, config: dict, log_file: Path | None) -> Path:
+        """Save `state` as <name>/model.pt, with the config and the log so far, and as latest.pt."""
         folder = self.root / name
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write(folder / "config.json", lambda f: f.write(json.dumps(config, indent=2).encode()))

@@ -77,17 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.scan import DatasetScanError
     from .checkpoint import CheckpointError
     from .metrics import NonFiniteLoss
+    codes = {ConfigError: EXIT_USAGE, DatasetScanError: EXIT_USAGE, NonFiniteLoss: EXIT_DIVERGED,
+             CheckpointError: EXIT_ERROR}
     try:
         return _run(args)
-    except (ConfigError, DatasetScanError) as e:
+    except tuple(codes) as e:  # errors with a message for the user: no traceback
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_DIVERGED
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_ERROR
+        return next(code for kind, code in codes.items() if isinstance(e, kind))
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -131,9 +127,8 @@ def _run(args: argparse.Namespace) -> int:
         from .weights import load_mae
         loaded = load_mae(args.checkpoint)
         print("\n".join(loaded.notes))
-        model_type = loaded.model_type
         if args.format == "timm":
-            how = export_timm(loaded.model, model_type, args.out)
+            how = export_timm(loaded.model, loaded.model_type, args.out)
             print(f"wrote {args.out}; load it with\n  import timm\n  model = {how}")
         elif args.format == "torchscript":
             export_torchscript(loaded.model, args.out)
