@@ -16,6 +16,7 @@ run gpu_tests 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests
 # the harness: loaders, step (reference vs mae-fast), end to end (PIL + eager vs DALI + compiled)
 run bench 300 $B bench configs/bench_vit_base.yaml --steps 30 --batches 40 --out-dir "$OUT"
 # switches, one JSON each
+run dali_cpudec 60 $B bench-loader configs/bench_vit_base.yaml --backend dali --set data.decoder=cpu
 run dali_hw90 60 $B bench-loader configs/bench_vit_base.yaml --backend dali --set data.hw_decoder_load=0.9 --json "$OUT/loader_hw90.json"
 run step_b512 150 $B bench-step configs/bench_vit_base.yaml --steps 20 --batch 512 --json "$OUT/step_b512.json"
 run step_gc 150 $B bench-step configs/bench_vit_base.yaml --steps 20 --set model.grad_checkpointing=true --json "$OUT/step_gc.json"

@@ -70,7 +70,7 @@ class DataConfig:
     pin_memory: bool = True
     prefetch: int = 2  # batches DALI prepares ahead
     output_dtype: str = "float16"  # float16 | uint8 (DALI output; normalized in the step when uint8)
-    decoder: str = "auto"  # auto (mixed on GPU, cpu otherwise) | mixed | cpu
+    decoder: str = "auto"  # JPEG decode: auto/mixed (the GPU's decoder when there is a GPU) | cpu (rest still on GPU)
     hw_decoder_load: float | None = None  # DALI's share for the hardware JPEG decoder; None = DALI default
     synthetic_images: int = 1281167  # images per epoch with backend synthetic (ImageNet-1k's train size)
     make_sample: bool = False  # create a sample data set at data_path when it is missing (demo)

@@ -68,12 +68,14 @@ def build_loader(cfg: Config, dataset: Dataset, micro_batch: int, batches_per_ep
     if d.backend == "dali":
         from pipelines.dali import build_dali_loader
         device_id = (device.index or 0) if device.type == "cuda" else None
+        decoder = "cpu" if d.decoder == "cpu" else "mixed"  # mixed needs a GPU: without one all runs on the CPU
         loader = build_dali_loader(dataset.files, micro_batch, aug, seed=seed, shard_id=rank, num_shards=world_size,
                                    device_id=device_id, num_threads=max(1, d.num_workers), prefetch=d.prefetch,
                                    output_dtype=d.output_dtype, hw_decoder_load=d.hw_decoder_load,
-                                   batches_per_epoch=batches_per_epoch)
+                                   batches_per_epoch=batches_per_epoch, decoder=decoder)
         dtype = torch.float16 if d.output_dtype == "float16" else torch.uint8
-        where = f"DALI, decode on {'GPU (mixed)' if device_id is not None else 'CPU'}, {d.num_workers} threads"
+        where = (f"DALI, decode on {'GPU (mixed)' if loader.gpu_decode else 'CPU'}"
+                 f"{', rest on GPU' if device_id is not None and not loader.gpu_decode else ''}, {d.num_workers} threads")
     else:
         from pipelines.pil import build_pil_loader
         loader = build_pil_loader(dataset.files, micro_batch, aug, seed=seed, shard_id=rank, num_shards=world_size,

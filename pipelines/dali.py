@@ -121,11 +121,14 @@ class DaliLoader(ShardedFileLoader):
         output_dtype: str = "float16",
         hw_decoder_load: float | None = None,
         batches_per_epoch: int | None = None,
+        decoder: str = "mixed",
     ) -> None:
         """A DaliLoader over `files` (paths as given; absolute is safest).
 
-        device_id: CUDA index for "mixed" (GPU) decoding and GPU outputs; None runs
-        everything on the CPU (hw_decoder_load then does nothing). seed must be the
+        device_id: CUDA index for GPU outputs, and for "mixed" (GPU) decoding; None runs
+        everything on the CPU (hw_decoder_load then does nothing). decoder="cpu" with a
+        device_id decodes on the CPU threads and does the rest on the GPU, which leaves the
+        GPU's SMs to the training step when CPU cores are plentiful. seed must be the
         same on every shard (it fixes the epoch order); the augmentation RNG also
         depends on shard_id. batches_per_epoch caps the epoch below its natural
         length (all full batches): a train loop that consumes fewer batches per
@@ -133,6 +136,8 @@ class DaliLoader(ShardedFileLoader):
         """
         if output_dtype not in _OUTPUT_DTYPES:
             raise ValueError(f"output_dtype must be one of {_OUTPUT_DTYPES}, got {output_dtype!r}")
+        if decoder not in ("mixed", "cpu"):
+            raise ValueError(f"decoder must be 'mixed' or 'cpu', got {decoder!r}")
         super().__init__(
             files, batch_size, seed=seed, shard_id=shard_id, num_shards=num_shards, batches_per_epoch=batches_per_epoch
         )
@@ -141,6 +146,7 @@ class DaliLoader(ShardedFileLoader):
         self.num_threads, self.prefetch = num_threads, prefetch
         self.output_dtype = output_dtype
         self.hw_decoder_load = hw_decoder_load
+        self.gpu_decode = device_id is not None and decoder == "mixed"
         self._pipe = None  # when set, its next output is batch (_epoch, _batch)
         self._stream_start: tuple[int, int] | None = None  # position the pipe was built at
         self._restore: bytes | None = None  # DALI checkpoint for the next build
@@ -227,7 +233,7 @@ def _define_pipeline(loader: DaliLoader, feed: _PathFeed, seeds: list[int], chec
         checkpoint=checkpoint,
         exec_dynamic=True,  # outputs stay valid while referenced; run(stream) needs it
     )
-    if loader.device_id is None:
+    if not loader.gpu_decode:
         decoder = {"device": "cpu"}
     else:
         decoder = {
@@ -249,6 +255,8 @@ def _define_pipeline(loader: DaliLoader, feed: _PathFeed, seeds: list[int], chec
             seed=seeds[1],
             **decoder,
         )
+        if loader.device_id is not None and not loader.gpu_decode:
+            images = images.gpu()  # decoded on the CPU threads; resize, flip and normalize on the GPU
         images = fn.resize(
             images,
             resize_x=aug.input_size,

@@ -44,3 +44,15 @@ def test_demo_trains_on_gpu_with_dali_mixed_decode(tmp_path):
     result = train(cfg, log=lines.append)
     assert any("decode on GPU (mixed)" in x for x in lines)
     assert result.steps_done == 24 and all(v == v for v in result.losses)
+
+
+def test_dali_cpu_decode_rest_on_gpu(tmp_path):
+    from pipelines.dali import AugmentConfig, build_dali_loader
+    from pipelines.sample_data import make_sample_data
+    from pipelines.scan import scan_dataset
+    files = scan_dataset(make_sample_data(str(tmp_path / "s"), n=32), progress=False).files
+    loader = build_dali_loader(files, 16, AugmentConfig(input_size=64), seed=0, device_id=0, decoder="cpu")
+    assert not loader.gpu_decode
+    batch = next(iter(loader))
+    assert batch.is_cuda and batch.shape == (16, 3, 64, 64) and batch.dtype == torch.float16
+    assert abs(batch.float().mean().item()) < 1.0

@@ -361,3 +361,10 @@ def test_gpu_order_resume_and_odd_formats(index_files, photo_files, tmp_path):
     files = scan_dataset(str(tmp_path), progress=False).files
     (batch,) = epoch_batches(build_dali_loader(files, 4, AUG, seed=0, device_id=0, output_dtype="uint8"))
     assert batch.shape == (4, 3, SIZE, SIZE) and batch.dtype == torch.uint8 and batch.is_cuda
+
+
+def test_decoder_choice_is_checked():
+    with pytest.raises(ValueError, match="decoder must be 'mixed' or 'cpu', got 'gpu'"):
+        build_dali_loader(["a.jpg"] * 8, 4, AugmentConfig(input_size=32), seed=0, decoder="gpu")
+    # without a GPU everything runs on the CPU, whatever the decoder setting
+    assert not build_dali_loader(["a.jpg"] * 8, 4, AugmentConfig(input_size=32), seed=0).gpu_decode
