@@ -18,5 +18,6 @@ run bench 300 $B bench configs/bench_vit_base.yaml --steps 30 --batches 40 --out
 # switches, one JSON each
 run dali_cpudec 60 $B bench-loader configs/bench_vit_base.yaml --backend dali --set data.decoder=cpu
 run dali_hw90 60 $B bench-loader configs/bench_vit_base.yaml --backend dali --set data.hw_decoder_load=0.9 --json "$OUT/loader_hw90.json"
+run step_profile 150 $B bench-step configs/bench_vit_base.yaml --steps 10 --profile "$OUT/step_profile.txt"
 run step_b512 150 $B bench-step configs/bench_vit_base.yaml --steps 20 --batch 512 --json "$OUT/step_b512.json"
 run step_gc 150 $B bench-step configs/bench_vit_base.yaml --steps 20 --set model.grad_checkpointing=true --json "$OUT/step_gc.json"

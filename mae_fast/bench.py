@@ -116,8 +116,25 @@ def _reference_step(cfg: Config, device: torch.device, batch: int) -> Callable[.
     return run
 
 
+def profile_steps(run_step: Callable[[], None], steps: int, device: torch.device, path: str) -> str:
+    """Where a step's time goes: the torch profiler's kernel table (sorted by device time) written to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            run_step()
+        _sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=40)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(table)
+    return table
+
+
 def bench_step(cfg: Config, *, steps: int = 20, warmup: int = 5, compare: bool = False,
-               batch: int | None = None, log: Callable[[str], None] = print) -> dict:
+               batch: int | None = None, profile: str | None = None, log: Callable[[str], None] = print) -> dict:
+    """Time mae-fast's step (and with compare, the reference step) on synthetic data after warm-up.
+    `profile`: also write the profiler's kernel table of mae-fast's step there (after the timing)."""
     seed_everything(cfg.misc.seed)
     device = resolve_device(cfg.misc.device)
     if device.type == "cuda":
@@ -137,6 +154,9 @@ def bench_step(cfg: Config, *, steps: int = 20, warmup: int = 5, compare: bool =
             torch.cuda.reset_peak_memory_stats(device)
         run = make(cfg, device, batch)
         sec = _time_steps(run, steps, warmup, device)
+        if profile and name == "mae-fast":
+            profile_steps(run, 3, device, profile)
+            log(f"profile of 3 steps: {profile}")
         r = {"name": name, "batch": batch, "img_s": batch / sec, "ms_per_iter": 1000 * sec,
              "gflop_per_img": flops_img / 1e9, "mfu": flops_img * batch / sec / peak,
              "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}

@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--batch", type=int, default=None, help="micro-batch (default: the config's)")
     p.add_argument("--compare", action="store_true", help="also time the official reference step")
+    p.add_argument("--profile", default=None, metavar="PATH", help="write the profiler's kernel table of the step here")
     p.add_argument("--json", default=None, help="write the results here")
 
     p = sub.add_parser("bench", help="the whole harness: loaders, step and end to end, each with its baseline")
@@ -95,7 +96,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "bench-step":
         from .bench import bench_step, write_json
         write_json(bench_step(load_config(args.config, args.overrides), steps=args.steps, warmup=args.warmup,
-                              compare=args.compare, batch=args.batch), args.json)
+                              compare=args.compare, batch=args.batch, profile=args.profile), args.json)
     elif args.command == "bench":
         from .bench import bench_all
         bench_all(load_config(args.config, args.overrides), steps=args.steps, batches=args.batches,
