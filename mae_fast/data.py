@@ -16,7 +16,7 @@ import torch
 from pipelines.dali import AugmentConfig
 from pipelines.scan import DatasetScanError, format_bad, scan_dataset
 
-from .config import Config
+from .config import Config, ConfigError
 
 
 @dataclass
@@ -66,7 +66,10 @@ def build_loader(cfg: Config, dataset: Dataset, micro_batch: int, batches_per_ep
         return loader, dtype, f"synthetic {d.input_size}px images on {device}"
     aug = augment_config(cfg)
     if d.backend == "dali":
-        from pipelines.dali import build_dali_loader
+        from pipelines.dali import build_dali_loader, dali_available
+        if not dali_available():
+            raise ConfigError("data.backend: dali, but nvidia.dali cannot be imported here; install "
+                              "nvidia-dali-cuda130 (pip) or set data.backend: pil")
         device_id = (device.index or 0) if device.type == "cuda" else None
         decoder = "cpu" if d.decoder == "cpu" else "mixed"  # mixed needs a GPU: without one all runs on the CPU
         loader = build_dali_loader(dataset.files, micro_batch, aug, seed=seed, shard_id=rank, num_shards=world_size,

@@ -105,3 +105,14 @@ def test_missing_data_path_stops_before_the_model(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "data.data_path" in err and f"{tmp_path}/nope" in err
     assert not (tmp_path / "out").exists()  # nothing was started
+
+
+def test_missing_dali_is_a_clear_error(monkeypatch):
+    import torch
+
+    import pipelines.dali
+    from mae_fast.config import ConfigError, config_from_dict
+    from mae_fast.data import Dataset, build_loader
+    monkeypatch.setattr(pipelines.dali, "dali_available", lambda: False)
+    with pytest.raises(ConfigError, match="data.backend: dali, but nvidia.dali cannot be imported.*data.backend: pil"):
+        build_loader(config_from_dict({}), Dataset(["a.jpg"] * 8, 8, []), 2, 1, torch.device("cpu"))
