@@ -73,10 +73,11 @@ def atomic_write(path: Path, write: Any) -> None:
 
 
 def rng_state() -> dict:
+    """This process's RNG states (each rank saves its own; CUDA: the current device's generator)."""
     np_state = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
                   "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
         "python": random.getstate(),
@@ -84,11 +85,14 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    # .cpu(): a checkpoint loaded with map_location=<gpu> carries these byte tensors on the GPU,
+    # and the RNG setters take CPU tensors only
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(("MT19937", n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
 
@@ -128,36 +132,46 @@ class CheckpointManager:
     def latest(self) -> Path:
         return self.root / "latest.pt"
 
-    def save(self, state: dict, name: str, config: dict, log_file: Path | None) -> Path:
-        """Save `state` as <name>/model.pt, with the config and the log so far, and as latest.pt."""
+    def save(self, state: dict | Path, name: str, config: dict, log_file: Path | None) -> Path:
+        """Save `state` as <name>/model.pt, with the config and the log so far, and as latest.pt.
+
+        `state` may be the path of a model.pt already written for this same step: it is hard-linked,
+        not serialized again (an epoch end that is also a step-N save, or the end of the run).
+        """
         folder = self.root / name
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write(folder / "config.json", lambda f: f.write(json.dumps(config, indent=2).encode()))
         if log_file is not None and log_file.exists():
             atomic_write(folder / log_file.name, lambda f: f.write(log_file.read_bytes()))
         model_pt = folder / "model.pt"
-        save_torch(model_pt, state)
-        self._link_latest(model_pt)
+        self._put(state, model_pt)
+        self._link(model_pt, self.latest)
         self._rotate()
         return model_pt
 
-    def save_final(self, state: dict) -> Path:
+    def save_final(self, state: dict | Path) -> Path:
         path = self.root / "final.pt"
-        save_torch(path, state)
-        self._link_latest(path)
+        self._put(state, path)
+        self._link(path, self.latest)
         return path
 
-    def _link_latest(self, src: Path) -> None:
-        """latest.pt becomes the same file as `src`: a hard link (no second write), else a copy."""
-        tmp = self.root / ".latest.pt.link"
+    def _put(self, state: dict | Path, path: Path) -> None:
+        if isinstance(state, Path):
+            if state.resolve() != path.resolve():
+                self._link(state, path)
+        else:
+            save_torch(path, state)
+
+    def _link(self, src: Path, dst: Path) -> None:
+        """dst becomes the same file as src, atomically: a hard link (no second write), else a copy."""
+        tmp = dst.with_name(f".{dst.name}.link")
         try:
-            if tmp.exists():
-                tmp.unlink()
+            tmp.unlink(missing_ok=True)
             os.link(src, tmp)
-            os.replace(tmp, self.latest)
-            _fsync_dir(self.root)
+            os.replace(tmp, dst)
+            _fsync_dir(dst.parent)
         except OSError:
-            atomic_write(self.latest, lambda f: f.write(src.read_bytes()))
+            atomic_write(dst, lambda f: f.write(src.read_bytes()))
 
     def numbered(self, kind: str) -> list[Path]:
         """kind-N directories ("epoch" or "step") holding a model.pt, in increasing N."""

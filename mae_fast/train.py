@@ -12,7 +12,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, CheckpointManager, load_checkpoint, rng_state, set_rng_state
+from .checkpoint import (FORMAT_VERSION, CheckpointError, CheckpointManager, load_checkpoint, rng_state,
+                         set_rng_state)
 from .config import Config, ConfigError, Derived, derive, format_config, lr_warnings, save_config
 from .dashboard import RunInfo
 from .distributed import Dist, any_rank, broadcast, gather, init_distributed, mean, shutdown
@@ -87,6 +88,8 @@ def check_resumable(ckpt: dict, cfg: Config, derived: Derived, path: str) -> Non
     saved, sd = ckpt.get("config", {}), ckpt.get("derived", {})
     pairs = [("model.type", saved.get("model", {}).get("type"), cfg.model.type),
              ("data.input_size", saved.get("data", {}).get("input_size"), cfg.data.input_size),
+             ("data.backend", saved.get("data", {}).get("backend"), cfg.data.backend),
+             ("misc.seed (the data order)", saved.get("misc", {}).get("seed"), cfg.misc.seed),
              ("optimization.batch_size", sd.get("effective_batch"), derived.effective_batch),
              ("micro-batch size", sd.get("micro_batch_size"), derived.micro_batch_size),
              ("world size", sd.get("world_size"), derived.world_size),
@@ -162,8 +165,10 @@ def _train(cfg: Config, d: Dist, device: torch.device, dataset, derived: Derived
     ckpts = CheckpointManager(ck.checkpoint_dir, ck.keep_last_n)
     result = TrainResult(derived)
 
-    # resume: misc.resume names a file; misc.auto_resume takes latest.pt when there is one
+    # resume: misc.resume names a file; misc.auto_resume takes latest.pt when there is one (rank 0 decides,
+    # so that every rank starts from the same step even without a shared view of the checkpoint folder)
     resume = cfg.misc.resume or (str(ckpts.latest) if cfg.misc.auto_resume and ckpts.latest.exists() else "")
+    resume = broadcast(d, resume)
     global_step = derived.start_step
     if resume:
         ckpt = load_checkpoint(resume, map_location=device)
@@ -174,7 +179,10 @@ def _train(cfg: Config, d: Dist, device: torch.device, dataset, derived: Derived
         check_resumable(ckpt, cfg, derived, resume)
         model.load_state_dict(ckpt["model"], strict=True)
         optimizer.load_state_dict(ckpt["optimizer"])
-        loader.load_state(ckpt["data"][d.rank])  # each rank's own shard position and RNG
+        try:
+            loader.load_state(ckpt["data"][d.rank])  # each rank's own shard position and RNG
+        except ValueError as e:
+            raise CheckpointError(f"cannot resume from {resume}: its data position does not fit this run ({e})")
         set_rng_state(ckpt["rng"][d.rank])
         global_step = int(ckpt["step"])
         result.resumed_from = resume
@@ -206,7 +214,7 @@ def _train(cfg: Config, d: Dist, device: torch.device, dataset, derived: Derived
 
     def state() -> dict:
         """The checkpoint; a collective: every rank calls it, rank 0's copy holds every rank's data position."""
-        return {"format": "mae-fast", "version": 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        return {"format": "mae-fast", "version": FORMAT_VERSION, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "epoch": global_step // derived.steps_per_epoch, "step": global_step,  # done
                 "rng": gather(d, rng_state()), "data": gather(d, loader.state()),
                 "config": cfg.to_dict(), "derived": dataclasses.asdict(derived),
@@ -231,12 +239,21 @@ def _train(cfg: Config, d: Dist, device: torch.device, dataset, derived: Derived
             meter.restart_clock()
         out.metrics(snap)
 
-    def save(name: str, lr: float) -> None:
+    saved: dict = {"step": global_step, "path": Path(resume) if resume else None}  # the newest model.pt
+
+    def save(name: str | None) -> None:
+        """Checkpoint `name` (None: final.pt), a collective. A second save at the same step links the first."""
         flush_metrics(lr)  # never save a state whose loss went non-finite
-        ckpt = state()
+        again = saved["step"] == global_step and saved["path"] is not None
+        ckpt = saved["path"] if again else state()
         if d.is_main:
-            path = ckpts.save(ckpt, name, {**cfg.to_dict(), "derived": dataclasses.asdict(derived)}, out.log_path)
+            resolved = {**cfg.to_dict(), "derived": dataclasses.asdict(derived)}
+            path = ckpts.save_final(ckpt) if name is None else ckpts.save(ckpt, name, resolved, out.log_path)
+            saved.update(step=global_step, path=path)
             out.checkpoint_saved(str(path))
+        else:
+            saved.update(step=global_step, path=Path("."))  # only rank 0 writes; the others just keep count
+        meter.restart_clock()  # the time spent saving is not training throughput
 
     vis_files = dataset.files[::max(1, len(dataset.files) // lg.visualize_images)][:lg.visualize_images]
 
@@ -245,8 +262,10 @@ def _train(cfg: Config, d: Dist, device: torch.device, dataset, derived: Derived
         if not (d.is_main and lg.visualize_freq_epochs and vis_files and done_epochs % lg.visualize_freq_epochs == 0):
             return
         path = visualize_files(model, vis_files, Path(lg.output_dir) / "reconstructions" / f"epoch-{done_epochs}.png",
-                               cfg.model.mask_ratio, seed=cfg.misc.seed, device=device)
+                               cfg.model.mask_ratio, seed=cfg.misc.seed, device=device,
+                               mean=tuple(a.mean), std=tuple(a.std))
         out.info(f"reconstructions: {path}")
+        meter.restart_clock()
 
     def stop_requested(at_log_point: bool) -> bool:
         # one process: every step; several: at log points, where all ranks agree on it (a collective)
@@ -274,26 +293,24 @@ def _train(cfg: Config, d: Dist, device: torch.device, dataset, derived: Derived
             if log_point:
                 flush_metrics(lr, first)
             if ck.save_freq_steps and global_step % ck.save_freq_steps == 0:
-                save(f"step-{global_step}", lr)
+                save(f"step-{global_step}")
             stopping = stop_requested(log_point)
             if global_step >= end_step or stopping:
                 break
         done_epochs = global_step // derived.steps_per_epoch
         if (global_step % derived.steps_per_epoch == 0 and ck.save_freq_epochs
                 and done_epochs % ck.save_freq_epochs == 0):
-            save(f"epoch-{done_epochs}", lr)
+            save(f"epoch-{done_epochs}")
         if global_step % derived.steps_per_epoch == 0:
             visualize(done_epochs)
     flush_metrics(lr)
-    if stopping or stop_requested(True):
+    if global_step >= derived.total_steps:  # done, even if a stop request came during the last steps
+        save(None)
+    elif stopping or stop_requested(True):
         out.status(f"received {signal.Signals(stop.signal or signal.SIGTERM).name}: "
                    f"saving a checkpoint at step {global_step}")
-        save(f"step-{global_step}", lr)
+        save(f"step-{global_step}")
         result.preempted = True
-    elif global_step >= derived.total_steps:
-        ckpt = state()
-        if d.is_main:
-            out.checkpoint_saved(str(ckpts.save_final(ckpt)))
     result.steps_done = global_step
     out.info(f"{'stopped' if result.preempted else 'done'}: step {global_step}/{derived.total_steps}, "
              f"{global_step - result.start_step} steps in {time.perf_counter() - t0:.1f}s")

@@ -62,9 +62,9 @@ def to_uint8(img: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndar
     return (x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
 
 
-def save_grid(panels: list[torch.Tensor], path: str | Path) -> Path:
+def save_grid(panels: list[torch.Tensor], path: str | Path, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Path:
     """One row per image, one column per panel -> PNG of (N*H, len(panels)*W)."""
-    rows = [np.concatenate([to_uint8(p[i]) for p in panels], axis=1) for i in range(panels[0].shape[0])]
+    rows = [np.concatenate([to_uint8(p[i], mean, std) for p in panels], axis=1) for i in range(panels[0].shape[0])]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.concatenate(rows, axis=0)).save(path)
@@ -72,6 +72,7 @@ def save_grid(panels: list[torch.Tensor], path: str | Path) -> Path:
 
 
 def visualize_files(model: MaskedAutoencoderViT, files: list[str], out: str | Path, mask_ratio: float = 0.75,
-                    seed: int = 0, device: torch.device | str = "cpu") -> Path:
-    imgs = torch.stack([load_image(f, model.arch.img_size) for f in files]).to(device)
-    return save_grid(reconstruct(model, imgs, mask_ratio, seed), out)
+                    seed: int = 0, device: torch.device | str = "cpu", mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Path:
+    """The grid for image files, normalized with the model's training mean/std."""
+    imgs = torch.stack([load_image(f, model.arch.img_size, mean, std) for f in files]).to(device)
+    return save_grid(reconstruct(model, imgs, mask_ratio, seed), out, mean, std)

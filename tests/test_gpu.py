@@ -36,14 +36,17 @@ def test_compiled_bf16_step_matches_eager_and_has_no_graph_break():
     assert losses[1] == pytest.approx(losses[0], rel=2e-2)
 
 
-def test_demo_trains_on_gpu_with_dali_mixed_decode(tmp_path):
+def test_demo_trains_on_gpu_with_dali_mixed_decode_and_resumes(tmp_path):
     from mae_fast.train import train
-    cfg = load_config(ROOT / "configs/demo.yaml", [f"data.data_path={tmp_path}/sample", f"logging.output_dir={tmp_path}/o",
-                                                   f"checkpointing.checkpoint_dir={tmp_path}/c", "schedule.epochs=3"])
+    args = [f"data.data_path={tmp_path}/sample", f"logging.output_dir={tmp_path}/o",
+            f"checkpointing.checkpoint_dir={tmp_path}/c", "schedule.warmup_epochs=1", "misc.auto_resume=true"]
     lines = []
-    result = train(cfg, log=lines.append)
+    result = train(load_config(ROOT / "configs/demo.yaml", args + ["schedule.epochs=3"]), log=lines.append)
     assert any("decode on GPU (mixed)" in x for x in lines)
     assert result.steps_done == 24 and all(v == v for v in result.losses)
+    # resume on the GPU (RNG states, optimizer and DALI position loaded onto the device) and go on
+    result = train(load_config(ROOT / "configs/demo.yaml", args + ["schedule.epochs=4"]), log=lines.append)
+    assert result.start_step == 24 and result.steps_done == 32
 
 
 def test_dali_cpu_decode_rest_on_gpu(tmp_path):

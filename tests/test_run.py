@@ -132,6 +132,9 @@ def test_keep_last_n_and_checkpoint_contents(tmp_path, sample_dir):
     assert set(final["rng"][0]) == {"torch", "cuda", "numpy", "python"}
     assert len(final["data"]) == 1 and final["data"][0]["kind"] == "dali" and final["config"]["model"]["type"] == "mae_vit_tiny_patch8"
     assert os.path.samefile(ck / "latest.pt", ck / "final.pt")
+    # one state per step on disk: the end of the run is step-18, epoch-3 and final.pt, one file linked thrice
+    assert os.path.samefile(ck / "final.pt", ck / "epoch-3/model.pt")
+    assert os.path.samefile(ck / "final.pt", ck / "step-18/model.pt")
     saved = json.loads((ck / "epoch-3/config.json").read_text())
     assert saved["optimization"]["batch_size"] == 16 and saved["derived"]["accum_steps"] == 2
     assert load_config(ck / "epoch-3/config.json") == cfg  # the saved resolved config runs as it is
