@@ -164,6 +164,8 @@ class CheckpointManager:
 
     def _link(self, src: Path, dst: Path) -> None:
         """dst becomes the same file as src, atomically: a hard link (no second write), else a copy."""
+        if dst.exists() and os.path.samefile(src, dst):
+            return  # already one file (rename() would keep the temporary link)
         tmp = dst.with_name(f".{dst.name}.link")
         try:
             tmp.unlink(missing_ok=True)

@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="pretrain an MAE as the config says")
     _add_config(p)
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (> 0)")
 
     p = sub.add_parser("bench-step", help="time the training step on synthetic data")
     _add_config(p)
@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("scan", help="list and check the images of a data folder (cached)")
     p.add_argument("data_path")
     p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--cache-dir", default=None, help="cache the file list here (default: in DATA_PATH)")
 
     p = sub.add_parser("visualize", help="reconstruction grid (original | masked | reconstruction | pasted) as PNG")
     p.add_argument("checkpoint", help="a mae-fast checkpoint (model.pt, latest.pt, final.pt) or an official MAE one")
@@ -90,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.command == "train":
         from .train import train
+        if args.max_steps is not None and args.max_steps < 1:
+            raise ConfigError(f"--max-steps must be positive, got {args.max_steps}")
         result = train(load_config(args.config, args.overrides), max_steps=args.max_steps)
         if result.preempted:
             return EXIT_PREEMPTED
@@ -107,7 +110,7 @@ def _run(args: argparse.Namespace) -> int:
                                 batches=args.batches, warmup=args.warmup), args.json)
     elif args.command == "scan":
         from pipelines.scan import format_bad, scan_dataset
-        result = scan_dataset(args.data_path, num_workers=args.workers)
+        result = scan_dataset(args.data_path, cache_dir=args.cache_dir, num_workers=args.workers)
         print(f"{len(result.files)} images in {len(result.classes) or 1} classes under {args.data_path}")
         if result.bad:
             print(format_bad(result))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -74,6 +75,7 @@ class DataConfig:
     hw_decoder_load: float | None = None  # DALI's share for the hardware JPEG decoder; None = DALI default
     synthetic_images: int = 1281167  # images per epoch with backend synthetic (ImageNet-1k's train size)
     make_sample: bool = False  # create a sample data set at data_path when it is missing (demo)
+    scan_cache_dir: str = ""  # where the checked file list is cached; "" = in data_path itself
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
 
 
@@ -135,13 +137,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, key)
-            except ConfigError:
-                pass
+            except ConfigError as e:
+                errors.append(e)
+        if len(errors) == 1:  # Optional[X]: X's own message says more
+            raise errors[0]
         raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
     if origin is list:
         (item_tp,) = typing.get_args(tp)
@@ -157,15 +162,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            # YAML 1.1 reads "1e-4" (no dot) as a string: accept numeric strings
-            if isinstance(value, str):
-                try:
-                    return float(value)
-                except ValueError:
-                    pass
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string: accept numeric strings
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -197,7 +202,9 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = data
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # a missing section, or one left empty in the YAML
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise ConfigError(f"{dotted}: {part} is not a section")
     node[parts[-1]] = value
@@ -298,7 +305,7 @@ def validate(cfg: Config) -> None:
     if isinstance(lg.dashboard, bool):
         lg.dashboard = "on" if lg.dashboard else "off"
     _check(lg.dashboard in ("auto", "on", "off"), "logging.dashboard", f"must be auto, on or off, got {lg.dashboard!r}")
-    _check(x.device in ("auto", "cuda", "cpu") or x.device.startswith("cuda:"), "misc.device",
+    _check(x.device in ("auto", "cuda", "cpu") or (x.device.startswith("cuda:") and x.device[5:].isdigit()), "misc.device",
            f"must be auto, cuda, cuda:N or cpu, got {x.device!r}")
     _check(x.compile_mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
            "misc.compile_mode", f"unknown torch.compile mode {x.compile_mode!r}")
@@ -335,11 +342,13 @@ def derive(cfg: Config, num_images: int, world_size: int = 1) -> Derived:
     else:
         lr = o.base_lr * o.batch_size / 256  # MAE linear scaling rule
         rule = f"lr = base_lr * batch_size / 256 = {o.base_lr:g} * {o.batch_size} / 256 = {lr:g}"
+    _check(o.min_lr <= lr, "optimization.min_lr", f"{o.min_lr:g} is above the peak lr {lr:g} ({rule})")
     steps = num_images // o.batch_size  # the last partial batch is dropped
-    if s.steps_per_epoch is not None:
-        steps = min(steps, s.steps_per_epoch) if steps > 0 else s.steps_per_epoch
+    if s.steps_per_epoch is not None:  # a cap; synthetic data has no natural epoch, so it may set any length
+        steps = s.steps_per_epoch if cfg.data.backend == "synthetic" else min(steps, s.steps_per_epoch)
     _check(steps > 0, "optimization.batch_size",
-           f"{o.batch_size} is larger than the data set ({num_images} images): no full step per epoch")
+           f"{o.batch_size} is larger than the data set ({num_images} images in data.data_path "
+           f"{cfg.data.data_path}): no full step per epoch")
     return Derived(world_size=world_size, micro_batch_size=micro, accum_steps=accum, effective_batch=o.batch_size,
                    lr=lr, lr_rule=rule, num_images=num_images, steps_per_epoch=steps,
                    total_steps=steps * s.epochs, warmup_steps=steps * s.warmup_epochs,

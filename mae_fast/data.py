@@ -32,7 +32,7 @@ def augment_config(cfg: Config) -> AugmentConfig:
                          hflip_prob=a.hflip_prob, mean=tuple(a.mean), std=tuple(a.std), interpolation=a.interpolation)
 
 
-def scan(cfg: Config, cache_dir: str | None = None, progress: bool = True):
+def scan(cfg: Config, progress: bool = True):
     """List and check the images under data.data_path (creating the sample set first if configured)."""
     d = cfg.data
     path = Path(d.data_path)
@@ -40,7 +40,8 @@ def scan(cfg: Config, cache_dir: str | None = None, progress: bool = True):
         from pipelines.sample_data import make_sample_data
         make_sample_data(str(path))
     try:
-        return scan_dataset(str(path), cache_dir=cache_dir, num_workers=max(4, d.num_workers), progress=progress)
+        return scan_dataset(str(path), cache_dir=d.scan_cache_dir or None, num_workers=max(4, d.num_workers),
+                            progress=progress)
     except DatasetScanError as e:
         raise DatasetScanError(f"data.data_path: {e}") from None
 

@@ -59,7 +59,9 @@ def export_timm(mae: MaskedAutoencoderViT, model_type: str, out: str | Path) -> 
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(encoder_state_dict(mae), str(out), metadata={"format": "pt", "source": f"mae-fast {model_type}"})
     name = timm_name(model_type)
-    extra = {} if model_type in TIMM_NAMES else timm_kwargs(mae.arch)
+    # a standard preset at 224 px is timm's model as named; anything else names its architecture
+    standard = model_type in TIMM_NAMES and mae.arch.img_size == 224
+    extra = {} if standard else timm_kwargs(mae.arch)
     try:
         loaded = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(out)}, num_classes=0,
                                    **extra).eval()

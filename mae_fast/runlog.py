@@ -55,9 +55,6 @@ class RunLog:
         self._to_file(message)
         self._console(message)
 
-    def file_only(self, message: str) -> None:
-        self._to_file(message)
-
     def metrics(self, snap: Snapshot) -> None:
         line = format_line(snap)
         self._to_file(line)

@@ -3,7 +3,7 @@
 Ownership: the step owns one static input buffer (N, 3, H, W) and one noise buffer (N, L);
 callers copy each batch into `step.inputs` (DALI owns its own output until the next batch,
 and a fixed address is what CUDA graphs need). Nothing here reads a value back to the host:
-losses go into a device-side ring of `log_every` slots that `read_losses()` fetches once per
+losses go into a device-side ring of `log_every` slots that `read_metrics()` fetches once per
 log interval (the one host sync of the loop).
 """
 from __future__ import annotations

@@ -27,7 +27,10 @@ from .visualize import visualize_files
 from .weights import load_mae
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0, world_size: int = 1) -> torch.device:
+    if name.startswith("cuda:") and world_size > 1:
+        raise ConfigError(f"misc.device: {name!r} would put every rank on one GPU; under torchrun use 'auto' or "
+                          f"'cuda' (each rank takes the GPU of its LOCAL_RANK)")
     if name == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if name == "cuda" and torch.cuda.is_available():
@@ -115,7 +118,7 @@ def train(cfg: Config, *, log: Callable[[str], None] | None = None, max_steps: i
 
 def _setup_and_train(cfg: Config, d: Dist, log: Callable[[str], None] | None, max_steps: int | None) -> TrainResult:
     seed_everything(cfg.misc.seed)  # the same initial weights on every rank
-    device = resolve_device(cfg.misc.device, d.local_rank)
+    device = resolve_device(cfg.misc.device, d.local_rank, d.world_size)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -330,7 +330,7 @@ def _write_cache(path: str, payload: dict) -> str | None:
             json.dump(payload, f)
         os.replace(tmp, path)
     except OSError as e:
-        return f"scan cache not written ({path}: {e.strerror or e}); pass cache_dir to cache it"
+        return f"scan cache not written ({path}: {e.strerror or e}); give a writable cache folder (data.scan_cache_dir, mae-fast scan --cache-dir) to cache it"
     return None
 
 

@@ -56,6 +56,8 @@ def test_absolute_lr_wins():
     ({"data": {"backend": "ffcv"}}, "data.backend", "dali, pil or synthetic"),
     ({"data": {"augmentation": {"crop_scale": [0.9, 0.2]}}}, "data.augmentation.crop_scale", "low <= high"),
     ({"schedule": {"warmup_epochs": 50, "epochs": 10}}, "schedule.warmup_epochs", "epochs=10"),
+    ({"optimization": {"lr": "inf"}}, "optimization.lr", "expected a finite number"),
+    ({"misc": {"device": "cuda:x"}}, "misc.device", "cuda:N"),
 ])
 def test_config_errors_name_the_key(data, key, fragment):
     with pytest.raises(ConfigError) as e:
@@ -68,6 +70,24 @@ def test_batch_not_divisible_by_world_size():
     cfg = config_from_dict({"optimization": {"batch_size": 4096, "micro_batch_size": 256}})
     with pytest.raises(ConfigError, match="optimization.batch_size: 4096 is not divisible by the world size 3"):
         derive(cfg, 1_000_000, world_size=3)
+
+
+def test_min_lr_above_the_peak_and_steps_per_epoch_beyond_the_data():
+    with pytest.raises(ConfigError, match="optimization.min_lr: 0.01 is above the peak lr 0.0001"):
+        derive(config_from_dict({"optimization": {"batch_size": 256, "lr": 1e-4, "min_lr": 1e-2}}), 10_000)
+    # steps_per_epoch caps a real data set; only synthetic data may set any epoch length
+    capped = config_from_dict({"optimization": {"batch_size": 32}, "schedule": {"steps_per_epoch": 2}})
+    assert derive(capped, 1000).steps_per_epoch == 2
+    with pytest.raises(ConfigError, match="larger than the data set .16 images in data.data_path"):
+        derive(capped, 16)
+    synthetic = config_from_dict({"optimization": {"batch_size": 32}, "schedule": {"steps_per_epoch": 5},
+                                  "data": {"backend": "synthetic"}})
+    assert derive(synthetic, 16).steps_per_epoch == 5
+
+
+def test_override_into_an_empty_section(tmp_path):
+    (tmp_path / "c.yaml").write_text("model:\noptimization:\n  batch_size: 64\n")
+    assert load_config(tmp_path / "c.yaml", ["model.type=mae_vit_large_patch16"]).model.type == "mae_vit_large_patch16"
 
 
 def test_batch_larger_than_data_set():

@@ -135,6 +135,7 @@ def test_keep_last_n_and_checkpoint_contents(tmp_path, sample_dir):
     # one state per step on disk: the end of the run is step-18, epoch-3 and final.pt, one file linked thrice
     assert os.path.samefile(ck / "final.pt", ck / "epoch-3/model.pt")
     assert os.path.samefile(ck / "final.pt", ck / "step-18/model.pt")
+    assert not [p.name for p in ck.rglob(".*")]  # no temporary files or links left behind
     saved = json.loads((ck / "epoch-3/config.json").read_text())
     assert saved["optimization"]["batch_size"] == 16 and saved["derived"]["accum_steps"] == 2
     assert load_config(ck / "epoch-3/config.json") == cfg  # the saved resolved config runs as it is
