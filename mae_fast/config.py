@@ -364,16 +364,18 @@ def lr_warnings(cfg: Config) -> list[str]:
     return []
 
 
-def save_config(cfg: Config, derived: Derived | None, path: str | Path) -> None:
+def resolved(cfg: Config, derived: Derived | None) -> dict[str, Any]:
+    """The config with its derived values: what is printed at start and saved with the run."""
     out = cfg.to_dict()
     if derived is not None:
         out["derived"] = dataclasses.asdict(derived)
-    Path(path).write_text(yaml.safe_dump(out, sort_keys=False))
+    return out
+
+
+def save_config(cfg: Config, derived: Derived | None, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(resolved(cfg, derived), sort_keys=False))
 
 
 def format_config(cfg: Config, derived: Derived | None = None) -> str:
-    out = cfg.to_dict()
-    if derived is not None:
-        out["derived"] = dataclasses.asdict(derived)
-    return yaml.safe_dump(out, sort_keys=False).rstrip()
+    return yaml.safe_dump(resolved(cfg, derived), sort_keys=False).rstrip()
 

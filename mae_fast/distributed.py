@@ -40,8 +40,9 @@ def init_distributed(device: str) -> Dist:
     if cuda:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        # a rank that dies makes torchrun stop the others; the timeout bounds any wait on a lost peer
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=10))
+        # a rank that dies makes torchrun stop the others; the timeout bounds any wait on a lost peer, and
+        # covers the longest legitimate one: the other ranks waiting while rank 0 scans a large, uncached data set
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
     return Dist(rank, local, world)
 
 

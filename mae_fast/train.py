@@ -14,7 +14,7 @@ import torch
 
 from .checkpoint import (FORMAT_VERSION, CheckpointError, CheckpointManager, load_checkpoint, rng_state,
                          set_rng_state)
-from .config import Config, ConfigError, Derived, derive, format_config, lr_warnings, save_config
+from .config import Config, ConfigError, Derived, derive, format_config, lr_warnings, resolved, save_config
 from .dashboard import RunInfo
 from .distributed import Dist, any_rank, broadcast, gather, init_distributed, mean, shutdown
 from .data import TimedBatches, build_loader, find_dataset
@@ -250,8 +250,8 @@ def _train(cfg: Config, d: Dist, device: torch.device, dataset, derived: Derived
         again = saved["step"] == global_step and saved["path"] is not None
         ckpt = saved["path"] if again else state()
         if d.is_main:
-            resolved = {**cfg.to_dict(), "derived": dataclasses.asdict(derived)}
-            path = ckpts.save_final(ckpt) if name is None else ckpts.save(ckpt, name, resolved, out.log_path)
+            path = (ckpts.save_final(ckpt) if name is None
+                    else ckpts.save(ckpt, name, resolved(cfg, derived), out.log_path))
             saved.update(step=global_step, path=path)
             out.checkpoint_saved(str(path))
         else:
