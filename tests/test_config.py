@@ -19,7 +19,7 @@ def test_seed_guide_json_loads_unchanged():
 
 
 @pytest.mark.parametrize("name", ["mae_pretrain_vit_base", "mae_pretrain_vit_large", "mae_pretrain_vit_base_test",
-                                  "demo", "bench_vit_base"])
+                                  "demo", "bench_vit_base", "bench_vit_large", "bench_cpu"])
 def test_shipped_configs_load(name):
     cfg = load_config(ROOT / f"configs/{name}.yaml")
     assert lr_warnings(cfg) == []
