@@ -153,7 +153,7 @@ def _setup_and_train(cfg: Config, d: Dist, log: Callable[[str], None] | None, ma
 
 def _train(cfg: Config, d: Dist, device: torch.device, dataset, derived: Derived, loader, input_dtype: torch.dtype,
            data_desc: str, out: RunLog, max_steps: int | None, stop: StopFlag) -> TrainResult:
-    o, s, lg, ck = cfg.optimization, cfg.schedule, cfg.logging, cfg.checkpointing
+    o, lg, ck = cfg.optimization, cfg.logging, cfg.checkpointing
     for w in dataset.warnings + lr_warnings(cfg):
         out.info(f"WARNING: {w}")
     out.info(f"data: {data_desc}" + (f"; one shard per rank, {d.world_size} ranks" if d.enabled else ""))
