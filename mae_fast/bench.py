@@ -16,7 +16,7 @@ import torch
 from .config import Config, derive
 from .model import build_model, model_flops_per_image
 from .optim import build_optimizer
-from .step import TrainStep
+from .step import TrainStep, model_from_config, step_options
 from .train import resolve_device, seed_everything
 
 
@@ -71,13 +71,13 @@ def _time_steps(run_step: Callable[[], None], steps: int, warmup: int, device: t
 
 def _mae_fast_step(cfg: Config, device: torch.device, batch: int) -> Callable[[], None]:
     o = cfg.optimization
-    model = build_model(cfg.model.type, cfg.model.norm_pix_loss, cfg.data.input_size,
-                        cfg.model.grad_checkpointing).to(device)
-    opt = build_optimizer(model, 1e-4, o.weight_decay, (o.adam_beta1, o.adam_beta2), device)
+    model = model_from_config(cfg).to(device)
+    options = step_options(cfg)
+    opt = build_optimizer(model, 1e-4, o.weight_decay, (o.adam_beta1, o.adam_beta2), device,
+                          compiled=options["compile_optimizer"])
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    step = TrainStep(model, opt, micro_batch=batch, accum_steps=1, mask_ratio=cfg.model.mask_ratio,
-                     gradient_clip=o.gradient_clip, device=device, input_dtype=dtype, compile=cfg.misc.compile,
-                     compile_mode=cfg.misc.compile_mode, log_every=1 << 20)
+    step = TrainStep(model, opt, micro_batch=batch, accum_steps=1, device=device, input_dtype=dtype,
+                     log_every=1 << 20, **options)
     step.inputs.normal_()
 
     def run() -> None:
@@ -140,7 +140,7 @@ def bench_step(cfg: Config, *, steps: int = 20, warmup: int = 5, compare: bool =
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     batch = batch or cfg.optimization.micro_batch_size or derive(cfg, cfg.optimization.batch_size).micro_batch_size
-    arch = build_model(cfg.model.type, img_size=cfg.data.input_size).arch
+    arch = model_from_config(cfg).arch
     flops_img = model_flops_per_image(arch, cfg.model.mask_ratio)
     peak = measure_matmul_flops(device)
     log(f"{env_info(device)['device']}: measured matmul peak {peak / 1e12:.3g} TFLOP/s; "
@@ -164,9 +164,12 @@ def bench_step(cfg: Config, *, steps: int = 20, warmup: int = 5, compare: bool =
         log(f"{name:>10}: {r['img_s']:,.1f} img/s  {r['ms_per_iter']:.1f} ms/iter  MFU {100 * r['mfu']:.1f}%"
             + (f"  peak mem {r['peak_mem_gb']:.1f} GB" if r["peak_mem_gb"] is not None else ""))
         del run
-    out = {"results": results, "env": {**env_info(device), "matmul_peak_tflops": peak / 1e12,
-                                       "model": cfg.model.type, "compile": cfg.misc.compile,
-                                       "compile_mode": cfg.misc.compile_mode}}
+    m, x = cfg.model, cfg.misc
+    out = {"results": results, "env": {**env_info(device), "matmul_peak_tflops": peak / 1e12, "model": m.type,
+                                       "compile": x.compile, "compile_mode": x.compile_mode,
+                                       "compile_optimizer": x.compile_optimizer, "attention": x.attention,
+                                       "embed_kept_only": m.embed_kept_only,
+                                       "grad_checkpointing": m.grad_checkpointing}}
     if compare:
         out["speedup"] = results[0]["img_s"] / results[1]["img_s"]
         log(f"mae-fast / reference: {out['speedup']:.2f}x")

@@ -18,6 +18,9 @@ from typing import Any
 import yaml
 
 
+ATTENTION_KERNELS = ("auto", "flash", "efficient", "cudnn", "math")
+
+
 class ConfigError(ValueError):
     """A bad config value; the message starts with the dotted key."""
 
@@ -28,6 +31,7 @@ class ModelConfig:
     norm_pix_loss: bool = True
     mask_ratio: float = 0.75
     grad_checkpointing: bool = False  # recompute block activations in backward: less memory, ~30% more compute
+    embed_kept_only: bool = False  # patch-embed only the kept patches (same numbers; skips 3/4 of that work)
 
 
 @dataclass
@@ -104,6 +108,8 @@ class MiscConfig:
     device: str = "auto"  # auto | cuda | cpu
     compile: bool = True  # torch.compile the training step
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune(-no-cudagraphs)
+    compile_optimizer: bool = False  # also compile grad norm + AdamW (foreach, capturable) instead of fused AdamW
+    attention: str = "auto"  # scaled-dot-product attention kernel: auto (PyTorch picks) | flash | efficient | cudnn | math
     auto_resume: bool = False
     resume: str = ""  # path of a mae-fast checkpoint to resume from (weights, optimizer, schedule, data position)
     init_weights: str = ""  # start from these weights only (mae-fast or facebookresearch/mae checkpoint)
@@ -309,6 +315,8 @@ def validate(cfg: Config) -> None:
            f"must be auto, cuda, cuda:N or cpu, got {x.device!r}")
     _check(x.compile_mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
            "misc.compile_mode", f"unknown torch.compile mode {x.compile_mode!r}")
+    _check(x.attention in ATTENTION_KERNELS, "misc.attention",
+           f"must be one of {', '.join(ATTENTION_KERNELS)}, got {x.attention!r}")
 
 
 # -- derived values -------------------------------------------------------------------------------

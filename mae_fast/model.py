@@ -8,7 +8,10 @@ in how the same numbers are computed:
 - the masking noise can be passed in (`noise=`) so tests and parity checks can
   fix it;
 - the number of kept patches is a Python int fixed by (L, mask_ratio), so every
-  shape is static and torch.compile builds one graph.
+  shape is static and torch.compile builds one graph;
+- with embed_kept_only=True the patch embedding (a per-patch linear map) runs on
+  the kept patches only, after the masking, instead of on all of them before it:
+  the same numbers up to rounding, for a quarter of the patch-embedding work.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from functools import partial
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
@@ -71,11 +75,12 @@ class MaskedAutoencoderViT(nn.Module):
     """
 
     def __init__(self, arch: MAEArch = MAEArch(), norm_pix_loss: bool = False,
-                 grad_checkpointing: bool = False):
+                 grad_checkpointing: bool = False, embed_kept_only: bool = False):
         super().__init__()
         self.arch = arch
         self.norm_pix_loss = norm_pix_loss
         self.grad_checkpointing = grad_checkpointing
+        self.embed_kept_only = embed_kept_only
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         D, Dd = arch.embed_dim, arch.decoder_embed_dim
 
@@ -147,23 +152,41 @@ class MaskedAutoencoderViT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(N, 3, h * p, w * p)
 
-    def random_masking(self, x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
-        """Keep the int(L*(1-mask_ratio)) patches with the smallest noise.
+    def masking_indices(self, N: int, mask_ratio: float, noise: torch.Tensor | None, device: torch.device):
+        """Which patches each image keeps: the int(L*(1-mask_ratio)) with the smallest noise.
 
-        x: (N, L, D) -> x_kept (N, L_keep, D), mask (N, L) with 1 = removed, ids_restore (N, L).
+        -> ids_keep (N, L_keep), mask (N, L) with 1 = removed, ids_restore (N, L).
         """
-        N, L, D = x.shape
+        L = self.num_patches
         len_keep = int(L * (1 - mask_ratio))
         if noise is None:
-            noise = torch.rand(N, L, device=x.device)
+            noise = torch.rand(N, L, device=device)
         ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept
         ids_restore = torch.argsort(ids_shuffle, dim=1)
-        ids_keep = ids_shuffle[:, :len_keep]
-        x_kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))
-        mask = torch.ones(N, L, device=x.device)
+        mask = torch.ones(N, L, device=device)
         mask[:, :len_keep] = 0
         mask = torch.gather(mask, 1, ids_restore)
+        return ids_shuffle[:, :len_keep], mask, ids_restore
+
+    def random_masking(self, x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
+        """x: (N, L, D) -> x_kept (N, L_keep, D), mask (N, L) with 1 = removed, ids_restore (N, L)."""
+        ids_keep, mask, ids_restore = self.masking_indices(x.shape[0], mask_ratio, noise, x.device)
+        x_kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[2]))
         return x_kept, mask, ids_restore
+
+    def embed_patches(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        """Patch embedding + position of the kept patches only: (N, 3, H, W), (N, L_keep) -> (N, L_keep, D).
+
+        The stride-p convolution of PatchEmbed is a linear map of each patch's pixels in (c, p, q) order.
+        """
+        p = self.arch.patch_size
+        N, C, H, W = imgs.shape
+        patches = imgs.reshape(N, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(N, -1, C * p * p)
+        patches = torch.gather(patches, 1, ids_keep.unsqueeze(-1).expand(-1, -1, patches.shape[2]))
+        proj = self.patch_embed.proj
+        x = F.linear(patches, proj.weight.flatten(1), proj.bias)
+        pos = self.pos_embed[0, 1:, :][ids_keep]  # (N, L_keep, D)
+        return x + pos
 
     # -- encoder / decoder ---------------------------------------------------------------------
 
@@ -176,9 +199,12 @@ class MaskedAutoencoderViT(nn.Module):
         return x
 
     def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
-        x = self.patch_embed(imgs)  # (N, L, D)
-        x = x + self.pos_embed[:, 1:, :]
-        x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)  # (N, L_keep, D)
+        if self.embed_kept_only:
+            ids_keep, mask, ids_restore = self.masking_indices(imgs.shape[0], mask_ratio, noise, imgs.device)
+            x = self.embed_patches(imgs, ids_keep)  # (N, L_keep, D)
+        else:  # the official order: embed all patches, then drop the masked ones
+            x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]  # (N, L, D)
+            x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)  # (N, L_keep, D)
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)  # (N, 1 + L_keep, D)
         x = self._run_blocks(self.blocks, x)
@@ -221,13 +247,14 @@ class MaskedAutoencoderViT(nn.Module):
 
 
 def build_model(model_type: str, norm_pix_loss: bool = False, img_size: int | None = None,
-                grad_checkpointing: bool = False) -> MaskedAutoencoderViT:
+                grad_checkpointing: bool = False, embed_kept_only: bool = False) -> MaskedAutoencoderViT:
     if model_type not in PRESETS:
         raise ValueError(f"unknown model.type {model_type!r}; choose one of {sorted(PRESETS)}")
     arch = PRESETS[model_type]
     if img_size is not None and img_size != arch.img_size:
         arch = MAEArch(**{**arch.__dict__, "img_size": img_size})
-    return MaskedAutoencoderViT(arch, norm_pix_loss=norm_pix_loss, grad_checkpointing=grad_checkpointing)
+    return MaskedAutoencoderViT(arch, norm_pix_loss=norm_pix_loss, grad_checkpointing=grad_checkpointing,
+                                embed_kept_only=embed_kept_only)
 
 
 def model_flops_per_image(arch: MAEArch, mask_ratio: float) -> float:

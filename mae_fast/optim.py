@@ -20,17 +20,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-                    device: torch.device) -> torch.optim.AdamW:
+                    device: torch.device, compiled: bool = False) -> torch.optim.AdamW:
     """AdamW whose lr is a 0-D tensor on the device, so changing it never recompiles nor syncs.
 
-    Fused: one kernel for all parameters on CUDA (a fused CPU kernel on the CPU), and a tensor lr
-    is only accepted by the fused or capturable variants.
+    Fused: one kernel for all parameters on CUDA (a fused CPU kernel on the CPU). compiled=True
+    builds the foreach + capturable variant instead, the one torch.compile traces into its own
+    kernels. A tensor lr is only accepted by the fused or capturable variants.
     """
     lr_t = torch.tensor(lr, dtype=torch.float32, device=device)
     groups = param_groups(model, weight_decay)
     for g in groups:
         g["lr"] = lr_t  # one shared tensor: the schedule writes it in place each step
-    return torch.optim.AdamW(groups, lr=lr_t, betas=betas, fused=True)
+    kind = {"foreach": True, "capturable": True} if compiled else {"fused": True}
+    return torch.optim.AdamW(groups, lr=lr_t, betas=betas, **kind)
 
 
 def cosine_lr(step: int, peak: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:

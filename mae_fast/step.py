@@ -9,12 +9,35 @@ log interval (the one host sync of the loop).
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
-from .model import MaskedAutoencoderViT
+from .config import Config
+from .model import MaskedAutoencoderViT, build_model
+
+
+def model_from_config(cfg: Config) -> MaskedAutoencoderViT:
+    m = cfg.model
+    return build_model(m.type, m.norm_pix_loss, cfg.data.input_size, grad_checkpointing=m.grad_checkpointing,
+                       embed_kept_only=m.embed_kept_only)
+
+
+def step_options(cfg: Config) -> dict[str, Any]:
+    """The TrainStep keyword arguments that the config decides."""
+    a, x = cfg.data.augmentation, cfg.misc
+    return {"mask_ratio": cfg.model.mask_ratio, "gradient_clip": cfg.optimization.gradient_clip,
+            "mean": tuple(a.mean), "std": tuple(a.std), "compile": x.compile, "compile_mode": x.compile_mode,
+            "compile_optimizer": x.compile and x.compile_optimizer, "attention": x.attention}
+
+
+def sdpa_backends(attention: str) -> list | None:
+    """misc.attention -> the SDPA kernels to allow (None: let PyTorch choose)."""
+    from torch.nn.attention import SDPBackend
+    kernels = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+               "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    return None if attention == "auto" else [kernels[attention]]
 
 
 class MAELoss(nn.Module):
@@ -22,8 +45,9 @@ class MAELoss(nn.Module):
     batch -> fp32 (uint8 batches normalized here, fused into the graph) -> autocast MAE forward -> loss."""
 
     def __init__(self, mae: MaskedAutoencoderViT, mask_ratio: float, amp: bool, uint8: bool,
-                 mean: tuple[float, ...], std: tuple[float, ...], device: torch.device):
+                 mean: tuple[float, ...], std: tuple[float, ...], device: torch.device, attention: str = "auto"):
         super().__init__()
+        self.sdpa_backends = sdpa_backends(attention)
         self.mae = mae
         self.mask_ratio = mask_ratio
         self.amp = amp  # bf16 autocast on GPU; fp32 on the CPU
@@ -37,7 +61,11 @@ class MAELoss(nn.Module):
         # fp16 (DALI) / bf16 (synthetic) batches: the loss target is computed in fp32 and autocast picks
         # the matmul precision
         imgs = (imgs.float() - self.mean255) / self.std255 if self.uint8 else imgs.float()
-        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.amp):
+        kernels = contextlib.nullcontext()
+        if self.sdpa_backends is not None:  # traced by Dynamo: the compiled graph uses that kernel
+            from torch.nn.attention import sdpa_kernel
+            kernels = sdpa_kernel(self.sdpa_backends)
+        with kernels, torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.amp):
             loss, _, _ = self.mae(imgs, self.mask_ratio, noise)
         return loss
 
@@ -48,8 +76,11 @@ class TrainStep:
                  device: torch.device, input_dtype: torch.dtype = torch.float32,
                  mean: tuple[float, ...] = (0.485, 0.456, 0.406), std: tuple[float, ...] = (0.229, 0.224, 0.225),
                  compile: bool = True, compile_mode: str = "default", compile_backend: str | Callable = "inductor",
-                 log_every: int = 100, distributed: bool = False):
-        """distributed=True wraps the loss module in DistributedDataParallel (a process group must exist)."""
+                 compile_optimizer: bool = False, attention: str = "auto", log_every: int = 100,
+                 distributed: bool = False):
+        """distributed=True wraps the loss module in DistributedDataParallel (a process group must exist).
+        compile_optimizer=True compiles the grad norm + clip + AdamW update too (build the optimizer
+        with build_optimizer(..., compiled=True))."""
         self.model = model  # uncompiled: checkpoints use its parameter names
         self.optimizer = optimizer
         self.accum_steps = accum_steps
@@ -68,7 +99,7 @@ class TrainStep:
         self.slot = 0
 
         module: nn.Module = MAELoss(model, mask_ratio, device.type == "cuda", input_dtype == torch.uint8,
-                                    mean, std, device)
+                                    mean, std, device, attention)
         if compile:
             kw = {"mode": compile_mode} if compile_mode != "default" and compile_backend == "inductor" else {}
             module = torch.compile(module, fullgraph=True, dynamic=False, backend=compile_backend, **kw)
@@ -81,6 +112,11 @@ class TrainStep:
             module = self.ddp = DistributedDataParallel(
                 module, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
         self.loss_fn = module
+        self._update = self._clip_and_update
+        if compile_optimizer:
+            if self.optimizer.defaults.get("fused"):
+                raise ValueError("compile_optimizer needs the foreach/capturable AdamW of build_optimizer(compiled=True)")
+            self._update = torch.compile(self._clip_and_update, backend=compile_backend)
 
     def micro_step(self, sync_grads: bool = True, noise: torch.Tensor | None = None) -> None:
         """Forward and backward of `self.inputs`, accumulating gradients scaled by 1/accum_steps.
@@ -98,15 +134,20 @@ class TrainStep:
             (loss / self.accum_steps).backward()
         self._loss_acc += loss.detach()
 
-    def optimizer_step(self, lr: float) -> None:
-        """Clip, update with the scheduled lr (written into the optimizer's lr tensor), record the loss."""
+    def _clip_and_update(self) -> torch.Tensor:
+        """Global grad norm (clipped when gradient_clip > 0), then the AdamW update; returns the norm."""
         if self.gradient_clip > 0:
             gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.gradient_clip, foreach=True)
         else:
             gnorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in self.params])))
+        self.optimizer.step()
+        return gnorm
+
+    def optimizer_step(self, lr: float) -> None:
+        """Clip, update with the scheduled lr (written into the optimizer's lr tensor), record the loss."""
         for group in self.optimizer.param_groups:
             group["lr"].fill_(lr)  # a 0-D tensor: no recompile, no sync
-        self.optimizer.step()
+        gnorm = self._update()
         self.optimizer.zero_grad(set_to_none=True)
         self.loss_ring[self.slot].copy_(self._loss_acc / self.accum_steps)
         self.gnorm_ring[self.slot].copy_(gnorm)

@@ -19,10 +19,10 @@ from .dashboard import RunInfo
 from .distributed import Dist, any_rank, broadcast, gather, init_distributed, mean, shutdown
 from .data import TimedBatches, build_loader, find_dataset
 from .metrics import Meter, Snapshot, peak_bf16_flops
-from .model import build_model, model_flops_per_image
+from .model import model_flops_per_image
 from .optim import build_optimizer, cosine_lr
 from .runlog import RunLog
-from .step import TrainStep
+from .step import TrainStep, model_from_config, step_options
 from .visualize import visualize_files
 from .weights import load_mae
 
@@ -161,10 +161,11 @@ def _train(cfg: Config, d: Dist, device: torch.device, dataset, derived: Derived
     if d.is_main:
         save_config(cfg, derived, Path(lg.output_dir) / "config.yaml")
 
-    model = build_model(cfg.model.type, cfg.model.norm_pix_loss, cfg.data.input_size,
-                        cfg.model.grad_checkpointing).to(device)
+    model = model_from_config(cfg).to(device)
     torch.manual_seed(cfg.misc.seed + d.rank)  # each rank draws its own masks
-    optimizer = build_optimizer(model, derived.lr, o.weight_decay, (o.adam_beta1, o.adam_beta2), device)
+    options = step_options(cfg)
+    optimizer = build_optimizer(model, derived.lr, o.weight_decay, (o.adam_beta1, o.adam_beta2), device,
+                                compiled=options["compile_optimizer"])
     ckpts = CheckpointManager(ck.checkpoint_dir, ck.keep_last_n)
     result = TrainResult(derived)
 
@@ -202,11 +203,8 @@ def _train(cfg: Config, d: Dist, device: torch.device, dataset, derived: Derived
             out.info(f"init weights: {note}")
     result.start_step = global_step
 
-    a = cfg.data.augmentation
     step = TrainStep(model, optimizer, micro_batch=derived.micro_batch_size, accum_steps=derived.accum_steps,
-                     mask_ratio=cfg.model.mask_ratio, gradient_clip=o.gradient_clip, device=device,
-                     input_dtype=input_dtype, mean=tuple(a.mean), std=tuple(a.std), compile=cfg.misc.compile,
-                     compile_mode=cfg.misc.compile_mode, log_every=lg.print_freq, distributed=d.enabled)
+                     device=device, input_dtype=input_dtype, log_every=lg.print_freq, distributed=d.enabled, **options)
     flops = model_flops_per_image(model.arch, cfg.model.mask_ratio) * derived.effective_batch
     meter = Meter(effective_batch=derived.effective_batch, steps_per_epoch=derived.steps_per_epoch,
                   total_steps=derived.total_steps, flops_per_step=flops,
@@ -266,7 +264,7 @@ def _train(cfg: Config, d: Dist, device: torch.device, dataset, derived: Derived
             return
         path = visualize_files(model, vis_files, Path(lg.output_dir) / "reconstructions" / f"epoch-{done_epochs}.png",
                                cfg.model.mask_ratio, seed=cfg.misc.seed, device=device,
-                               mean=tuple(a.mean), std=tuple(a.std))
+                               mean=tuple(cfg.data.augmentation.mean), std=tuple(cfg.data.augmentation.std))
         out.info(f"reconstructions: {path}")
         meter.restart_clock()
 

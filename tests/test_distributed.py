@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import drop_key_bias
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -70,15 +71,6 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path, compil
         single.optimizer_step(1e-3)
     for k, v in single.model.state_dict().items():
         assert torch.allclose(drop_key_bias(k, v), drop_key_bias(k, r0["params"][k]), atol=1e-5, rtol=1e-4), k
-
-
-def drop_key_bias(name: str, t: torch.Tensor) -> torch.Tensor:
-    """The attention key bias has an exactly zero gradient (softmax ignores a shift shared by all keys), so
-    AdamW turns its float round-off into +-lr steps that differ between any two summation orders: leave it out."""
-    if name.endswith("attn.qkv.bias"):
-        q, k, v = t.chunk(3)
-        return torch.cat([q, v])
-    return t
 
 
 def torchrun(tmp_path, out, *extra):

@@ -146,3 +146,34 @@ def test_initialization():
     assert e.shape == (4, 8)
     assert e[0, 0] == 0.0 and e[0, 2] == 1.0  # sin(0), cos(0) for position (0, 0)
     assert e[1, 0] == pytest.approx(torch.sin(torch.tensor(1.0)).item())  # column 1, first frequency
+
+
+@pytest.mark.parametrize("model_type,size", [("mae_vit_tiny_patch8", 32), ("mae_vit_base_patch16", 224)])
+def test_embedding_only_kept_patches_matches_the_official_order(model_type, size):
+    """embed_kept_only embeds after masking; loss, prediction, mask and gradients are those of the
+    official embed-then-mask order for the same weights and noise."""
+    torch.manual_seed(0)
+    official = build_model(model_type, norm_pix_loss=True)
+    kept = build_model(model_type, norm_pix_loss=True, embed_kept_only=True)
+    kept.load_state_dict(official.state_dict())  # no new parameters: checkpoints stay interchangeable
+    imgs = torch.randn(2, 3, size, size)
+    noise = torch.rand(2, official.num_patches)
+    outs = []
+    for m in (official, kept):
+        loss, pred, mask = m(imgs, 0.75, noise)
+        loss.backward()
+        outs.append((loss, pred, mask, m.patch_embed.proj.weight.grad, m.cls_token.grad))
+    (l0, p0, m0, gw0, gc0), (l1, p1, m1, gw1, gc1) = outs
+    assert torch.equal(m0, m1)
+    assert torch.allclose(l0, l1, rtol=1e-5) and torch.allclose(p0, p1, atol=1e-4)
+    assert torch.allclose(gw0, gw1, rtol=1e-3, atol=1e-6) and torch.allclose(gc0, gc1, rtol=1e-3, atol=1e-7)
+    # and the embedding really sees only the kept patches: changing a removed patch's pixels changes nothing
+    p = official.arch.patch_size
+    removed = int(m0[0].nonzero()[0])
+    r, c = divmod(removed, size // p)
+    imgs2 = imgs.clone()
+    imgs2[0, :, r * p:(r + 1) * p, c * p:(c + 1) * p] += 10.0
+    with torch.no_grad():
+        latent_a, _, _ = kept.forward_encoder(imgs, 0.75, noise)
+        latent_b, _, _ = kept.forward_encoder(imgs2, 0.75, noise)
+    assert torch.equal(latent_a, latent_b)

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import drop_key_bias
 
 from mae_fast.model import build_model
 from mae_fast.optim import build_optimizer, cosine_lr, param_groups
@@ -126,3 +127,55 @@ def test_non_finite_loss_is_reported_with_its_step():
     meter = Meter(effective_batch=8, steps_per_epoch=10, total_steps=10)
     with pytest.raises(NonFiniteLoss, match="at step 12"):
         meter.update(first_step=10, losses=losses, gnorms=gnorms, lr=1e-3, data_wait_s=0.0)
+
+
+def test_compiled_optimizer_equals_fused_adamw():
+    """misc.compile_optimizer: grad norm + clip + foreach/capturable AdamW under torch.compile
+    gives the parameters of the eager fused AdamW, with a changing lr and no recompile."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    steps = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = build_model("mae_vit_tiny_patch8")
+        opt = build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), CPU, compiled=compiled)
+        steps.append(TrainStep(model, opt, micro_batch=8, accum_steps=1, mask_ratio=0.75, gradient_clip=0.5,
+                               device=CPU, compile=False, compile_backend=counter, compile_optimizer=compiled,
+                               log_every=1000))
+    g = torch.Generator().manual_seed(1)
+    batches = [[torch.randn(8, 3, 32, 32, generator=g)] for _ in range(4)]
+    results, frames = [], []
+    for step in steps:
+        torch.manual_seed(5)
+        losses = run_steps(step, batches[:1], [1e-3])
+        frames.append(counter.frame_count)  # the eager step compiles nothing; the compiled one its graphs
+        losses += run_steps(step, batches[1:], [5e-4, 2e-3, 1e-4])  # a changing lr must not recompile
+        results.append((losses, step.gnorm_ring[:3].clone()))
+    (l0, g0), (l1, g1) = results
+    assert frames[0] == 0 and 0 < frames[1] == counter.frame_count
+    assert l1 == pytest.approx(l0, rel=1e-5)
+    assert torch.allclose(g0, g1, rtol=1e-5)
+    for (n, p), q in zip(steps[0].model.named_parameters(), steps[1].model.parameters()):
+        assert torch.allclose(drop_key_bias(n, p), drop_key_bias(n, q), atol=1e-6), n
+
+
+def test_compile_optimizer_refuses_the_fused_optimizer():
+    model = build_model("mae_vit_tiny_patch8")
+    with pytest.raises(ValueError, match="compiled=True"):
+        TrainStep(model, build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), CPU), micro_batch=2, accum_steps=1,
+                  mask_ratio=0.75, gradient_clip=0.0, device=CPU, compile=False, compile_optimizer=True)
+
+
+@pytest.mark.parametrize("attention", ["math", "flash"])
+def test_attention_kernel_choice_gives_the_same_loss(attention):
+    """misc.attention pins the SDPA kernel inside the compiled graph; the numbers stay those of auto."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = build_model("mae_vit_tiny_patch8")
+    imgs, noise = torch.randn(4, 3, 32, 32), torch.rand(4, 16)
+    from mae_fast.step import MAELoss
+    ref = MAELoss(model, 0.75, False, False, (0.5,) * 3, (0.5,) * 3, CPU)(imgs, noise)
+    pinned = torch.compile(MAELoss(model, 0.75, False, False, (0.5,) * 3, (0.5,) * 3, CPU, attention),
+                           fullgraph=True, backend="aot_eager")
+    assert torch.allclose(pinned(imgs, noise), ref, rtol=1e-5)
