@@ -59,6 +59,7 @@ class TrainResult:
     steps_done: int = 0  # global steps done at the end
     preempted: bool = False  # stopped by SIGTERM/SIGINT after saving a checkpoint
     resumed_from: str = ""
+    bad_files: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) left out during training
 
 
 class StopFlag:
@@ -239,6 +240,11 @@ def _train(cfg: Config, d: Dist, device: torch.device, dataset, derived: Derived
             out.info(f"first step done in {time.perf_counter() - t0:.1f}s (compilation included)")
             meter.restart_clock()
         out.metrics(snap)
+        # files that passed the scan but failed to decode (every rank's, a collective)
+        for rank_found in gather(d, loader.take_bad_files() if hasattr(loader, "take_bad_files") else []):
+            for path, reason in rank_found:
+                result.bad_files.append((path, reason))
+                out.info(f"WARNING: {path} cannot be decoded ({reason}); left out, the next file is read in its place")
 
     saved: dict = {"step": global_step, "path": Path(resume) if resume else None}  # the newest model.pt
 

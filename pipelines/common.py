@@ -9,7 +9,10 @@ Every loader here (DaliLoader, PilLoader, SyntheticLoader) has one interface:
 
 Iterating again without set_epoch continues with the next epoch. EpochPosition
 keeps that position for all three; ShardedFileLoader adds the files and the
-order of the two that read files.
+order of the two that read files, and what they do about a file that passed
+the scan but cannot be decoded: it is left out for good, the next good file is
+read in its place (so every shape, batch count and other shard stays as it
+was), and take_bad_files() hands it to the train loop to report.
 """
 
 from __future__ import annotations
@@ -186,6 +189,33 @@ class ShardedFileLoader(EpochPosition):
         self.batch_size = batch_size
         self.seed = seed
         self.shard_id, self.num_shards = shard_id, num_shards
+        self.substitutes: dict[int, int] = {}  # a file found undecodable -> the file read in its place
+        self._found: list[tuple[str, str]] = []  # (path, reason) not yet taken by take_bad_files()
+
+    def leave_out(self, index: int, reason: str) -> int:
+        """File `index` cannot be decoded: from now on read the next good file in its place; returns that index."""
+        n = len(self.files)
+        sub = (index + 1) % n
+        while sub in self.substitutes or sub == index:
+            if sub == index:
+                raise RuntimeError(f"no file of the {n} can be decoded; the last one: {self.files[index]}: {reason}")
+            sub = (sub + 1) % n
+        self.substitutes = {k: (sub if v == index else v) for k, v in self.substitutes.items()}
+        self.substitutes[index] = sub
+        self._found.append((self.files[index], reason))
+        return sub
+
+    def take_bad_files(self) -> list[tuple[str, str]]:
+        """(path, reason) of the files left out since the last call."""
+        found, self._found = self._found, []
+        return found
+
+    def state(self) -> dict:
+        return {**super().state(), "substitutes": [[k, v] for k, v in sorted(self.substitutes.items())]}
+
+    def load_state(self, state: dict) -> None:
+        super().load_state(state)
+        self.substitutes = {int(k): int(v) for k, v in state.get("substitutes", [])}
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """This shard's file indices for `epoch`, shape (len(self), batch_size)."""

@@ -26,11 +26,19 @@ flip) are seeded once per pipeline from (seed, shard, position at build).
 Resume is exact: state() stores the position and DALI's checkpoint (the state
 of every RNG, enable_checkpointing=True, base64 in the JSON); load_state()
 rebuilds the same graph from it and restarts the path stream at the position.
+
+A file that passed the scan but that the decoder rejects (a corrupt Huffman
+table, say) makes DALI fail the whole pipeline. The loader then decodes each
+file of the batches in flight alone, through the same graph at batch size 1,
+leaves out the ones that fail (ShardedFileLoader.leave_out), rebuilds the
+pipeline at the same position and goes on. If no single file fails, the
+original error is raised.
 """
 
 from __future__ import annotations
 
 import base64
+import collections
 import warnings
 from collections.abc import Iterator
 
@@ -72,6 +80,8 @@ class _PathFeed:
 
     def __init__(self, loader: DaliLoader, epoch: int, batch: int) -> None:
         self.files = loader.files
+        self.substitutes = loader.substitutes  # fixed for this pipeline: leave_out() rebuilds it
+        self.in_flight: collections.deque[list[int]] = collections.deque(maxlen=loader.prefetch + 2)
         self.sharding = loader._sharding()
         self.batches_per_epoch = loader.batches_per_epoch
         self.epoch, self.batch = epoch, batch
@@ -84,9 +94,14 @@ class _PathFeed:
         if self.batch >= len(self._current):
             self.epoch, self.batch = self.epoch + 1, 0
             self._current = self.order(self.epoch)
-        indices = self._current[self.batch]
+        indices = [self.substitutes.get(i, i) for i in self._current[self.batch].tolist()]
         self.batch += 1
-        return [np.frombuffer(self.files[i].encode(), dtype=np.uint8) for i in indices]
+        self.in_flight.append(indices)  # the newest batches handed to DALI, for finding a bad file
+        return [_encode(self.files[i]) for i in indices]
+
+
+def _encode(path: str) -> np.ndarray:
+    return np.frombuffer(path.encode(), dtype=np.uint8)
 
 
 class DaliLoader(ShardedFileLoader):
@@ -148,6 +163,7 @@ class DaliLoader(ShardedFileLoader):
         self.hw_decoder_load = hw_decoder_load
         self.gpu_decode = device_id is not None and decoder == "mixed"
         self._pipe = None  # when set, its next output is batch (_epoch, _batch)
+        self._feed: _PathFeed | None = None  # the pipe's path source
         self._stream_start: tuple[int, int] | None = None  # position the pipe was built at
         self._restore: bytes | None = None  # DALI checkpoint for the next build
 
@@ -169,7 +185,11 @@ class DaliLoader(ShardedFileLoader):
         if self.device_id is not None:
             stream = torch.cuda.current_stream(self.device_id)
         while self._batch < self.batches_per_epoch:
-            (out,) = self._pipe.run(stream)  # ready on `stream`: no host sync for GPU outputs
+            try:
+                (out,) = self._pipe.run(stream)  # ready on `stream`: no host sync for GPU outputs
+            except RuntimeError as e:  # DALI's "Critical error in pipeline"
+                self._leave_out_bad_files(e)
+                continue
             self._batch += 1
             yield torch.from_dlpack(out.as_tensor())
 
@@ -201,7 +221,22 @@ class DaliLoader(ShardedFileLoader):
 
     def _close_pipe(self) -> None:
         self._pipe = None  # DALI frees its resources when the Pipeline object goes
+        self._feed: _PathFeed | None = None
         self._stream_start = None
+
+    def _leave_out_bad_files(self, error: RuntimeError) -> None:
+        """The pipeline failed: find the files in flight that fail alone, leave them out, rebuild here."""
+        candidates = list(dict.fromkeys(i for batch in self._feed.in_flight for i in batch))
+        self._close_pipe()  # a pipeline that raised is no longer usable
+        checker = _FileChecker(self)
+        bad = [(i, reason) for i in candidates if (reason := checker.check(self.files[i])) is not None]
+        if not bad:
+            raise RuntimeError(f"the DALI pipeline failed and no single file of the {len(candidates)} in flight "
+                               f"fails alone: {_dali_reason(error)}") from error
+        for i, reason in bad:
+            self.leave_out(i, reason)
+        self._restore = None  # rebuilt at the current position, its seeds drawn from that position
+        self._build()
 
     def _build(self) -> None:
         if self._restore is None or self._stream_start is None:
@@ -215,20 +250,50 @@ class DaliLoader(ShardedFileLoader):
             # DALI cannot save a parameterless source's position; _PathFeed restarts it instead.
             warnings.filterwarnings("ignore", message="Checkpointing enabled in a pipeline")
             pipe.build()
-        self._pipe, self._restore = pipe, None
+        self._pipe, self._feed, self._restore = pipe, feed, None
 
 
-def _define_pipeline(loader: DaliLoader, feed: _PathFeed, seeds: list[int], checkpoint: bytes | None):
+class _FileChecker:
+    """The loader's graph at batch size 1, fed one path at a time: does this file go through?"""
+
+    def __init__(self, loader: DaliLoader) -> None:
+        self.loader = loader
+        self._pipe = None
+
+    def check(self, path: str) -> str | None:
+        """None if `path` decodes, else why not (the pipeline is rebuilt after a failure)."""
+        if self._pipe is None:
+            self._pipe = _define_pipeline(self.loader, None, [0, 0, 0], checkpoint=None, batch_size=1)
+            self._pipe.build()
+        self._pipe.feed_input("paths", [_encode(path)])
+        try:
+            self._pipe.run()
+        except RuntimeError as e:
+            self._pipe = None
+            return _dali_reason(e).replace(path, "").rstrip(" :")
+        return None
+
+
+def _dali_reason(error: Exception) -> str:
+    """The informative line of a DALI pipeline error: the one after 'encountered:'."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    after = lines[lines.index("encountered:") + 1:] if "encountered:" in lines else lines
+    return next((line for line in after if line), "DALI pipeline error")
+
+
+def _define_pipeline(loader: DaliLoader, feed: _PathFeed | None, seeds: list[int], checkpoint: bytes | None,
+                     batch_size: int | None = None):
+    """The pipeline graph; feed=None makes the paths an input fed with pipe.feed_input("paths", ...)."""
     from nvidia.dali import fn, types
     from nvidia.dali.pipeline import Pipeline
 
     aug = loader.aug
     pipe = Pipeline(
-        batch_size=loader.batch_size,
+        batch_size=batch_size or loader.batch_size,
         num_threads=loader.num_threads,
         device_id=loader.device_id,
         seed=seeds[0],
-        prefetch_queue_depth=loader.prefetch,
+        prefetch_queue_depth=1 if batch_size else loader.prefetch,
         enable_checkpointing=True,
         checkpoint=checkpoint,
         exec_dynamic=True,  # outputs stay valid while referenced; run(stream) needs it
@@ -244,7 +309,7 @@ def _define_pipeline(loader: DaliLoader, feed: _PathFeed, seeds: list[int], chec
         if loader.hw_decoder_load is not None:
             decoder["hw_decoder_load"] = loader.hw_decoder_load
     with pipe:
-        paths = fn.external_source(source=feed, batch=True, dtype=types.UINT8, ndim=1)
+        paths = fn.external_source(source=feed, name="paths", batch=True, dtype=types.UINT8, ndim=1)
         jpegs = fn.io.file.read(paths)
         images = fn.decoders.image_random_crop(
             jpegs,

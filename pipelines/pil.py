@@ -7,6 +7,8 @@ Same interface and the same epoch order (common.epoch_order) as DaliLoader, so
 the two can be compared image for image. Resume restores the position in the
 order exactly; the augmentation draws (made in the worker processes) are not
 restored. torchvision is an optional dependency, imported when a loader is built.
+A file that PIL cannot decode is left out as in DaliLoader: the worker reports
+it with the batch, and the loader reads the next good file in its place.
 """
 
 from __future__ import annotations
@@ -55,10 +57,19 @@ class _FileDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        with open(self.files[index], "rb") as f:
-            img = Image.open(f).convert("RGB")  # grey, CMYK, palette PNG -> RGB
-        return self.transform(img)
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        """(image, "") or, when the file cannot be decoded, (an empty image, why) for the loader to replace."""
+        try:
+            with open(self.files[index], "rb") as f:
+                img = Image.open(f).convert("RGB")  # grey, CMYK, palette PNG -> RGB
+        except Exception as e:  # any decoding failure is this file's: the loader leaves it out
+            return torch.zeros(0), f"{type(e).__name__}: {e}"
+        return self.transform(img), ""
+
+
+def _collate(samples: list[tuple[torch.Tensor, str]]) -> tuple[list[torch.Tensor], list[str]]:
+    images, errors = zip(*samples)
+    return (torch.stack(images) if not any(errors) else list(images)), list(errors)
 
 
 class _BatchSampler:
@@ -70,7 +81,8 @@ class _BatchSampler:
 
     def __iter__(self) -> Iterator[list[int]]:
         order: np.ndarray = self.loader.epoch_order(self.epoch)
-        yield from order[self.start :].tolist()
+        for row in order[self.start :].tolist():
+            yield [self.loader.substitutes.get(i, i) for i in row]
 
     def __len__(self) -> int:
         return len(self.loader) - self.start
@@ -112,9 +124,25 @@ class PilLoader(ShardedFileLoader):
     def __iter__(self) -> Iterator[torch.Tensor]:
         self._start_pass()
         self._sampler.epoch, self._sampler.start = self._epoch, self._batch
-        for images in self._get_dataloader():
+        order = self.epoch_order(self._epoch)
+        for images, errors in self._get_dataloader():
+            if any(errors):  # rare: replace the undecodable images here, in the main process
+                row = order[self._batch].tolist()
+                images = torch.stack([self._replacement(row[k], err) if err else img
+                                      for k, (img, err) in enumerate(zip(images, errors, strict=True))])
             self._batch += 1
             yield images.to(self.device, non_blocking=True)
+
+    def _replacement(self, index: int, error: str) -> torch.Tensor:
+        """The image read in place of file `index`, whose decoding failed (or, when `index` was already left
+        out, that of the file read in its place)."""
+        if index not in self.substitutes:
+            self.leave_out(index, error)
+        sub = self.substitutes[index]
+        with torch.random.fork_rng(devices=[]):  # the train loop's RNG stream is left as it was
+            torch.manual_seed(derive_seeds(self.seed, sub, count=1)[0])
+            image, err = self._get_dataloader().dataset[sub]
+        return self._replacement(sub, err) if err else image
 
     def close(self) -> None:
         self._dataloader = None  # stops persistent workers
@@ -126,6 +154,7 @@ class PilLoader(ShardedFileLoader):
             self._dataloader = torch.utils.data.DataLoader(
                 _FileDataset(self.files, pil_transform(self.aug)),
                 batch_sampler=self._sampler,
+                collate_fn=_collate,
                 num_workers=self.num_workers,
                 pin_memory=self.pin_memory,
                 persistent_workers=self.num_workers > 0,

@@ -368,3 +368,43 @@ def test_decoder_choice_is_checked():
         build_dali_loader(["a.jpg"] * 8, 4, AugmentConfig(input_size=32), seed=0, decoder="gpu")
     # without a GPU everything runs on the CPU, whatever the decoder setting
     assert not build_dali_loader(["a.jpg"] * 8, 4, AugmentConfig(input_size=32), seed=0).gpu_decode
+
+
+def _bogus_huffman_copy(src: str, dst: str) -> None:
+    """A JPEG that passes the scan (markers and header are fine) but no decoder accepts: the code
+    counts of its first Huffman table are overwritten."""
+    data = bytearray(open(src, "rb").read())
+    dht = data.index(b"\xff\xc4")
+    data[dht + 5 : dht + 21] = b"\xff" * 16
+    open(dst, "wb").write(bytes(data))
+
+
+def test_undecodable_file_is_left_out_during_training_and_stays_out(tmp_path):
+    good = write_index_images(tmp_path, 11)
+    bad = str(tmp_path / "005b.jpg")  # sorts right after 005.jpg: read in its place is 006.jpg
+    _bogus_huffman_copy(good[5], bad)
+    scanned = scan_dataset(str(tmp_path), progress=False)
+    assert bad in scanned.files and not scanned.bad  # the cheap scan cannot see it
+    files = scanned.files
+    loader = build_dali_loader(files, 4, AUG, seed=0, num_threads=THREADS)
+
+    counts = np.zeros(11, int)
+    for batch in epoch_batches(loader):  # 3 full batches: every file once, 005b.jpg included
+        for i in decode_indices(batch):
+            counts[i] += 1
+    assert len(loader) == 3
+    expected = np.ones(11, int)
+    expected[6] = 2  # 006.jpg read twice: once for itself, once in the place of 005b.jpg
+    assert counts.tolist() == expected.tolist()
+    ((path, reason),) = loader.take_bad_files()
+    assert path == bad and reason
+    assert loader.substitutes == {files.index(bad): files.index(bad) + 1}
+
+    # later epochs, and a loader resumed from the state, never read it again
+    loader.set_epoch(1)
+    assert len(epoch_batches(loader)) == 3 and loader.take_bad_files() == []
+    state = json.loads(json.dumps(loader.state()))
+    resumed = build_dali_loader(files, 4, AUG, seed=0, num_threads=THREADS)
+    resumed.load_state(state)
+    resumed.set_epoch(2)
+    assert len(epoch_batches(resumed)) == 3 and resumed.take_bad_files() == []

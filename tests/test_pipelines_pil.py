@@ -101,3 +101,31 @@ def test_workers_and_device(index_files):
     assert len(batches) == 3 and all(b.device.type == "cpu" for b in batches)
     assert sorted(i for b in batches for i in decode_indices(b)) == list(range(27))
     loader.close()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_undecodable_file_is_left_out_and_replaced(tmp_path, workers):
+    files = []
+    for i in range(11):
+        path = str(tmp_path / f"{i:03d}.jpg")
+        Image.new("RGB", (40, 30), index_colour(i)).save(path, quality=95)
+        files.append(path)
+    data = bytearray(open(files[5], "rb").read())
+    dht = data.index(b"\xff\xc4")
+    data[dht + 5 : dht + 21] = b"\xff" * 16  # a broken Huffman table: the header still parses
+    bad = str(tmp_path / "005b.jpg")
+    open(bad, "wb").write(bytes(data))
+    files.insert(6, bad)  # read in its place: 006.jpg, the next file
+    loader = build_pil_loader(files, 4, AUG, seed=0, num_workers=workers)
+    counts = [0] * 11
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        for batch in loader:
+            assert batch.shape == (4, 3, SIZE, SIZE)
+            for i in decode_indices(batch):
+                counts[i] += 1
+        found = loader.take_bad_files()
+        assert [p for p, _ in found] == ([bad] if epoch == 0 else [])
+    assert counts == [2] * 6 + [4] + [2] * 4  # every file once per epoch, 006.jpg also in the place of 005b.jpg
+    assert json.loads(json.dumps(loader.state()))["substitutes"] == [[6, 7]]
+    loader.close()

@@ -75,7 +75,8 @@ def test_demo_config_trains_on_sample_jpegs_through_dali_and_loss_falls(tmp_path
 
 
 def test_folder_with_bad_files_trains_and_reports_them(tmp_path):
-    """Corrupt and fake JPEGs are left out (and reported); grey, CMYK and PNG images are trained on."""
+    """Corrupt and fake JPEGs are left out (and reported); grey, CMYK and PNG images are trained on.
+    A JPEG that passes the scan but cannot be decoded is left out when the pipeline meets it."""
     from PIL import Image
 
     from pipelines.sample_data import make_sample_data
@@ -87,13 +88,19 @@ def test_folder_with_bad_files_trains_and_reports_them(tmp_path):
     raw = (data / "class_0/img_000000.JPEG").read_bytes()
     (data / "class_3/truncated.jpg").write_bytes(raw[: len(raw) // 2])
     (data / "class_3/notes.jpg").write_text("this is not an image")
+    broken = bytearray(raw)
+    dht = broken.index(b"\xff\xc4")
+    broken[dht + 5 : dht + 21] = b"\xff" * 16  # a broken Huffman table: header and markers are fine
+    (data / "class_2/huffman.jpg").write_bytes(bytes(broken))
     cfg = demo_cfg(tmp_path, f"data.data_path={data}", "misc.compile=false", "schedule.epochs=2",
                    "optimization.batch_size=11", "data.input_size=32")
     lines = []
     result = train(cfg, log=lines.append)
     warning = next(line for line in lines if line.startswith("WARNING"))
-    assert "2 of 35" in warning and "truncated.jpg" in warning and "notes.jpg" in warning
-    assert result.derived.num_images == 33 and result.steps_done == 2 * 3
+    assert "2 of 36" in warning and "truncated.jpg" in warning and "notes.jpg" in warning
+    assert result.derived.num_images == 34 and result.steps_done == 2 * 3
+    assert [Path(p).name for p, _ in result.bad_files] == ["huffman.jpg"]
+    assert any(line.startswith("WARNING") and "huffman.jpg cannot be decoded" in line for line in lines)
 
 
 def test_missing_data_path_stops_before_the_model(tmp_path, capsys):
