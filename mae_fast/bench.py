@@ -132,37 +132,41 @@ def profile_steps(run_step: Callable[[], None], steps: int, device: torch.device
 
 
 def bench_step(cfg: Config, *, steps: int = 20, warmup: int = 5, compare: bool = False,
-               batch: int | None = None, profile: str | None = None, log: Callable[[str], None] = print) -> dict:
+               batch: int | None = None, profile: str | None = None,
+               variants: list[tuple[str, Config]] = (), log: Callable[[str], None] = print) -> dict:
     """Time mae-fast's step (and with compare, the reference step) on synthetic data after warm-up.
+    `variants`: (label, config) pairs timed in the same run, each reported against mae-fast's step.
     `profile`: also write the profiler's kernel table of mae-fast's step there (after the timing)."""
     seed_everything(cfg.misc.seed)
     device = resolve_device(cfg.misc.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    batch = batch or cfg.optimization.micro_batch_size or derive(cfg, cfg.optimization.batch_size).micro_batch_size
-    arch = model_from_config(cfg).arch
-    flops_img = model_flops_per_image(arch, cfg.model.mask_ratio)
     peak = measure_matmul_flops(device)
-    log(f"{env_info(device)['device']}: measured matmul peak {peak / 1e12:.3g} TFLOP/s; "
-        f"{cfg.model.type} {flops_img / 1e9:.1f} GFLOP/image (fwd+bwd), batch {batch}")
+    log(f"{env_info(device)['device']}: measured matmul peak {peak / 1e12:.3g} TFLOP/s")
 
-    variants = [("mae-fast", _mae_fast_step)] + ([("reference", _reference_step)] if compare else [])
+    runs = [("mae-fast", _mae_fast_step, cfg), *((label, _mae_fast_step, c) for label, c in variants)]
+    runs += [("reference", _reference_step, cfg)] if compare else []
     results = []
-    for name, make in variants:
+    for name, make, run_cfg in runs:
+        n = batch or run_cfg.optimization.micro_batch_size or derive(run_cfg, run_cfg.optimization.batch_size).micro_batch_size
+        flops_img = model_flops_per_image(model_from_config(run_cfg).arch, run_cfg.model.mask_ratio)
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        run = make(cfg, device, batch)
+        run = make(run_cfg, device, n)
         sec = _time_steps(run, steps, warmup, device)
         if profile and name == "mae-fast":
             profile_steps(run, 3, device, profile)
             log(f"profile of 3 steps: {profile}")
-        r = {"name": name, "batch": batch, "img_s": batch / sec, "ms_per_iter": 1000 * sec,
-             "gflop_per_img": flops_img / 1e9, "mfu": flops_img * batch / sec / peak,
+        r = {"name": name, "batch": n, "img_s": n / sec, "ms_per_iter": 1000 * sec,
+             "gflop_per_img": flops_img / 1e9, "mfu": flops_img * n / sec / peak,
              "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+        if results:
+            r["vs_mae_fast"] = r["img_s"] / results[0]["img_s"]
         results.append(r)
-        log(f"{name:>10}: {r['img_s']:,.1f} img/s  {r['ms_per_iter']:.1f} ms/iter  MFU {100 * r['mfu']:.1f}%"
-            + (f"  peak mem {r['peak_mem_gb']:.1f} GB" if r["peak_mem_gb"] is not None else ""))
+        log(f"{name:>10}: {r['img_s']:,.1f} img/s  {r['ms_per_iter']:.1f} ms/iter  batch {n}  MFU {100 * r['mfu']:.1f}%"
+            + (f"  peak mem {r['peak_mem_gb']:.1f} GB" if r["peak_mem_gb"] is not None else "")
+            + (f"  {r['vs_mae_fast']:.3f}x mae-fast" if "vs_mae_fast" in r else ""))
         del run
     m, x = cfg.model, cfg.misc
     out = {"results": results, "env": {**env_info(device), "matmul_peak_tflops": peak / 1e12, "model": m.type,
@@ -171,7 +175,7 @@ def bench_step(cfg: Config, *, steps: int = 20, warmup: int = 5, compare: bool =
                                        "embed_kept_only": m.embed_kept_only,
                                        "grad_checkpointing": m.grad_checkpointing}}
     if compare:
-        out["speedup"] = results[0]["img_s"] / results[1]["img_s"]
+        out["speedup"] = results[0]["img_s"] / results[-1]["img_s"]
         log(f"mae-fast / reference: {out['speedup']:.2f}x")
     return out
 

@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=None, help="micro-batch (default: the config's)")
     p.add_argument("--compare", action="store_true", help="also time the official reference step")
     p.add_argument("--profile", default=None, metavar="PATH", help="write the profiler's kernel table of the step here")
+    p.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="also time the step with these overrides, in the same run, as a ratio to the config's "
+                        "(repeatable), e.g. --variant misc.attention=cudnn --variant model.embed_kept_only=true")
     p.add_argument("--json", default=None, help="write the results here")
 
     p = sub.add_parser("bench", help="the whole harness: loaders, step and end to end, each with its baseline")
@@ -98,8 +101,11 @@ def _run(args: argparse.Namespace) -> int:
             return EXIT_PREEMPTED
     elif args.command == "bench-step":
         from .bench import bench_step, write_json
-        write_json(bench_step(load_config(args.config, args.overrides), steps=args.steps, warmup=args.warmup,
-                              compare=args.compare, batch=args.batch, profile=args.profile), args.json)
+        from .config import config_from_dict
+        cfg = load_config(args.config, args.overrides)
+        variants = [(v, config_from_dict(cfg.to_dict(), [o.strip() for o in v.split(",")])) for v in args.variant]
+        write_json(bench_step(cfg, steps=args.steps, warmup=args.warmup, compare=args.compare, batch=args.batch,
+                              profile=args.profile, variants=variants), args.json)
     elif args.command == "bench":
         from .bench import bench_all
         bench_all(load_config(args.config, args.overrides), steps=args.steps, batches=args.batches,

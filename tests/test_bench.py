@@ -46,3 +46,21 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
+
+
+def test_bench_step_times_variants_against_the_config_in_one_run(tmp_path, capsys):
+    from mae_fast.cli import EXIT_USAGE, main
+    path = tmp_path / "step.json"
+    args = ["bench-step", str(ROOT / "configs/bench_cpu.yaml"), "--set", "data.input_size=32", "--steps", "2",
+            "--warmup", "1", "--variant", "model.embed_kept_only=true",
+            "--variant", "misc.attention=math, optimization.micro_batch_size=8", "--json", str(path)]
+    assert main(args) == 0
+    results = json.loads(path.read_text())["results"]
+    assert [r["name"] for r in results] == ["mae-fast", "model.embed_kept_only=true",
+                                            "misc.attention=math, optimization.micro_batch_size=8"]
+    assert [r["batch"] for r in results] == [32, 32, 8]
+    for r in results[1:]:
+        assert r["vs_mae_fast"] == r["img_s"] / results[0]["img_s"]
+    assert "x mae-fast" in capsys.readouterr().out
+    assert main(args[:-2] + ["--variant", "misc.atention=math"]) == EXIT_USAGE
+    assert "did you mean misc.attention" in capsys.readouterr().err
