@@ -35,6 +35,15 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tup
     return torch.optim.AdamW(groups, lr=lr_t, betas=betas, **kind)
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a saved optimizer state but keep this optimizer's kernel choice (fused, or foreach +
+    capturable): load_state_dict alone would also take the flags of the run that saved it."""
+    keep = {k: optimizer.defaults[k] for k in ("fused", "foreach", "capturable")}
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        group.update(keep)
+
+
 def cosine_lr(step: int, peak: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
     """Per-iteration linear warmup, then half-cycle cosine to min_lr (MAE's util/lr_sched.py, per step)."""
     if step < warmup_steps:

@@ -20,7 +20,7 @@ from .distributed import Dist, any_rank, broadcast, gather, init_distributed, me
 from .data import TimedBatches, build_loader, find_dataset
 from .metrics import Meter, Snapshot, peak_bf16_flops
 from .model import model_flops_per_image
-from .optim import build_optimizer, cosine_lr
+from .optim import build_optimizer, cosine_lr, load_optimizer_state
 from .runlog import RunLog
 from .step import TrainStep, model_from_config, step_options
 from .visualize import visualize_files
@@ -183,7 +183,7 @@ def _train(cfg: Config, d: Dist, device: torch.device, dataset, derived: Derived
                                   f"misc.init_weights: {resume}")
         check_resumable(ckpt, cfg, derived, resume)
         model.load_state_dict(ckpt["model"], strict=True)
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer_state(optimizer, ckpt["optimizer"])  # misc.compile_optimizer may differ
         try:
             loader.load_state(ckpt["data"][d.rank])  # each rank's own shard position and RNG
         except ValueError as e:

@@ -67,9 +67,12 @@ class _FileDataset(torch.utils.data.Dataset):
         return self.transform(img), ""
 
 
-def _collate(samples: list[tuple[torch.Tensor, str]]) -> tuple[list[torch.Tensor], list[str]]:
+def _collate(samples: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor | list[torch.Tensor], list[str]]:
+    """A batch and its errors; default_collate stacks straight into shared memory (in a worker)."""
     images, errors = zip(*samples)
-    return (torch.stack(images) if not any(errors) else list(images)), list(errors)
+    if any(errors):  # different shapes: the loader replaces the failed ones and stacks
+        return list(images), list(errors)
+    return torch.utils.data.default_collate(list(images)), list(errors)
 
 
 class _BatchSampler:

@@ -59,3 +59,49 @@ def test_dali_cpu_decode_rest_on_gpu(tmp_path):
     batch = next(iter(loader))
     assert batch.is_cuda and batch.shape == (16, 3, 64, 64) and batch.dtype == torch.float16
     assert abs(batch.float().mean().item()) < 1.0
+
+
+@pytest.mark.parametrize("switch", ["model.embed_kept_only=true", "misc.compile_optimizer=true",
+                                    "misc.attention=flash", "misc.attention=cudnn"])
+def test_performance_switches_train_as_the_default_step(switch):
+    """Each switch of bench-step --variant, compiled on the GPU: the same losses as the default step."""
+    from mae_fast.config import config_from_dict
+    from mae_fast.step import model_from_config, step_options
+    dev = torch.device("cuda")
+    losses = []
+    for overrides in ([], [switch]):
+        cfg = config_from_dict({"model": {"type": "mae_vit_tiny_patch8"}, "data": {"input_size": 32}}, overrides)
+        torch.manual_seed(0)
+        model = model_from_config(cfg).to(dev)
+        options = step_options(cfg)
+        opt = build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), dev, compiled=options["compile_optimizer"])
+        step = TrainStep(model, opt, micro_batch=16, accum_steps=1, device=dev, input_dtype=torch.float16, **options)
+        g = torch.Generator(device=dev).manual_seed(1)
+        for _ in range(4):
+            step.inputs.copy_(torch.randn(16, 3, 32, 32, device=dev, generator=g))
+            step.micro_step(noise=torch.rand(16, 16, device=dev, generator=g))
+            step.optimizer_step(1e-3)
+        losses.append(step.read_metrics()[0])
+    assert losses[1] == pytest.approx(losses[0], rel=2e-2)
+
+
+def test_gpu_decoder_failure_on_a_file_is_recovered(tmp_path):
+    """nvJPEG (mixed decoding) and a JPEG with a broken Huffman table that passes the scan: the loader
+    leaves it out and goes on, or decodes it; either way the epoch is complete."""
+    from pipelines.dali import AugmentConfig, build_dali_loader
+    from pipelines.sample_data import make_sample_data
+    from pipelines.scan import scan_dataset
+    root = Path(make_sample_data(str(tmp_path / "s"), n=31))
+    src = next(root.glob("class_0/*.JPEG"))
+    data = bytearray(src.read_bytes())
+    dht = data.index(b"\xff\xc4")
+    data[dht + 5 : dht + 21] = b"\xff" * 16
+    (root / "class_0/huffman.JPEG").write_bytes(bytes(data))
+    files = scan_dataset(str(root), progress=False).files
+    assert len(files) == 32
+    loader = build_dali_loader(files, 16, AugmentConfig(input_size=64), seed=0, device_id=0)
+    assert loader.gpu_decode
+    batches = [b.clone() for b in loader]
+    assert len(batches) == 2 and all(b.is_cuda and b.shape == (16, 3, 64, 64) for b in batches)
+    import warnings
+    warnings.warn(f"nvJPEG and a broken Huffman table: left out {loader.take_bad_files()}")  # in the session log

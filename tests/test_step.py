@@ -179,3 +179,26 @@ def test_attention_kernel_choice_gives_the_same_loss(attention):
     pinned = torch.compile(MAELoss(model, 0.75, False, False, (0.5,) * 3, (0.5,) * 3, CPU, attention),
                            fullgraph=True, backend="aot_eager")
     assert torch.allclose(pinned(imgs, noise), ref, rtol=1e-5)
+
+
+def test_resuming_keeps_the_optimizer_kind():
+    """A checkpoint of a fused-AdamW run resumed with misc.compile_optimizer (and back): the optimizer
+    keeps its own kernel flags and continues from the saved moments."""
+    from mae_fast.optim import load_optimizer_state
+    torch.manual_seed(0)
+    model = build_model("mae_vit_tiny_patch8")
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    fused = build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), CPU)
+    fused.step()
+    compiled = build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), CPU, compiled=True)
+    load_optimizer_state(compiled, fused.state_dict())
+    assert all(g["capturable"] and g["foreach"] and not g["fused"] for g in compiled.param_groups)
+    p0 = next(model.parameters())
+    assert torch.equal(compiled.state[p0]["exp_avg"], fused.state[p0]["exp_avg"])
+    torch.compile(compiled.step, backend="aot_eager")()  # capturable runs on the CPU only when compiled
+    back = build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), CPU)
+    load_optimizer_state(back, compiled.state_dict())
+    assert all(g["fused"] and not g["capturable"] for g in back.param_groups)
+    back.step()
+    assert float(back.state[p0]["step"]) == 3
