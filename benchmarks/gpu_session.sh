@@ -4,12 +4,14 @@
 # written to $OUT as soon as it is measured. Pass the git sha along and keep one log:
 #   MAE_FAST_GIT_SHA=<sha> STAGE=core bash benchmarks/gpu_session.sh 2>&1 | tee $OUT/core.log
 #
-#   core      sample data; the GPU tests; the whole harness for ViT-B (loaders, step against
-#             the reference step, end to end against the official PIL + eager loop)   about 7 min
+#   core      sample data; the whole harness for ViT-B: loaders (DALI, PIL), the step (mae-fast, the
+#             official engine's, the compiled reference), end to end (the official PIL + eager
+#             loop, the compiled reference fed by DALI, mae-fast's train loop)          about 6 min
 #   variants  the step's performance switches against the config's step, same run; end to end
 #             at batch 512 with the JPEG decoding as configured and on the hardware engines only
 #                                                                                      about 8 min
-#   extra     the ViT-L harness; end to end with uint8 batches and a deeper DALI queue  about 7 min
+#   tests     the GPU tests; end to end with uint8 batches and with a deeper DALI queue about 5 min
+#   vitl      the whole harness for ViT-L                                              about 7 min
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
@@ -26,8 +28,7 @@ nvidia-smi -L; python3 -c "import torch, timm; print('torch', torch.__version__,
 run sample 120 $B make-sample-data data/bench --n 4096
 
 if [ "$STAGE" = core ]; then
-run gpu_tests 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests
-run bench 360 $B bench configs/bench_vit_base.yaml --steps 30 --batches 40 --out-dir "$OUT"
+run bench 520 $B bench configs/bench_vit_base.yaml --steps 30 --batches 40 --out-dir "$OUT"
 fi
 
 if [ "$STAGE" = variants ]; then
@@ -39,8 +40,12 @@ e2e e2e_b512 $B512
 e2e e2e_b512_hw1 $B512 --set data.hw_decoder_load=1.0
 fi
 
-if [ "$STAGE" = extra ]; then
-run bench_vitl 330 $B bench configs/bench_vit_large.yaml --steps 20 --batches 20 --out-dir "$OUT"
+if [ "$STAGE" = tests ]; then
+run gpu_tests 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests
 e2e e2e_uint8 --set data.output_dtype=uint8
 e2e e2e_prefetch4 --set data.prefetch=4
+fi
+
+if [ "$STAGE" = vitl ]; then
+run bench_vitl 540 $B bench configs/bench_vit_large.yaml --steps 20 --batches 20 --out-dir "$OUT"
 fi

@@ -17,13 +17,15 @@ def test_harness_runs_and_writes_json(tmp_path):
     lines = []
     out = bench_all(cfg, steps=4, batches=3, out_dir=str(tmp_path / "results"), log=lines.append)
     assert [r["backend"] for r in out["loader"]] == ["dali", "pil"]
-    assert [r["name"] for r in out["step"]] == ["mae-fast", "reference"]
-    assert [r["name"] for r in out["e2e"]] == ["reference e2e", "mae-fast e2e"]
+    assert [r["name"] for r in out["step"]] == ["mae-fast", "reference", "compiled reference"]
+    assert [r["name"] for r in out["e2e"]] == ["reference e2e", "compiled reference e2e", "mae-fast e2e"]
     for r in out["loader"] + out["step"] + out["e2e"]:
         assert r["img_s"] > 0
     for r in out["e2e"]:
         assert 0 <= r["data_wait_pct"] <= 100 and r["mfu"] > 0
-    assert out["ratios"]["e2e_mae_fast_over_reference"] == out["e2e"][1]["img_s"] / out["e2e"][0]["img_s"]
+    assert out["ratios"]["e2e_mae_fast_over_reference"] == out["e2e"][2]["img_s"] / out["e2e"][0]["img_s"]
+    assert out["ratios"]["e2e_mae_fast_over_compiled_reference"] == out["e2e"][2]["img_s"] / out["e2e"][1]["img_s"]
+    assert out["ratios"]["step_mae_fast_over_compiled_reference"] == out["step"][0]["img_s"] / out["step"][2]["img_s"]
     (path,) = (tmp_path / "results").glob("cpu_mae_vit_tiny_patch8_*.json")
     saved = json.loads(path.read_text())
     assert saved["env"]["torch"] == torch.__version__ and "git_sha" in saved["env"] and "dali" in saved["env"]
