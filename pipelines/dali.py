@@ -221,7 +221,7 @@ class DaliLoader(ShardedFileLoader):
 
     def _close_pipe(self) -> None:
         self._pipe = None  # DALI frees its resources when the Pipeline object goes
-        self._feed: _PathFeed | None = None
+        self._feed = None
         self._stream_start = None
 
     def _leave_out_bad_files(self, error: RuntimeError) -> None:

@@ -52,10 +52,11 @@ def test_bench_step_reports_figures(tmp_path):
     import json
     data = json.loads(out.read_text())
     names = [r["name"] for r in data["results"]]
-    assert names == ["mae-fast", "reference"]
+    assert names == ["mae-fast", "reference", "compiled reference"]
     for r in data["results"]:
         assert r["img_s"] > 0 and r["ms_per_iter"] > 0 and 0 < r["mfu"] and r["gflop_per_img"] > 0
     assert data["speedup"] == pytest.approx(data["results"][0]["img_s"] / data["results"][1]["img_s"])
+    assert data["speedup_vs_compiled_reference"] == pytest.approx(data["results"][0]["img_s"] / data["results"][2]["img_s"])
     assert data["env"]["torch"] and data["env"]["matmul_peak_tflops"] > 0
 
 
