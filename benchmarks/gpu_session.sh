@@ -7,11 +7,13 @@
 #   core      sample data; the whole harness for ViT-B: loaders (DALI, PIL), the step (mae-fast, the
 #             official engine's, the compiled reference), end to end (the official PIL + eager
 #             loop, the compiled reference fed by DALI, mae-fast's train loop)          about 6 min
-#   variants  the step's performance switches against the config's step, same run; end to end
-#             at batch 512 with the JPEG decoding as configured and on the hardware engines only
-#                                                                                      about 8 min
-#   tests     the GPU tests; end to end with uint8 batches and with a deeper DALI queue about 5 min
+#   variants  the step's performance switches against the config's step, same run, and a profile;
+#             end to end at batch 512                                                  about 8 min
+#   tests     the GPU tests; end to end at batch 512 with JPEG decoding on the hardware engines
+#             only, with uint8 batches, with a deeper DALI queue                       about 7 min
 #   vitl      the whole harness for ViT-L                                              about 7 min
+#   autotune  the step compiled with max-autotune (Inductor's GEMM tuning) against the default
+#                                                                                      up to 9 min
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
@@ -23,6 +25,7 @@ e2e() { local name=$1; shift; run "$name" 150 $B train configs/bench_vit_base.ya
   --set logging.print_freq=10 --set logging.dashboard=off --set "logging.output_dir=/tmp/$name" \
   --set "checkpointing.checkpoint_dir=/tmp/$name-ckpt" --set checkpointing.save_freq_steps=0 \
   --set checkpointing.save_freq_epochs=0 --set schedule.epochs=100 "$@"; }
+B512="--set optimization.batch_size=512 --set optimization.micro_batch_size=512"
 STAGE=${STAGE:-core}
 nvidia-smi -L; python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"
 run sample 120 $B make-sample-data data/bench --n 4096
@@ -32,20 +35,24 @@ run bench 520 $B bench configs/bench_vit_base.yaml --steps 30 --batches 40 --out
 fi
 
 if [ "$STAGE" = variants ]; then
-run step_variants 380 $B bench-step configs/bench_vit_base.yaml --steps 15 --warmup 3 \
+run step_variants 400 $B bench-step configs/bench_vit_base.yaml --steps 15 --warmup 3 \
   --variant model.embed_kept_only=true --variant misc.compile_optimizer=true --variant misc.attention=cudnn \
-  --variant model.grad_checkpointing=true --json "$OUT/step_variants.json"
-B512="--set optimization.batch_size=512 --set optimization.micro_batch_size=512"
+  --variant model.grad_checkpointing=true --json "$OUT/step_variants.json" --profile "$OUT/step_profile.txt"
 e2e e2e_b512 $B512
-e2e e2e_b512_hw1 $B512 --set data.hw_decoder_load=1.0
 fi
 
 if [ "$STAGE" = tests ]; then
 run gpu_tests 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests
+e2e e2e_b512_hw1 $B512 --set data.hw_decoder_load=1.0
 e2e e2e_uint8 --set data.output_dtype=uint8
 e2e e2e_prefetch4 --set data.prefetch=4
 fi
 
 if [ "$STAGE" = vitl ]; then
 run bench_vitl 540 $B bench configs/bench_vit_large.yaml --steps 20 --batches 20 --out-dir "$OUT"
+fi
+
+if [ "$STAGE" = autotune ]; then
+run step_autotune 560 $B bench-step configs/bench_vit_base.yaml --steps 15 --warmup 3 \
+  --variant misc.compile_mode=max-autotune-no-cudagraphs --json "$OUT/step_autotune.json"
 fi
