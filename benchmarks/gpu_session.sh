@@ -6,7 +6,8 @@
 #
 #   core      sample data; the whole harness for ViT-B: loaders (DALI, PIL), the step (mae-fast, the
 #             official engine's, the compiled reference), end to end (the official PIL + eager
-#             loop, the compiled reference fed by DALI, mae-fast's train loop)          about 6 min
+#             loop, the compiled reference fed by DALI, mae-fast's train loop); end to end with
+#             the step on a high-priority CUDA stream                                  about 7 min
 #   variants  the step's performance switches against the config's step, same run, and a profile;
 #             end to end at batch 512                                                  about 8 min
 #   tests     the GPU tests; end to end at batch 512 with JPEG decoding on the hardware engines
@@ -31,7 +32,8 @@ nvidia-smi -L; python3 -c "import torch, timm; print('torch', torch.__version__,
 run sample 120 $B make-sample-data data/bench --n 4096
 
 if [ "$STAGE" = core ]; then
-run bench 520 $B bench configs/bench_vit_base.yaml --steps 30 --batches 40 --out-dir "$OUT"
+run bench 480 $B bench configs/bench_vit_base.yaml --steps 30 --batches 40 --out-dir "$OUT"
+e2e e2e_high_priority_stream --set misc.high_priority_stream=true
 fi
 
 if [ "$STAGE" = variants ]; then

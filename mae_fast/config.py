@@ -110,6 +110,7 @@ class MiscConfig:
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune(-no-cudagraphs)
     compile_optimizer: bool = False  # also compile grad norm + AdamW (foreach, capturable) instead of fused AdamW
     attention: str = "auto"  # scaled-dot-product attention kernel: auto (PyTorch picks) | flash | efficient | cudnn | math
+    high_priority_stream: bool = False  # train on a high-priority CUDA stream; DALI's GPU work fills the gaps
     auto_resume: bool = False
     resume: str = ""  # path of a mae-fast checkpoint to resume from (weights, optimizer, schedule, data position)
     init_weights: str = ""  # start from these weights only (mae-fast or facebookresearch/mae checkpoint)

@@ -1,6 +1,7 @@
 """The train loop: config -> data -> model -> compiled step -> metrics and checkpoints, top to bottom."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 import signal
@@ -42,6 +43,23 @@ def resolve_device(name: str, local_rank: int = 0, world_size: int = 1) -> torch
 
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+@contextlib.contextmanager
+def train_stream(device: torch.device, high_priority: bool):
+    """misc.high_priority_stream: run the training on a high-priority CUDA stream, so that when DALI's
+    decode and resize kernels (on DALI's own stream) compete with the step for the SMs, the step's
+    kernels are scheduled first and DALI's fill the gaps. A no-op on the CPU or when off."""
+    if device.type != "cuda" or not high_priority:
+        yield
+        return
+    stream = torch.cuda.Stream(device, priority=-1)  # lower is higher; -1 is high on every CUDA GPU
+    stream.wait_stream(torch.cuda.current_stream(device))
+    try:
+        with torch.cuda.stream(stream):
+            yield
+    finally:
+        torch.cuda.current_stream(device).wait_stream(stream)
 
 
 def seed_everything(seed: int) -> None:
@@ -144,7 +162,8 @@ def _setup_and_train(cfg: Config, d: Dist, log: Callable[[str], None] | None, ma
     else:
         out = RunLog(None, echo=lambda message: None)
     try:
-        with StopFlag() as stop:  # from here on, SIGTERM/SIGINT end the run with a checkpoint
+        # from here on, SIGTERM/SIGINT end the run with a checkpoint
+        with StopFlag() as stop, train_stream(device, cfg.misc.high_priority_stream):
             return _train(cfg, d, device, dataset, derived, loader, input_dtype, data_desc, out, max_steps, stop)
     finally:
         out.close()

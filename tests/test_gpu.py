@@ -105,3 +105,15 @@ def test_gpu_decoder_failure_on_a_file_is_recovered(tmp_path):
     assert len(batches) == 2 and all(b.is_cuda and b.shape == (16, 3, 64, 64) for b in batches)
     import warnings
     warnings.warn(f"nvJPEG and a broken Huffman table: left out {loader.take_bad_files()}")  # in the session log
+
+
+def test_training_on_a_high_priority_stream(tmp_path):
+    """misc.high_priority_stream: the step and DALI's outputs meet on the training stream; a demo trains,
+    its checkpoint resumes, and the losses are finite."""
+    from mae_fast.train import train
+    args = [f"data.data_path={tmp_path}/sample", f"logging.output_dir={tmp_path}/o", "misc.high_priority_stream=true",
+            f"checkpointing.checkpoint_dir={tmp_path}/c", "schedule.warmup_epochs=1", "misc.auto_resume=true"]
+    result = train(load_config(ROOT / "configs/demo.yaml", args + ["schedule.epochs=2"]))
+    assert result.steps_done == 16 and all(v == v and v < 10 for v in result.losses)
+    result = train(load_config(ROOT / "configs/demo.yaml", args + ["schedule.epochs=3"]))
+    assert result.start_step == 16 and result.steps_done == 24
