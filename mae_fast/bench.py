@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from .config import Config, derive
-from .model import build_model, model_flops_per_image
+from .model import arch_for, build_model, model_flops_per_image
 from .optim import build_optimizer
 from .step import TrainStep, model_from_config, step_options
 from .train import resolve_device, seed_everything
@@ -128,9 +128,17 @@ def _compiled_reference_step(cfg: Config, device: torch.device, batch: int) -> C
                             fused=True)
     forward = torch.compile(model) if cfg.misc.compile else model
     fixed = torch.randn(batch, 3, cfg.data.input_size, cfg.data.input_size, device=device)
+    a = cfg.data.augmentation
+    mean255 = torch.tensor(a.mean, device=device).view(1, 3, 1, 1) * 255
+    std255 = torch.tensor(a.std, device=device).view(1, 3, 1, 1) * 255
 
     def run(images: torch.Tensor | None = None) -> None:
-        x = fixed if images is None else images.float()
+        if images is None:
+            x = fixed
+        elif images.dtype == torch.uint8:  # data.output_dtype uint8: DALI left the normalization to the step
+            x = (images.float() - mean255) / std255
+        else:
+            x = images.float()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss, _, _ = forward(x, cfg.model.mask_ratio)
         loss.backward()
@@ -173,7 +181,7 @@ def bench_step(cfg: Config, *, steps: int = 20, warmup: int = 5, compare: bool =
     results = []
     for name, make, run_cfg in runs:
         n = batch or run_cfg.optimization.micro_batch_size or derive(run_cfg, run_cfg.optimization.batch_size).micro_batch_size
-        flops_img = model_flops_per_image(model_from_config(run_cfg).arch, run_cfg.model.mask_ratio)
+        flops_img = model_flops_per_image(arch_for(run_cfg.model.type, run_cfg.data.input_size), run_cfg.model.mask_ratio)
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
@@ -320,8 +328,12 @@ def bench_all(cfg: Config, *, steps: int = 30, batches: int = 40, out_dir: str |
     device = resolve_device(cfg.misc.device)
     loader = bench_loader(cfg, backend="both", batches=batches, log=log)
     step = bench_step(cfg, steps=steps, compare=True, log=log)
-    e2e = [_e2e_peer(cfg, steps, 3, device, compiled=False), _e2e_peer(cfg, steps, 3, device, compiled=True),
-           _e2e_mae_fast(cfg, steps, log)]
+    e2e = []
+    for measure in (lambda: _e2e_peer(cfg, steps, 3, device, compiled=False),
+                    lambda: _e2e_peer(cfg, steps, 3, device, compiled=True), lambda: _e2e_mae_fast(cfg, steps, log)):
+        e2e.append(measure())
+        r = e2e[-1]
+        log(f"{r['name']:>22}: {r['img_s']:,.1f} img/s  {r['ms_per_iter']:.1f} ms/iter  data wait {r['data_wait_pct']:.0f}%")
     peak = step["env"]["matmul_peak_tflops"] * 1e12
     flops_img = step["results"][0]["gflop_per_img"] * 1e9
     for r in e2e:

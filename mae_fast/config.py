@@ -18,9 +18,6 @@ from typing import Any
 import yaml
 
 
-ATTENTION_KERNELS = ("auto", "flash", "efficient", "cudnn", "math")
-
-
 class ConfigError(ValueError):
     """A bad config value; the message starts with the dotted key."""
 
@@ -260,7 +257,7 @@ def _check(ok: bool, key: str, msg: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Values that cannot work, caught before any model or data is touched."""
-    from .model import PRESETS  # local: the model module imports torch
+    from .model import ATTENTION_KERNELS, PRESETS  # local: the model module imports torch
 
     m, o, s, d, c, lg, x = cfg.model, cfg.optimization, cfg.schedule, cfg.data, cfg.checkpointing, cfg.logging, cfg.misc
     if m.type not in PRESETS:

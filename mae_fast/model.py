@@ -9,6 +9,8 @@ in how the same numbers are computed:
   fix it;
 - the number of kept patches is a Python int fixed by (L, mask_ratio), so every
   shape is static and torch.compile builds one graph;
+- attention="flash" | "efficient" | "cudnn" | "math" pins the scaled-dot-product
+  attention kernel of every block (also when a checkpointed block is recomputed);
 - with embed_kept_only=True the patch embedding (a per-patch linear map) runs on
   the kept patches only, after the masking, instead of on all of them before it:
   the same numbers up to rounding, for a quarter of the patch-embedding work.
@@ -49,6 +51,29 @@ PRESETS: dict[str, MAEArch] = {
 }
 
 
+ATTENTION_KERNELS = ("auto", "flash", "efficient", "cudnn", "math")
+
+
+def sdpa_backends(attention: str) -> list | None:
+    """An attention choice -> the SDPA kernels to allow (None for auto: PyTorch chooses)."""
+    if attention not in ATTENTION_KERNELS:
+        raise ValueError(f"attention must be one of {ATTENTION_KERNELS}, got {attention!r}")
+    from torch.nn.attention import SDPBackend
+    kernels = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+               "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    return None if attention == "auto" else [kernels[attention]]
+
+
+def arch_for(model_type: str, img_size: int | None = None) -> MAEArch:
+    """The preset's architecture, at another input size if given."""
+    if model_type not in PRESETS:
+        raise ValueError(f"unknown model.type {model_type!r}; choose one of {sorted(PRESETS)}")
+    arch = PRESETS[model_type]
+    if img_size is not None and img_size != arch.img_size:
+        arch = MAEArch(**{**arch.__dict__, "img_size": img_size})
+    return arch
+
+
 def sincos_pos_embed_2d(dim: int, grid: int, cls_token: bool) -> np.ndarray:
     """Fixed 2-D sin-cos position embedding, (grid*grid [+1], dim), as MAE's util/pos_embed.py.
 
@@ -75,9 +100,10 @@ class MaskedAutoencoderViT(nn.Module):
     """
 
     def __init__(self, arch: MAEArch = MAEArch(), norm_pix_loss: bool = False,
-                 grad_checkpointing: bool = False, embed_kept_only: bool = False):
+                 grad_checkpointing: bool = False, embed_kept_only: bool = False, attention: str = "auto"):
         super().__init__()
         self.arch = arch
+        self.sdpa_backends = sdpa_backends(attention)
         self.norm_pix_loss = norm_pix_loss
         self.grad_checkpointing = grad_checkpointing
         self.embed_kept_only = embed_kept_only
@@ -190,12 +216,20 @@ class MaskedAutoencoderViT(nn.Module):
 
     # -- encoder / decoder ---------------------------------------------------------------------
 
+    def _block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """One block, under the pinned attention kernel if any (traced by Dynamo; re-entered on recompute)."""
+        if self.sdpa_backends is None:
+            return blk(x)
+        from torch.nn.attention import sdpa_kernel
+        with sdpa_kernel(self.sdpa_backends):
+            return blk(x)
+
     def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
         for blk in blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(self._block, blk, x, use_reentrant=False)
             else:
-                x = blk(x)
+                x = self._block(blk, x)
         return x
 
     def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
@@ -247,14 +281,11 @@ class MaskedAutoencoderViT(nn.Module):
 
 
 def build_model(model_type: str, norm_pix_loss: bool = False, img_size: int | None = None,
-                grad_checkpointing: bool = False, embed_kept_only: bool = False) -> MaskedAutoencoderViT:
-    if model_type not in PRESETS:
-        raise ValueError(f"unknown model.type {model_type!r}; choose one of {sorted(PRESETS)}")
-    arch = PRESETS[model_type]
-    if img_size is not None and img_size != arch.img_size:
-        arch = MAEArch(**{**arch.__dict__, "img_size": img_size})
-    return MaskedAutoencoderViT(arch, norm_pix_loss=norm_pix_loss, grad_checkpointing=grad_checkpointing,
-                                embed_kept_only=embed_kept_only)
+                grad_checkpointing: bool = False, embed_kept_only: bool = False,
+                attention: str = "auto") -> MaskedAutoencoderViT:
+    return MaskedAutoencoderViT(arch_for(model_type, img_size), norm_pix_loss=norm_pix_loss,
+                                grad_checkpointing=grad_checkpointing, embed_kept_only=embed_kept_only,
+                                attention=attention)
 
 
 def model_flops_per_image(arch: MAEArch, mask_ratio: float) -> float:

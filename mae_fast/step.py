@@ -21,7 +21,7 @@ from .model import MaskedAutoencoderViT, build_model
 def model_from_config(cfg: Config) -> MaskedAutoencoderViT:
     m = cfg.model
     return build_model(m.type, m.norm_pix_loss, cfg.data.input_size, grad_checkpointing=m.grad_checkpointing,
-                       embed_kept_only=m.embed_kept_only)
+                       embed_kept_only=m.embed_kept_only, attention=cfg.misc.attention)
 
 
 def step_options(cfg: Config) -> dict[str, Any]:
@@ -29,15 +29,7 @@ def step_options(cfg: Config) -> dict[str, Any]:
     a, x = cfg.data.augmentation, cfg.misc
     return {"mask_ratio": cfg.model.mask_ratio, "gradient_clip": cfg.optimization.gradient_clip,
             "mean": tuple(a.mean), "std": tuple(a.std), "compile": x.compile, "compile_mode": x.compile_mode,
-            "compile_optimizer": x.compile and x.compile_optimizer, "attention": x.attention}
-
-
-def sdpa_backends(attention: str) -> list | None:
-    """misc.attention -> the SDPA kernels to allow (None: let PyTorch choose)."""
-    from torch.nn.attention import SDPBackend
-    kernels = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-               "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
-    return None if attention == "auto" else [kernels[attention]]
+            "compile_optimizer": x.compile and x.compile_optimizer}
 
 
 class MAELoss(nn.Module):
@@ -45,9 +37,8 @@ class MAELoss(nn.Module):
     batch -> fp32 (uint8 batches normalized here, fused into the graph) -> autocast MAE forward -> loss."""
 
     def __init__(self, mae: MaskedAutoencoderViT, mask_ratio: float, amp: bool, uint8: bool,
-                 mean: tuple[float, ...], std: tuple[float, ...], device: torch.device, attention: str = "auto"):
+                 mean: tuple[float, ...], std: tuple[float, ...], device: torch.device):
         super().__init__()
-        self.sdpa_backends = sdpa_backends(attention)
         self.mae = mae
         self.mask_ratio = mask_ratio
         self.amp = amp  # bf16 autocast on GPU; fp32 on the CPU
@@ -61,11 +52,7 @@ class MAELoss(nn.Module):
         # fp16 (DALI) / bf16 (synthetic) batches: the loss target is computed in fp32 and autocast picks
         # the matmul precision
         imgs = (imgs.float() - self.mean255) / self.std255 if self.uint8 else imgs.float()
-        kernels = contextlib.nullcontext()
-        if self.sdpa_backends is not None:  # traced by Dynamo: the compiled graph uses that kernel
-            from torch.nn.attention import sdpa_kernel
-            kernels = sdpa_kernel(self.sdpa_backends)
-        with kernels, torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.amp):
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.amp):
             loss, _, _ = self.mae(imgs, self.mask_ratio, noise)
         return loss
 
@@ -76,7 +63,7 @@ class TrainStep:
                  device: torch.device, input_dtype: torch.dtype = torch.float32,
                  mean: tuple[float, ...] = (0.485, 0.456, 0.406), std: tuple[float, ...] = (0.229, 0.224, 0.225),
                  compile: bool = True, compile_mode: str = "default", compile_backend: str | Callable = "inductor",
-                 compile_optimizer: bool = False, attention: str = "auto", log_every: int = 100,
+                 compile_optimizer: bool = False, log_every: int = 100,
                  distributed: bool = False):
         """distributed=True wraps the loss module in DistributedDataParallel (a process group must exist).
         compile_optimizer=True compiles the grad norm + clip + AdamW update too (build the optimizer
@@ -99,7 +86,7 @@ class TrainStep:
         self.slot = 0
 
         module: nn.Module = MAELoss(model, mask_ratio, device.type == "cuda", input_dtype == torch.uint8,
-                                    mean, std, device, attention)
+                                    mean, std, device)
         if compile:
             kw = {"mode": compile_mode} if compile_mode != "default" and compile_backend == "inductor" else {}
             module = torch.compile(module, fullgraph=True, dynamic=False, backend=compile_backend, **kw)

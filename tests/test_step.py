@@ -167,18 +167,30 @@ def test_compile_optimizer_refuses_the_fused_optimizer():
                   mask_ratio=0.75, gradient_clip=0.0, device=CPU, compile=False, compile_optimizer=True)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("attention", ["math", "flash"])
-def test_attention_kernel_choice_gives_the_same_loss(attention):
-    """misc.attention pins the SDPA kernel inside the compiled graph; the numbers stay those of auto."""
+def test_attention_kernel_choice_gives_the_same_loss_and_gradients(attention, compiled):
+    """misc.attention pins the SDPA kernel of every block, also when gradient checkpointing recomputes
+    a block in the backward; the numbers stay those of auto."""
     torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = build_model("mae_vit_tiny_patch8")
     imgs, noise = torch.randn(4, 3, 32, 32), torch.rand(4, 16)
-    from mae_fast.step import MAELoss
-    ref = MAELoss(model, 0.75, False, False, (0.5,) * 3, (0.5,) * 3, CPU)(imgs, noise)
-    pinned = torch.compile(MAELoss(model, 0.75, False, False, (0.5,) * 3, (0.5,) * 3, CPU, attention),
-                           fullgraph=True, backend="aot_eager")
-    assert torch.allclose(pinned(imgs, noise), ref, rtol=1e-5)
+    results = []
+    for kernel in ("auto", attention):
+        torch.manual_seed(0)
+        model = build_model("mae_vit_tiny_patch8", grad_checkpointing=True, attention=kernel)
+        forward = torch.compile(model, fullgraph=True, backend="aot_eager") if compiled else model
+        loss, _, _ = forward(imgs, 0.75, noise)
+        loss.backward()
+        results.append((loss.detach(), model.blocks[0].attn.qkv.weight.grad))
+    (l0, g0), (l1, g1) = results
+    assert torch.allclose(l0, l1, rtol=1e-5) and torch.allclose(g0, g1, rtol=1e-4, atol=1e-7)
+
+
+def test_a_pinned_attention_kernel_is_really_used():
+    """The memory-efficient kernel has no CPU implementation: pinning it must fail here, so the pin is honoured."""
+    model = build_model("mae_vit_tiny_patch8", attention="efficient")
+    with pytest.raises(RuntimeError, match="No (available kernel|viable backend)"):
+        model(torch.randn(2, 3, 32, 32), 0.75)
 
 
 def test_resuming_keeps_the_optimizer_kind():
