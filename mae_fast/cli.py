@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from .config import ConfigError, load_config
@@ -103,7 +104,9 @@ def _run(args: argparse.Namespace) -> int:
         from .bench import bench_step, write_json
         from .config import config_from_dict
         cfg = load_config(args.config, args.overrides)
-        variants = [(v, config_from_dict(cfg.to_dict(), [o.strip() for o in v.split(",")])) for v in args.variant]
+        # overrides split at commas outside brackets: data.augmentation.crop_scale=[0.3,1.0] stays whole
+        variants = [(v, config_from_dict(cfg.to_dict(), [o.strip() for o in re.split(r",(?![^\[]*\])", v)]))
+                    for v in args.variant]
         write_json(bench_step(cfg, steps=args.steps, warmup=args.warmup, compare=args.compare, batch=args.batch,
                               profile=args.profile, variants=variants), args.json)
     elif args.command == "bench":

@@ -259,9 +259,12 @@ def _train(cfg: Config, d: Dist, device: torch.device, dataset, derived: Derived
             out.info(f"first step done in {time.perf_counter() - t0:.1f}s (compilation included)")
             meter.restart_clock()
         out.metrics(snap)
-        # files that passed the scan but failed to decode (every rank's, a collective)
-        for rank_found in gather(d, loader.take_bad_files() if hasattr(loader, "take_bad_files") else []):
-            for path, reason in rank_found:
+        # files that passed the scan but failed to decode: every rank's (a collective), left out on every rank
+        if hasattr(loader, "take_bad_files"):
+            found = [f for rank_found in gather(d, loader.take_bad_files()) for f in rank_found]
+            if found and d.enabled:
+                loader.leave_out_paths(found)
+            for path, reason in found:
                 result.bad_files.append((path, reason))
                 out.info(f"WARNING: {path} cannot be decoded ({reason}); left out, the next file is read in its place")
 

@@ -192,18 +192,34 @@ class ShardedFileLoader(EpochPosition):
         self.substitutes: dict[int, int] = {}  # a file found undecodable -> the file read in its place
         self._found: list[tuple[str, str]] = []  # (path, reason) not yet taken by take_bad_files()
 
-    def leave_out(self, index: int, reason: str) -> int:
-        """File `index` cannot be decoded: from now on read the next good file in its place; returns that index."""
+    def leave_out(self, index: int, reason: str, report: bool = True) -> int:
+        """File `index` cannot be decoded: from now on read the next good file in its place; returns that index.
+
+        A file already left out keeps its substitute (and is not reported again). The dict is updated in
+        place: a running DALI path feed and the PIL sampler read it live.
+        """
+        if index in self.substitutes:
+            return self.substitutes[index]
         n = len(self.files)
         sub = (index + 1) % n
         while sub in self.substitutes or sub == index:
             if sub == index:
                 raise RuntimeError(f"no file of the {n} can be decoded; the last one: {self.files[index]}: {reason}")
             sub = (sub + 1) % n
-        self.substitutes = {k: (sub if v == index else v) for k, v in self.substitutes.items()}
+        for k, v in self.substitutes.items():
+            if v == index:  # files that were read in this one's place move on to the same substitute
+                self.substitutes[k] = sub
         self.substitutes[index] = sub
-        self._found.append((self.files[index], reason))
+        if report:
+            self._found.append((self.files[index], reason))
         return sub
+
+    def leave_out_paths(self, found: list[tuple[str, str]]) -> None:
+        """Files found undecodable elsewhere (by another rank): leave them out here too, not reported again."""
+        where = {path: i for i, path in enumerate(self.files)}
+        for path, reason in found:
+            if path in where:
+                self.leave_out(where[path], reason, report=False)
 
     def take_bad_files(self) -> list[tuple[str, str]]:
         """(path, reason) of the files left out since the last call."""

@@ -28,17 +28,18 @@ of every RNG, enable_checkpointing=True, base64 in the JSON); load_state()
 rebuilds the same graph from it and restarts the path stream at the position.
 
 A file that passed the scan but that the decoder rejects (a corrupt Huffman
-table, say) makes DALI fail the whole pipeline. The loader then decodes each
-file of the batches in flight alone, through the same graph at batch size 1,
-leaves out the ones that fail (ShardedFileLoader.leave_out), rebuilds the
-pipeline at the same position and goes on. If no single file fails, the
-original error is raised.
+table, say) makes DALI fail the whole pipeline. The loader then decodes the
+files of the batches in flight one at a time, oldest batch first and whole
+(no crop), on the same decoder; leaves out the ones that fail
+(ShardedFileLoader.leave_out); rebuilds the pipeline at the same position and
+goes on. If no single file fails, the original error is raised.
 """
 
 from __future__ import annotations
 
 import base64
 import collections
+import gc
 import warnings
 from collections.abc import Iterator
 
@@ -80,8 +81,10 @@ class _PathFeed:
 
     def __init__(self, loader: DaliLoader, epoch: int, batch: int) -> None:
         self.files = loader.files
-        self.substitutes = loader.substitutes  # fixed for this pipeline: leave_out() rebuilds it
-        self.in_flight: collections.deque[list[int]] = collections.deque(maxlen=loader.prefetch + 2)
+        self.substitutes = loader.substitutes  # live: leave_out() updates it in place
+        # the newest batches handed to DALI, ((epoch, batch), file indices), for finding a bad file
+        self.in_flight: collections.deque[tuple[tuple[int, int], list[int]]] = collections.deque(
+            maxlen=loader.prefetch + 2)
         self.sharding = loader._sharding()
         self.batches_per_epoch = loader.batches_per_epoch
         self.epoch, self.batch = epoch, batch
@@ -95,8 +98,8 @@ class _PathFeed:
             self.epoch, self.batch = self.epoch + 1, 0
             self._current = self.order(self.epoch)
         indices = [self.substitutes.get(i, i) for i in self._current[self.batch].tolist()]
+        self.in_flight.append(((self.epoch, self.batch), indices))
         self.batch += 1
-        self.in_flight.append(indices)  # the newest batches handed to DALI, for finding a bad file
         return [_encode(self.files[i]) for i in indices]
 
 
@@ -188,10 +191,13 @@ class DaliLoader(ShardedFileLoader):
             try:
                 (out,) = self._pipe.run(stream)  # ready on `stream`: no host sync for GPU outputs
             except RuntimeError as e:  # DALI's "Critical error in pipeline"
-                self._leave_out_bad_files(e)
+                error = _dali_reason(e)
+            else:
+                self._batch += 1
+                yield torch.from_dlpack(out.as_tensor())
                 continue
-            self._batch += 1
-            yield torch.from_dlpack(out.as_tensor())
+            # out of the except block: its traceback no longer holds the failed pipeline's memory
+            self._leave_out_bad_files(error)
 
     def state(self) -> dict:
         """JSON-serializable position + DALI RNG state; load_state() continues exactly from here."""
@@ -224,17 +230,28 @@ class DaliLoader(ShardedFileLoader):
         self._feed = None
         self._stream_start = None
 
-    def _leave_out_bad_files(self, error: RuntimeError) -> None:
+    def _leave_out_bad_files(self, error: str) -> None:
         """The pipeline failed: find the files in flight that fail alone, leave them out, rebuild here."""
-        candidates = list(dict.fromkeys(i for batch in self._feed.in_flight for i in batch))
+        # the batches fed but not yet yielded, oldest first: the one that failed is the first
+        in_flight = [batch for pos, batch in self._feed.in_flight if pos >= (self._epoch, self._batch)]
         self._close_pipe()  # a pipeline that raised is no longer usable
-        checker = _FileChecker(self)
-        bad = [(i, reason) for i in candidates if (reason := checker.check(self.files[i])) is not None]
+        gc.collect()  # free its decoder buffers before building more
+        checker, bad, checked = _FileChecker(self), [], 0
+        for batch in in_flight:
+            for i in batch:
+                reason = checker.check(self.files[i])
+                if reason is not None:
+                    bad.append((i, reason))
+            checked += len(batch)
+            if bad:  # a bad file in a later batch makes that one fail in its turn
+                break
+        del checker
         if not bad:
-            raise RuntimeError(f"the DALI pipeline failed and no single file of the {len(candidates)} in flight "
-                               f"fails alone: {_dali_reason(error)}") from error
+            raise RuntimeError(f"the DALI pipeline failed and none of the {checked} files in flight fails "
+                               f"alone: {error}")
         for i, reason in bad:
             self.leave_out(i, reason)
+        gc.collect()
         self._restore = None  # rebuilt at the current position, its seeds drawn from that position
         self._build()
 
@@ -254,7 +271,8 @@ class DaliLoader(ShardedFileLoader):
 
 
 class _FileChecker:
-    """The loader's graph at batch size 1, fed one path at a time: does this file go through?"""
+    """The loader's graph at batch size 1, decoding whole images, fed one path at a time: does this
+    file go through? (Whole, so that a failure does not depend on the crop drawn.)"""
 
     def __init__(self, loader: DaliLoader) -> None:
         self.loader = loader
@@ -283,7 +301,8 @@ def _dali_reason(error: Exception) -> str:
 
 def _define_pipeline(loader: DaliLoader, feed: _PathFeed | None, seeds: list[int], checkpoint: bytes | None,
                      batch_size: int | None = None):
-    """The pipeline graph; feed=None makes the paths an input fed with pipe.feed_input("paths", ...)."""
+    """The pipeline graph. With batch_size (the file checker): no path source (feed=None; the paths are
+    fed with pipe.feed_input("paths", ...)), whole-image decoding, a queue of one."""
     from nvidia.dali import fn, types
     from nvidia.dali.pipeline import Pipeline
 
@@ -311,15 +330,18 @@ def _define_pipeline(loader: DaliLoader, feed: _PathFeed | None, seeds: list[int
     with pipe:
         paths = fn.external_source(source=feed, name="paths", batch=True, dtype=types.UINT8, ndim=1)
         jpegs = fn.io.file.read(paths)
-        images = fn.decoders.image_random_crop(
-            jpegs,
-            output_type=types.RGB,
-            random_area=list(aug.crop_scale),
-            random_aspect_ratio=list(aug.crop_ratio),
-            num_attempts=10,  # as torchvision; then, as there, the largest crop with the ratio clamped
-            seed=seeds[1],
-            **decoder,
-        )
+        if batch_size:  # the file checker: the whole image
+            images = fn.decoders.image(jpegs, output_type=types.RGB, **decoder)
+        else:
+            images = fn.decoders.image_random_crop(
+                jpegs,
+                output_type=types.RGB,
+                random_area=list(aug.crop_scale),
+                random_aspect_ratio=list(aug.crop_ratio),
+                num_attempts=10,  # as torchvision; then, as there, the largest crop with the ratio clamped
+                seed=seeds[1],
+                **decoder,
+            )
         if loader.device_id is not None and not loader.gpu_decode:
             images = images.gpu()  # decoded on the CPU threads; resize, flip and normalize on the GPU
         images = fn.resize(

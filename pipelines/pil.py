@@ -139,9 +139,7 @@ class PilLoader(ShardedFileLoader):
     def _replacement(self, index: int, error: str) -> torch.Tensor:
         """The image read in place of file `index`, whose decoding failed (or, when `index` was already left
         out, that of the file read in its place)."""
-        if index not in self.substitutes:
-            self.leave_out(index, error)
-        sub = self.substitutes[index]
+        sub = self.leave_out(index, error)  # the existing substitute when `index` was left out already
         with torch.random.fork_rng(devices=[]):  # the train loop's RNG stream is left as it was
             torch.manual_seed(derive_seeds(self.seed, sub, count=1)[0])
             image, err = self._get_dataloader().dataset[sub]

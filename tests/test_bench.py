@@ -55,12 +55,15 @@ def test_bench_step_times_variants_against_the_config_in_one_run(tmp_path, capsy
     path = tmp_path / "step.json"
     args = ["bench-step", str(ROOT / "configs/bench_cpu.yaml"), "--set", "data.input_size=32", "--steps", "2",
             "--warmup", "1", "--variant", "model.embed_kept_only=true",
-            "--variant", "misc.attention=math, optimization.micro_batch_size=8", "--json", str(path)]
+            "--variant", "misc.attention=math, optimization.micro_batch_size=8",
+            "--variant", "data.augmentation.crop_scale=[0.3,1.0],model.mask_ratio=0.5", "--json", str(path)]
     assert main(args) == 0
     results = json.loads(path.read_text())["results"]
     assert [r["name"] for r in results] == ["mae-fast", "model.embed_kept_only=true",
-                                            "misc.attention=math, optimization.micro_batch_size=8"]
-    assert [r["batch"] for r in results] == [32, 32, 8]
+                                            "misc.attention=math, optimization.micro_batch_size=8",
+                                            "data.augmentation.crop_scale=[0.3,1.0],model.mask_ratio=0.5"]
+    assert [r["batch"] for r in results] == [32, 32, 8, 32]
+    assert results[3]["gflop_per_img"] > results[0]["gflop_per_img"]  # mask ratio 0.5: a longer encoder
     for r in results[1:]:
         assert r["vs_mae_fast"] == r["img_s"] / results[0]["img_s"]
     assert "x mae-fast" in capsys.readouterr().out

@@ -110,7 +110,13 @@ def test_gpu_decoder_failure_on_a_file_is_recovered(tmp_path):
 def test_training_on_a_high_priority_stream(tmp_path):
     """misc.high_priority_stream: the step and DALI's outputs meet on the training stream; a demo trains,
     its checkpoint resumes, and the losses are finite."""
-    from mae_fast.train import train
+    from mae_fast.train import train, train_stream
+    dev = torch.device("cuda")
+    default = torch.cuda.current_stream(dev)
+    with train_stream(dev, True):
+        stream = torch.cuda.current_stream(dev)
+        assert stream != default and stream.priority < default.priority
+    assert torch.cuda.current_stream(dev) == default
     args = [f"data.data_path={tmp_path}/sample", f"logging.output_dir={tmp_path}/o", "misc.high_priority_stream=true",
             f"checkpointing.checkpoint_dir={tmp_path}/c", "schedule.warmup_epochs=1", "misc.auto_resume=true"]
     result = train(load_config(ROOT / "configs/demo.yaml", args + ["schedule.epochs=2"]))
