@@ -87,9 +87,15 @@ def torchrun(tmp_path, out, *extra):
 @pytest.mark.slow
 def test_torchrun_two_ranks_train_write_once_and_resume(tmp_path):
     from pipelines.sample_data import make_sample_data
-    make_sample_data(str(tmp_path / "data"), n=64)  # batch 32 over 2 ranks: 2 steps per epoch
+    data = make_sample_data(str(tmp_path / "data"), n=64)  # batch 32 over 2 ranks: 2 steps per epoch
+    raw = bytearray(open(f"{data}/class_0/img_000000.JPEG", "rb").read())
+    dht = raw.index(b"\xff\xc4")
+    raw[dht + 5 : dht + 21] = b"\xff" * 16  # a broken Huffman table: passes the scan, fails to decode
+    open(f"{data}/class_1/huffman.JPEG", "wb").write(bytes(raw))
     run = torchrun(tmp_path, tmp_path / "out1", "--set", "schedule.epochs=2")
     assert run.returncode == 0, run.stdout + run.stderr
+    # one rank met it, rank 0 logged it once, and both ranks leave it out from then on
+    assert run.stdout.count("huffman.JPEG cannot be decoded") == 1
     # only rank 0 wrote: one log file, one metrics file, one checkpoint tree; rank 1 printed nothing of its own
     assert len(list((tmp_path / "out1").glob("mae_pretrain_*.log"))) == 1
     records = [json.loads(x) for x in (tmp_path / "out1/metrics.jsonl").read_text().splitlines()]
@@ -98,6 +104,7 @@ def test_torchrun_two_ranks_train_write_once_and_resume(tmp_path):
     ckpt = torch.load(tmp_path / "ckpt/final.pt", weights_only=True)
     assert ckpt["derived"]["world_size"] == 2 and len(ckpt["data"]) == 2
     assert ckpt["data"][0]["shard_id"] == 0 and ckpt["data"][1]["shard_id"] == 1
+    assert ckpt["data"][0]["substitutes"] == ckpt["data"][1]["substitutes"] != []
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch-1", "epoch-2", "final.pt", "latest.pt"]
 
     again = torchrun(tmp_path, tmp_path / "out2", "--set", "schedule.epochs=3", "--set", "misc.auto_resume=true")
