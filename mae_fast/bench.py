@@ -280,7 +280,8 @@ def _e2e_mae_fast(cfg: Config, steps: int, log: Callable[[str], None]) -> dict:
     ms = statistics.median(x.ms_per_iter for x in snaps)
     batch = result.derived.effective_batch
     return {"name": "mae-fast e2e", "img_s": batch * 1000 / ms, "ms_per_iter": ms, "batch": batch,
-            "data_wait_pct": statistics.median(x.data_wait_pct for x in snaps), "steps": result.steps_done}
+            "data_wait_pct": statistics.median(x.data_wait_pct for x in snaps), "steps": result.steps_done,
+            "busy_pct": statistics.median(x.busy_pct for x in snaps)}
 
 
 def _e2e_peer(cfg: Config, steps: int, warmup: int, device: torch.device, *, compiled: bool) -> dict:

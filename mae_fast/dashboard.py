@@ -59,9 +59,11 @@ def render(s: Snapshot | None, info: RunInfo, last_checkpoint: str = "", status:
     stats.add_row("throughput", Text(f"{s.samples_per_s:,.0f} img/s", style="bold green"), "time/iter",
                   f"{s.ms_per_iter:.1f} ms")
     wait_style = "red" if s.data_wait_pct > 10 else "green"
-    stats.add_row("data wait", Text(f"{s.data_wait_pct:.1f} %", style=wait_style), "MFU",
-                  f"{100 * s.mfu:.1f} %" if s.mfu else "n/a")
-    stats.add_row("GPU memory", f"{s.mem_gb:.1f} GB" if s.mem_gb else "n/a", "elapsed", fmt_time(s.elapsed_s))
+    busy = Text(f"{s.busy_pct:.1f} %", style="red" if s.busy_pct < 90 else "green") if s.busy_pct is not None else "n/a"
+    stats.add_row("data wait", Text(f"{s.data_wait_pct:.1f} %", style=wait_style), "device busy", busy)
+    stats.add_row("MFU", f"{100 * s.mfu:.1f} %" if s.mfu else "n/a",
+                  "GPU memory", f"{s.mem_gb:.1f} GB" if s.mem_gb else "n/a")
+    stats.add_row("elapsed", fmt_time(s.elapsed_s), "", "")
     rows += [bars, stats, Text.assemble(("loss ", "dim"), (sparkline(s.history), "magenta"))]
     rows.append(Text(f"last checkpoint: {last_checkpoint or 'none yet'}", style="dim"))
     if status:

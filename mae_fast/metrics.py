@@ -30,6 +30,7 @@ class Snapshot:
     mfu: float  # model FLOPs utilization, 0..1 (0 when the peak is unknown)
     mem_gb: float  # peak device memory allocated
     elapsed_s: float
+    busy_pct: float | None = None  # share of the wall time the device spent in the step (None: not measured)
     history: list[float] = field(default_factory=list)  # recent smoothed losses, one per step, for sparklines
 
     def record(self) -> dict:
@@ -67,7 +68,7 @@ class Meter:
         self.t_last = time.perf_counter()
 
     def update(self, *, first_step: int, losses: list[float], gnorms: list[float], lr: float,
-               data_wait_s: float, mem_gb: float = 0.0) -> Snapshot:
+               data_wait_s: float, mem_gb: float = 0.0, busy_s: float | None = None) -> Snapshot:
         """`losses` are the steps first_step+1 .. first_step+len(losses). Raises NonFiniteLoss."""
         for i, v in enumerate(losses):
             if not math.isfinite(v):
@@ -93,7 +94,9 @@ class Meter:
             eta_epoch_s=(self.steps_per_epoch - epoch_step) * ms / 1000,
             eta_run_s=(self.total_steps - step) * ms / 1000,
             mfu=(self.flops_per_step * n / dt / self.peak_flops) if self.peak_flops and dt > 0 else 0.0,
-            mem_gb=mem_gb, elapsed_s=now - self.t_start, history=list(self.history))
+            mem_gb=mem_gb, elapsed_s=now - self.t_start,
+            busy_pct=100 * min(1.0, busy_s / dt) if busy_s is not None and dt > 0 else None,
+            history=list(self.history))
 
 
 def fmt_time(seconds: float) -> str:
@@ -111,6 +114,7 @@ def format_line(s: Snapshot) -> str:
     line = (f"epoch {s.epoch} [{s.epoch_step}/{s.steps_per_epoch}] step {s.step}/{s.total_steps} "
             f"loss {s.loss:.4f} (avg {s.loss_avg:.4f}, smooth {s.loss_smooth:.4f}) lr {s.lr:.3e} "
             f"| {s.samples_per_s:,.1f} img/s {s.ms_per_iter:.1f} ms/it data wait {s.data_wait_pct:.0f}% "
+            + (f"busy {s.busy_pct:.0f}% " if s.busy_pct is not None else "") +
             f"| eta epoch {fmt_time(s.eta_epoch_s)} run {fmt_time(s.eta_run_s)}")
     if s.mfu:
         line += f" | mfu {100 * s.mfu:.1f}%"

@@ -9,6 +9,7 @@ log interval (the one host sync of the loop).
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any, Callable
 
 import torch
@@ -30,6 +31,47 @@ def step_options(cfg: Config) -> dict[str, Any]:
     return {"mask_ratio": cfg.model.mask_ratio, "gradient_clip": cfg.optimization.gradient_clip,
             "mean": tuple(a.mean), "std": tuple(a.std), "compile": x.compile, "compile_mode": x.compile_mode,
             "compile_optimizer": x.compile and x.compile_optimizer}
+
+
+class _HostEvent:
+    """torch.cuda.Event's timing interface on the host clock (the CPU runs the step synchronously)."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def record(self) -> None:
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, end: _HostEvent) -> float:
+        return 1000 * (end.t - self.t)
+
+
+class BusyTimer:
+    """The time the device spends in the training step, from events around each micro-step's work,
+    recorded after its batch has arrived. Compared with the wall time of a log interval it says how
+    busy the device was: the rest is waiting for data or for the host. CUDA events on a GPU (no sync:
+    read after the log point's sync), the host clock on the CPU."""
+
+    def __init__(self, device: torch.device, windows: int):
+        def event():
+            return torch.cuda.Event(enable_timing=True) if device.type == "cuda" else _HostEvent()
+        self.pairs = [(event(), event()) for _ in range(windows)]
+        self.n = 0
+
+    def start(self) -> None:
+        if self.n < len(self.pairs):
+            self.pairs[self.n][0].record()
+
+    def stop(self) -> None:
+        if self.n < len(self.pairs):
+            self.pairs[self.n][1].record()
+            self.n += 1
+
+    def take_s(self) -> float:
+        """Seconds in the windows since the last call; call after a sync (the events must have completed)."""
+        total = sum(a.elapsed_time(b) for a, b in self.pairs[:self.n]) / 1000
+        self.n = 0
+        return total
 
 
 class MAELoss(nn.Module):

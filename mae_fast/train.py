@@ -23,7 +23,7 @@ from .metrics import Meter, Snapshot, peak_bf16_flops
 from .model import model_flops_per_image
 from .optim import build_optimizer, cosine_lr, load_optimizer_state
 from .runlog import RunLog
-from .step import TrainStep, model_from_config, step_options
+from .step import BusyTimer, TrainStep, model_from_config, step_options
 from .visualize import visualize_files
 from .weights import load_mae
 
@@ -248,10 +248,10 @@ def _train(cfg: Config, d: Dist, device: torch.device, dataset, derived: Derived
         nonlocal last_logged
         if global_step == last_logged:
             return
-        losses, gnorms = step.read_metrics(reduce=lambda t: mean(d, t))
+        losses, gnorms = step.read_metrics(reduce=lambda t: mean(d, t))  # the sync: busy's events are done
         mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
         snap = meter.update(first_step=last_logged, losses=losses, gnorms=gnorms, lr=lr,
-                            data_wait_s=batches.take_wait(), mem_gb=mem)  # raises NonFiniteLoss
+                            data_wait_s=batches.take_wait(), mem_gb=mem, busy_s=busy.take_s())  # NonFiniteLoss
         last_logged = global_step
         result.losses.extend(losses)
         result.snapshots.append(snap)
@@ -303,6 +303,7 @@ def _train(cfg: Config, d: Dist, device: torch.device, dataset, derived: Derived
         return at_log_point and any_rank(d, stop.signal is not None, device)
 
     batches = TimedBatches(loader)
+    busy = BusyTimer(device, windows=(lg.print_freq + 1) * derived.accum_steps)  # the log points read it
     end_step = derived.total_steps if max_steps is None else min(derived.total_steps, global_step + max_steps)
     t0 = time.perf_counter()
     lr = cosine_lr(global_step, derived.lr, o.min_lr, derived.warmup_steps, derived.total_steps)
@@ -313,9 +314,14 @@ def _train(cfg: Config, d: Dist, device: torch.device, dataset, derived: Derived
         for _ in range(global_step % derived.steps_per_epoch, derived.steps_per_epoch):
             lr = cosine_lr(global_step, derived.lr, o.min_lr, derived.warmup_steps, derived.total_steps)
             for i in range(derived.accum_steps):
-                step.inputs.copy_(batches.next(), non_blocking=True)
+                batch = batches.next()
+                busy.start()  # after the batch arrived: what follows is the step's own work
+                step.inputs.copy_(batch, non_blocking=True)
                 step.micro_step(sync_grads=i == derived.accum_steps - 1)
+                if i < derived.accum_steps - 1:
+                    busy.stop()
             step.optimizer_step(lr)
+            busy.stop()
             global_step += 1
             first = global_step == result.start_step + 1  # report the first step at once (compile time)
             log_point = first or global_step % lg.print_freq == 0 or global_step == end_step

@@ -214,3 +214,18 @@ def test_resuming_keeps_the_optimizer_kind():
     assert all(g["fused"] and not g["capturable"] for g in back.param_groups)
     back.step()
     assert float(back.state[p0]["step"]) == 3
+
+
+def test_busy_timer_sums_its_windows_and_resets():
+    import time
+
+    from mae_fast.step import BusyTimer
+    busy = BusyTimer(CPU, windows=2)
+    for _ in range(3):  # a third window beyond the capacity is not recorded
+        busy.start()
+        time.sleep(0.02)
+        busy.stop()
+        time.sleep(0.02)  # outside the windows: not counted
+    took = busy.take_s()
+    assert 0.04 <= took < 0.1  # the sleeps outside the windows (0.08 s) are left out
+    assert busy.take_s() == 0.0

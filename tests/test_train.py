@@ -28,6 +28,11 @@ def test_synthetic_train_runs_and_saves_resolved_config(tmp_path):
     assert saved["derived"]["steps_per_epoch"] == 8 and saved["model"]["type"] == "mae_vit_tiny_patch8"
     # the snapshots cover every step, in order
     assert [s.step for s in result.snapshots] == [1, 4, 8, 12, 16]
+    # the time in the step and the time waiting for data are disjoint parts of the wall time
+    for snap in result.snapshots[1:]:
+        assert snap.busy_pct is not None and 20 < snap.busy_pct <= 100
+        assert snap.busy_pct + snap.data_wait_pct <= 100.5
+    assert "busy " in text
 
 
 def test_divergence_stops_with_the_step(tmp_path, capsys):
