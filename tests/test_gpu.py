@@ -44,6 +44,7 @@ def test_demo_trains_on_gpu_with_dali_mixed_decode_and_resumes(tmp_path):
     result = train(load_config(ROOT / "configs/demo.yaml", args + ["schedule.epochs=3"]), log=lines.append)
     assert any("decode on GPU (mixed)" in x for x in lines)
     assert result.steps_done == 24 and all(v == v for v in result.losses)
+    assert all(s.busy_pct is not None and 0 < s.busy_pct <= 100 for s in result.snapshots[1:])  # CUDA events
     # resume on the GPU (RNG states, optimizer and DALI position loaded onto the device) and go on
     result = train(load_config(ROOT / "configs/demo.yaml", args + ["schedule.epochs=4"]), log=lines.append)
     assert result.start_step == 24 and result.steps_done == 32
