@@ -357,15 +357,17 @@ def bench_all(cfg: Config, *, steps: int = 30, batches: int = 40, out_dir: str |
 
 
 def summary_table(out: dict) -> str:
-    rows = ["| what | img/s | ms/iter or batch | MFU | data wait | peak mem |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    rows = ["| what | img/s | ms/iter or batch | MFU | data wait | busy | peak mem |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in out["loader"]:
-        rows.append(f"| loader {r['backend']} | {r['img_s']:,.0f} | {r['ms_per_batch']:.1f} | | | |")
+        rows.append(f"| loader {r['backend']} | {r['img_s']:,.0f} | {r['ms_per_batch']:.1f} | | | | |")
     for r in out["step"]:
         mem = f"{r['peak_mem_gb']:.1f} GB" if r.get("peak_mem_gb") else ""
-        rows.append(f"| step {r['name']} | {r['img_s']:,.0f} | {r['ms_per_iter']:.1f} | {100 * r['mfu']:.1f}% | | {mem} |")
+        rows.append(f"| step {r['name']} | {r['img_s']:,.0f} | {r['ms_per_iter']:.1f} | {100 * r['mfu']:.1f}% | | | {mem} |")
     for r in out["e2e"]:
+        busy = f"{r['busy_pct']:.0f}%" if r.get("busy_pct") is not None else ""
         rows.append(f"| {r['name']} | {r['img_s']:,.0f} | {r['ms_per_iter']:.1f} | {100 * r['mfu']:.1f}% | "
-                    f"{r['data_wait_pct']:.0f}% | |")
+                    f"{r['data_wait_pct']:.0f}% | {busy} | |")
     ratios = ", ".join(f"{k} {v:.2f}x" for k, v in out["ratios"].items() if v is not None)
     return "\n".join(rows) + f"\n\n{out['env']['device']}, {out['env'].get('model')}: {ratios}"
 
