@@ -70,6 +70,10 @@ def test_sigkill_then_auto_resume_gives_the_uninterrupted_losses(tmp_path, sampl
     first = spawn(run_args(b, sample_dir, b / "out1", "--set", "checkpointing.save_freq_steps=4",
                            "--set", "misc.auto_resume=true"))
     wait_for(b / "ckpt/step-8/model.pt", first)  # mid-epoch (6 steps per epoch)
+    # latest.pt is linked right after step-8/model.pt is written (atomically replaced: safe to read meanwhile)
+    while int(torch.load(b / "ckpt/latest.pt", weights_only=True)["step"]) < 8:
+        assert first.poll() is None
+        time.sleep(0.01)
     first.send_signal(signal.SIGKILL)
     first.wait()
     resumed_at = int(torch.load(b / "ckpt/latest.pt", weights_only=True)["step"])
