@@ -8,7 +8,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ def device_name(device: torch.device) -> str:
 
 
 @contextlib.contextmanager
-def train_stream(device: torch.device, high_priority: bool):
+def train_stream(device: torch.device, high_priority: bool) -> Iterator[None]:
     """misc.high_priority_stream: run the training on a high-priority CUDA stream, so that when DALI's
     decode and resize kernels (on DALI's own stream) compete with the step for the SMs, the step's
     kernels are scheduled first and DALI's fill the gaps. A no-op on the CPU or when off."""
