@@ -17,6 +17,7 @@
 #   vitl      the whole harness for ViT-L                                              about 7 min
 #   autotune  the step compiled with max-autotune (Inductor's GEMM tuning) against the default
 #                                                                                      up to 9 min
+#   memory    gradient checkpointing against the default step: speed and peak memory   about 3 min
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
@@ -44,7 +45,7 @@ fi
 if [ "$STAGE" = variants ]; then
 run step_variants 390 $B bench-step configs/bench_vit_base.yaml --steps 15 --warmup 3 \
   --variant model.embed_kept_only=true --variant misc.compile_optimizer=true --variant misc.attention=cudnn \
-  --variant model.grad_checkpointing=true --json "$OUT/step_variants.json" --profile "$OUT/step_profile.txt"
+  --variant misc.precision=bf16 --json "$OUT/step_variants.json" --profile "$OUT/step_profile.txt"
 e2e e2e_b512 $B512
 fi
 
@@ -62,4 +63,9 @@ fi
 if [ "$STAGE" = autotune ]; then
 run step_autotune 490 $B bench-step configs/bench_vit_base.yaml --steps 15 --warmup 3 \
   --variant misc.compile_mode=max-autotune-no-cudagraphs --json "$OUT/step_autotune.json"
+fi
+
+if [ "$STAGE" = memory ]; then
+run step_checkpointing 300 $B bench-step configs/bench_vit_base.yaml --steps 15 --warmup 3 \
+  --variant model.grad_checkpointing=true --json "$OUT/step_checkpointing.json"
 fi

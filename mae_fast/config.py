@@ -108,6 +108,7 @@ class MiscConfig:
     compile_optimizer: bool = False  # also compile grad norm + AdamW (foreach, capturable) instead of fused AdamW
     attention: str = "auto"  # scaled-dot-product attention kernel: auto (PyTorch picks) | flash | efficient | cudnn | math
     high_priority_stream: bool = False  # train on a high-priority CUDA stream; DALI's GPU work fills the gaps
+    precision: str = "amp"  # amp: bf16 autocast over fp32 weights | bf16: bf16 weights and activations, fp32 masters
     auto_resume: bool = False
     resume: str = ""  # path of a mae-fast checkpoint to resume from (weights, optimizer, schedule, data position)
     init_weights: str = ""  # start from these weights only (mae-fast or facebookresearch/mae checkpoint)
@@ -313,6 +314,7 @@ def validate(cfg: Config) -> None:
            f"must be auto, cuda, cuda:N or cpu, got {x.device!r}")
     _check(x.compile_mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
            "misc.compile_mode", f"unknown torch.compile mode {x.compile_mode!r}")
+    _check(x.precision in ("amp", "bf16"), "misc.precision", f"must be amp or bf16, got {x.precision!r}")
     _check(x.attention in ATTENTION_KERNELS, "misc.attention",
            f"must be one of {', '.join(ATTENTION_KERNELS)}, got {x.attention!r}")
 

@@ -11,6 +11,9 @@ in how the same numbers are computed:
   shape is static and torch.compile builds one graph;
 - attention="flash" | "efficient" | "cudnn" | "math" pins the scaled-dot-product
   attention kernel of every block (also when a checkpointed block is recomputed);
+- the pixels are cast to the weights' dtype where they enter the patch embedding
+  (a no-op for fp32 weights), so a bf16 copy of the model runs without autocast;
+  the loss target is always computed from the fp32 pixels;
 - with embed_kept_only=True the patch embedding (a per-patch linear map) runs on
   the kept patches only, after the masking, instead of on all of them before it:
   the same numbers up to rounding, for a quarter of the patch-embedding work.
@@ -210,7 +213,7 @@ class MaskedAutoencoderViT(nn.Module):
         patches = imgs.reshape(N, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(N, -1, C * p * p)
         patches = torch.gather(patches, 1, ids_keep.unsqueeze(-1).expand(-1, -1, patches.shape[2]))
         proj = self.patch_embed.proj
-        x = F.linear(patches, proj.weight.flatten(1), proj.bias)
+        x = F.linear(patches.to(proj.weight.dtype), proj.weight.flatten(1), proj.bias)
         pos = self.pos_embed[0, 1:, :][ids_keep]  # (N, L_keep, D)
         return x + pos
 
@@ -237,7 +240,7 @@ class MaskedAutoencoderViT(nn.Module):
             ids_keep, mask, ids_restore = self.masking_indices(imgs.shape[0], mask_ratio, noise, imgs.device)
             x = self.embed_patches(imgs, ids_keep)  # (N, L_keep, D)
         else:  # the official order: embed all patches, then drop the masked ones
-            x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]  # (N, L, D)
+            x = self.patch_embed(imgs.to(self.patch_embed.proj.weight.dtype)) + self.pos_embed[:, 1:, :]  # (N, L, D)
             x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)  # (N, L_keep, D)
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)  # (N, 1 + L_keep, D)
@@ -246,7 +249,7 @@ class MaskedAutoencoderViT(nn.Module):
 
     def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
         """The encoder on all patches, no masking (inference, export): (N, 1 + L, D) after the final norm."""
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
+        x = self.patch_embed(imgs.to(self.patch_embed.proj.weight.dtype)) + self.pos_embed[:, 1:, :]
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         x = self._run_blocks(self.blocks, torch.cat([cls, x], dim=1))
         return self.norm(x)

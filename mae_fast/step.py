@@ -9,6 +9,7 @@ log interval (the one host sync of the loop).
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from typing import Any, Callable
 
@@ -30,7 +31,7 @@ def step_options(cfg: Config) -> dict[str, Any]:
     a, x = cfg.data.augmentation, cfg.misc
     return {"mask_ratio": cfg.model.mask_ratio, "gradient_clip": cfg.optimization.gradient_clip,
             "mean": tuple(a.mean), "std": tuple(a.std), "compile": x.compile, "compile_mode": x.compile_mode,
-            "compile_optimizer": x.compile and x.compile_optimizer}
+            "compile_optimizer": x.compile and x.compile_optimizer, "precision": x.precision}
 
 
 class _HostEvent:
@@ -105,11 +106,17 @@ class TrainStep:
                  device: torch.device, input_dtype: torch.dtype = torch.float32,
                  mean: tuple[float, ...] = (0.485, 0.456, 0.406), std: tuple[float, ...] = (0.229, 0.224, 0.225),
                  compile: bool = True, compile_mode: str = "default", compile_backend: str | Callable = "inductor",
-                 compile_optimizer: bool = False, log_every: int = 100,
+                 compile_optimizer: bool = False, precision: str = "amp", log_every: int = 100,
                  distributed: bool = False):
         """distributed=True wraps the loss module in DistributedDataParallel (a process group must exist).
         compile_optimizer=True compiles the grad norm + clip + AdamW update too (build the optimizer
-        with build_optimizer(..., compiled=True))."""
+        with build_optimizer(..., compiled=True)).
+
+        precision "amp": bf16 autocast over the fp32 model (on a GPU; fp32 on the CPU). "bf16": a bf16
+        copy of the model runs forward and backward without autocast, so activations stay bf16 end to
+        end; after every micro-step its gradients are added into fp32 gradients of `model`, which stays
+        the fp32 master that the optimizer updates and checkpoints save, and is copied back into the
+        bf16 copy after each update."""
         self.model = model  # uncompiled: checkpoints use its parameter names
         self.optimizer = optimizer
         self.accum_steps = accum_steps
@@ -127,8 +134,19 @@ class TrainStep:
         self._loss_acc = torch.zeros((), device=device)
         self.slot = 0
 
-        module: nn.Module = MAELoss(model, mask_ratio, device.type == "cuda", input_dtype == torch.uint8,
-                                    mean, std, device)
+        if precision not in ("amp", "bf16"):
+            raise ValueError(f"precision must be amp or bf16, got {precision!r}")
+        self.compute = model  # the module that runs the step
+        if precision == "bf16":
+            if distributed:
+                raise ValueError("precision bf16 runs in one process in this version (use amp with several)")
+            self.compute = copy.deepcopy(model).to(torch.bfloat16)
+            for p in self.params:
+                p.grad = torch.zeros_like(p)  # fp32 accumulators, kept allocated (zeroed in place)
+        self._compute_params = [p for p in self.compute.parameters() if p.requires_grad]
+
+        amp = device.type == "cuda" and precision == "amp"
+        module: nn.Module = MAELoss(self.compute, mask_ratio, amp, input_dtype == torch.uint8, mean, std, device)
         if compile:
             kw = {"mode": compile_mode} if compile_mode != "default" and compile_backend == "inductor" else {}
             module = torch.compile(module, fullgraph=True, dynamic=False, backend=compile_backend, **kw)
@@ -161,6 +179,9 @@ class TrainStep:
         with ctx:
             loss = self.loss_fn(self.inputs, self.noise)
             (loss / self.accum_steps).backward()
+        if self.compute is not self.model:  # bf16: accumulate in fp32
+            torch._foreach_add_([p.grad for p in self.params], [p.grad for p in self._compute_params])
+            self.compute.zero_grad(set_to_none=True)
         self._loss_acc += loss.detach()
 
     def _clip_and_update(self) -> torch.Tensor:
@@ -170,6 +191,9 @@ class TrainStep:
         else:
             gnorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in self.params])))
         self.optimizer.step()
+        if self.compute is not self.model:
+            with torch.no_grad():
+                torch._foreach_copy_(self._compute_params, self.params)  # the updated masters, rounded to bf16
         return gnorm
 
     def optimizer_step(self, lr: float) -> None:
@@ -177,7 +201,7 @@ class TrainStep:
         for group in self.optimizer.param_groups:
             group["lr"].fill_(lr)  # a 0-D tensor: no recompile, no sync
         gnorm = self._update()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=self.compute is self.model)  # bf16: keep the fp32 accumulators
         self.loss_ring[self.slot].copy_(self._loss_acc / self.accum_steps)
         self.gnorm_ring[self.slot].copy_(gnorm)
         self._loss_acc.zero_()

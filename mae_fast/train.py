@@ -148,6 +148,8 @@ def _setup_and_train(cfg: Config, d: Dist, log: Callable[[str], None] | None, ma
     # rank 0 scans and every rank trains on its exact file list (the shards must partition one list)
     dataset = broadcast(d, find_dataset(cfg) if d.is_main else None)
     derived = derive(cfg, dataset.num_images, d.world_size)
+    if cfg.misc.precision == "bf16" and d.enabled:
+        raise ConfigError("misc.precision: bf16 runs in one process in this version; use amp with several")
     loader, input_dtype, data_desc = build_loader(cfg, dataset, derived.micro_batch_size,
                                                   derived.steps_per_epoch * derived.accum_steps, device,
                                                   rank=d.rank, world_size=d.world_size)

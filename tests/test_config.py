@@ -55,6 +55,7 @@ def test_absolute_lr_wins():
     ({"data": {"input_size": 100}}, "data.input_size", "multiple of the patch size 16"),
     ({"data": {"backend": "ffcv"}}, "data.backend", "dali, pil or synthetic"),
     ({"misc": {"attention": "flash2"}}, "misc.attention", "auto, flash, efficient, cudnn, math"),
+    ({"misc": {"precision": "fp16"}}, "misc.precision", "amp or bf16"),
     ({"data": {"augmentation": {"crop_scale": [0.9, 0.2]}}}, "data.augmentation.crop_scale", "low <= high"),
     ({"schedule": {"warmup_epochs": 50, "epochs": 10}}, "schedule.warmup_epochs", "epochs=10"),
     ({"optimization": {"lr": "inf"}}, "optimization.lr", "expected a finite number"),

@@ -63,7 +63,7 @@ def test_dali_cpu_decode_rest_on_gpu(tmp_path):
 
 
 @pytest.mark.parametrize("switch", ["model.embed_kept_only=true", "misc.compile_optimizer=true",
-                                    "misc.attention=flash", "misc.attention=cudnn"])
+                                    "misc.attention=flash", "misc.attention=cudnn", "misc.precision=bf16"])
 def test_performance_switches_train_as_the_default_step(switch):
     """Each switch of bench-step --variant, compiled on the GPU: the same losses as the default step."""
     from mae_fast.config import config_from_dict

@@ -229,3 +229,71 @@ def test_busy_timer_sums_its_windows_and_resets():
     took = busy.take_s()
     assert 0.04 <= took < 0.1  # the sleeps outside the windows (0.08 s) are left out
     assert busy.take_s() == 0.0
+
+
+def test_bf16_precision_keeps_fp32_masters_and_trains_like_fp32():
+    """misc.precision bf16: a bf16 copy runs the step, gradients accumulate in fp32 on the fp32 model (the
+    master that the optimizer updates and checkpoints save), and the copy is the masters rounded to bf16."""
+    steps = []
+    for precision in ("amp", "bf16"):  # amp is plain fp32 on the CPU
+        torch.manual_seed(0)
+        model = build_model("mae_vit_tiny_patch8")
+        opt = build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), CPU)
+        steps.append(TrainStep(model, opt, micro_batch=4, accum_steps=2, mask_ratio=0.75, gradient_clip=1.0,
+                               device=CPU, compile=False, precision=precision, log_every=1000))
+    g = torch.Generator().manual_seed(1)
+    batches = [[torch.randn(4, 3, 32, 32, generator=g) for _ in range(2)] for _ in range(4)]
+    lrs = [1e-3] * 4
+    torch.manual_seed(5)
+    l_fp32 = run_steps(steps[0], batches, lrs)
+    torch.manual_seed(5)
+    l_bf16 = run_steps(steps[1], batches, lrs)
+    assert l_bf16 == pytest.approx(l_fp32, rel=3e-2)
+    bf16 = steps[1]
+    assert bf16.compute is not bf16.model
+    for (name, master), copy in zip(bf16.model.named_parameters(), bf16.compute.parameters()):
+        assert master.dtype == torch.float32 and copy.dtype == torch.bfloat16, name
+        assert torch.equal(copy, master.to(torch.bfloat16)), name
+        if master.requires_grad:
+            assert master.grad is not None and not master.grad.any(), name  # kept allocated, zeroed
+            assert copy.grad is None, name
+    assert all(v.dtype == torch.float32 for v in bf16.model.state_dict().values())  # what checkpoints hold
+
+
+def test_bf16_precision_accumulates_micro_batches_in_fp32():
+    """Each micro-step's bf16 gradients are added into the fp32 accumulators: after one micro-step they are
+    bf16 values; after three, sums that bf16 cannot hold (a bf16 accumulation would have rounded them)."""
+    torch.manual_seed(0)
+    model = build_model("mae_vit_tiny_patch8")
+    step = TrainStep(model, build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), CPU), micro_batch=2, accum_steps=3,
+                     mask_ratio=0.75, gradient_clip=0.0, device=CPU, compile=False, precision="bf16")
+
+    def bf16_representable(t: torch.Tensor) -> bool:
+        return torch.equal(t, t.to(torch.bfloat16).float())
+    for i in range(3):
+        step.inputs.normal_()
+        step.micro_step()
+        assert all(p.grad is None for p in step._compute_params)  # moved out after every micro-step
+        if i == 0:
+            assert all(bf16_representable(p.grad) for p in step.params)
+    assert not all(bf16_representable(p.grad) for p in step.params)
+
+
+def test_bf16_precision_compiles_to_one_graph():
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    torch.manual_seed(0)
+    model = build_model("mae_vit_tiny_patch8")
+    step = TrainStep(model, build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), CPU), micro_batch=4, accum_steps=1,
+                     mask_ratio=0.75, gradient_clip=1.0, device=CPU, compile_backend=counter, precision="bf16")
+    batches = [[torch.randn(4, 3, 32, 32)] for _ in range(3)]
+    losses = run_steps(step, batches, [1e-3, 2e-3, 5e-4])
+    assert counter.frame_count == 1 and all(math.isfinite(v) for v in losses)
+
+
+def test_bf16_precision_is_refused_with_several_processes():
+    model = build_model("mae_vit_tiny_patch8")
+    with pytest.raises(ValueError, match="one process"):
+        TrainStep(model, build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), CPU), micro_batch=2, accum_steps=1,
+                  mask_ratio=0.75, gradient_clip=0.0, device=CPU, compile=False, precision="bf16", distributed=True)

@@ -127,3 +127,13 @@ def test_missing_dali_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(pipelines.dali, "dali_available", lambda: False)
     with pytest.raises(ConfigError, match="data.backend: dali, but nvidia.dali cannot be imported.*data.backend: pil"):
         build_loader(config_from_dict({}), Dataset(["a.jpg"] * 8, 8, []), 2, 1, torch.device("cpu"))
+
+
+def test_bf16_precision_run_saves_fp32_checkpoints(tmp_path):
+    import torch
+    cfg = demo_cfg(tmp_path, "data.backend=synthetic", "data.synthetic_images=256", "misc.compile=false",
+                   "schedule.epochs=1", "schedule.warmup_epochs=0", "misc.precision=bf16")
+    result = train(cfg, log=lambda line: None)
+    assert result.steps_done == 8 and all(v == v for v in result.losses)
+    ckpt = torch.load(tmp_path / "ckpt/final.pt", weights_only=True)
+    assert all(v.dtype == torch.float32 for v in ckpt["model"].values())
