@@ -127,10 +127,9 @@ class PilLoader(ShardedFileLoader):
     def __iter__(self) -> Iterator[torch.Tensor]:
         self._start_pass()
         self._sampler.epoch, self._sampler.start = self._epoch, self._batch
-        order = self.epoch_order(self._epoch)
         for images, errors in self._get_dataloader():
             if any(errors):  # rare: replace the undecodable images here, in the main process
-                row = order[self._batch].tolist()
+                row = self.epoch_order(self._epoch)[self._batch].tolist()
                 images = torch.stack([self._replacement(row[k], err) if err else img
                                       for k, (img, err) in enumerate(zip(images, errors, strict=True))])
             self._batch += 1

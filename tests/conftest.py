@@ -19,6 +19,15 @@ def drop_key_bias(name: str, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def broken_huffman_copy(src, dst) -> None:
+    """Copy a JPEG with the code counts of its first Huffman table overwritten: markers and header
+    still parse (the dataset scan passes it), but no decoder accepts it."""
+    data = bytearray(Path(src).read_bytes())
+    dht = data.index(b"\xff\xc4")
+    data[dht + 5 : dht + 21] = b"\xff" * 16
+    Path(dst).write_bytes(bytes(data))
+
+
 @pytest.fixture
 def tiny_model():
     from mae_fast.model import build_model

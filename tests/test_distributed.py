@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import drop_key_bias
+from conftest import broken_huffman_copy, drop_key_bias
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -88,10 +88,7 @@ def torchrun(tmp_path, out, *extra):
 def test_torchrun_two_ranks_train_write_once_and_resume(tmp_path):
     from pipelines.sample_data import make_sample_data
     data = make_sample_data(str(tmp_path / "data"), n=64)  # batch 32 over 2 ranks: 2 steps per epoch
-    raw = bytearray(open(f"{data}/class_0/img_000000.JPEG", "rb").read())
-    dht = raw.index(b"\xff\xc4")
-    raw[dht + 5 : dht + 21] = b"\xff" * 16  # a broken Huffman table: passes the scan, fails to decode
-    open(f"{data}/class_1/huffman.JPEG", "wb").write(bytes(raw))
+    broken_huffman_copy(f"{data}/class_0/img_000000.JPEG", f"{data}/class_1/huffman.JPEG")  # passes the scan
     run = torchrun(tmp_path, tmp_path / "out1", "--set", "schedule.epochs=2")
     assert run.returncode == 0, run.stdout + run.stderr
     # one rank met it, rank 0 logged it once, and both ranks leave it out from then on

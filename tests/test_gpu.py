@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import broken_huffman_copy
 
 from mae_fast.config import load_config
 from mae_fast.model import build_model
@@ -93,11 +94,7 @@ def test_gpu_decoder_failure_on_a_file_is_recovered(tmp_path):
     from pipelines.sample_data import make_sample_data
     from pipelines.scan import scan_dataset
     root = Path(make_sample_data(str(tmp_path / "s"), n=31))
-    src = next(root.glob("class_0/*.JPEG"))
-    data = bytearray(src.read_bytes())
-    dht = data.index(b"\xff\xc4")
-    data[dht + 5 : dht + 21] = b"\xff" * 16
-    (root / "class_0/huffman.JPEG").write_bytes(bytes(data))
+    broken_huffman_copy(next(root.glob("class_0/*.JPEG")), root / "class_0/huffman.JPEG")
     files = scan_dataset(str(root), progress=False).files
     assert len(files) == 32
     loader = build_dali_loader(files, 16, AugmentConfig(input_size=64), seed=0, device_id=0)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from conftest import broken_huffman_copy
 
 pytest.importorskip("nvidia.dali")
 
@@ -370,19 +371,10 @@ def test_decoder_choice_is_checked():
     assert not build_dali_loader(["a.jpg"] * 8, 4, AugmentConfig(input_size=32), seed=0).gpu_decode
 
 
-def _bogus_huffman_copy(src: str, dst: str) -> None:
-    """A JPEG that passes the scan (markers and header are fine) but no decoder accepts: the code
-    counts of its first Huffman table are overwritten."""
-    data = bytearray(open(src, "rb").read())
-    dht = data.index(b"\xff\xc4")
-    data[dht + 5 : dht + 21] = b"\xff" * 16
-    open(dst, "wb").write(bytes(data))
-
-
 def test_undecodable_file_is_left_out_during_training_and_stays_out(tmp_path):
     good = write_index_images(tmp_path, 11)
     bad = str(tmp_path / "005b.jpg")  # sorts right after 005.jpg: read in its place is 006.jpg
-    _bogus_huffman_copy(good[5], bad)
+    broken_huffman_copy(good[5], bad)
     scanned = scan_dataset(str(tmp_path), progress=False)
     assert bad in scanned.files and not scanned.bad  # the cheap scan cannot see it
     files = scanned.files

@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 from PIL import Image
+from conftest import broken_huffman_copy
 
 pytest.importorskip("torchvision")
 
@@ -110,11 +111,8 @@ def test_undecodable_file_is_left_out_and_replaced(tmp_path, workers):
         path = str(tmp_path / f"{i:03d}.jpg")
         Image.new("RGB", (40, 30), index_colour(i)).save(path, quality=95)
         files.append(path)
-    data = bytearray(open(files[5], "rb").read())
-    dht = data.index(b"\xff\xc4")
-    data[dht + 5 : dht + 21] = b"\xff" * 16  # a broken Huffman table: the header still parses
     bad = str(tmp_path / "005b.jpg")
-    open(bad, "wb").write(bytes(data))
+    broken_huffman_copy(files[5], bad)  # the header still parses
     files.insert(6, bad)  # read in its place: 006.jpg, the next file
     loader = build_pil_loader(files, 4, AUG, seed=0, num_workers=workers)
     counts = [0] * 11

@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import broken_huffman_copy
 
 from mae_fast.cli import EXIT_DIVERGED, EXIT_USAGE, main
 from mae_fast.config import load_config
@@ -94,10 +95,7 @@ def test_folder_with_bad_files_trains_and_reports_them(tmp_path):
     raw = (data / "class_0/img_000000.JPEG").read_bytes()
     (data / "class_3/truncated.jpg").write_bytes(raw[: len(raw) // 2])
     (data / "class_3/notes.jpg").write_text("this is not an image")
-    broken = bytearray(raw)
-    dht = broken.index(b"\xff\xc4")
-    broken[dht + 5 : dht + 21] = b"\xff" * 16  # a broken Huffman table: header and markers are fine
-    (data / "class_2/huffman.jpg").write_bytes(bytes(broken))
+    broken_huffman_copy(data / "class_0/img_000000.JPEG", data / "class_2/huffman.jpg")
     cfg = demo_cfg(tmp_path, f"data.data_path={data}", "misc.compile=false", "schedule.epochs=2",
                    "optimization.batch_size=11", "data.input_size=32")
     lines = []
