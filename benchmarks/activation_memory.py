@@ -13,6 +13,7 @@ Speed: the ratio of step times on this machine, eager, checkpointing on / off, s
 
     python benchmarks/activation_memory.py [--json benchmarks/results/cpu_activation_memory.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,6 +79,7 @@ def step_seconds(model_type: str, checkpointing: bool, batch: int, steps: int) -
         loss, _, _ = model(imgs, 0.75)
         loss.backward()
         model.zero_grad(set_to_none=True)
+
     step()  # warm-up
     t = time.perf_counter()
     for _ in range(steps):
@@ -87,8 +89,9 @@ def step_seconds(model_type: str, checkpointing: bool, batch: int, steps: int) -
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["mae_vit_base_patch16", "mae_vit_large_patch16",
-                                                    "mae_vit_huge_patch14"])
+    ap.add_argument(
+        "--models", nargs="+", default=["mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14"]
+    )
     ap.add_argument("--speed-model", default="mae_vit_base_patch16")
     ap.add_argument("--speed-batch", type=int, default=8)
     ap.add_argument("--speed-steps", type=int, default=3)
@@ -98,20 +101,41 @@ def main() -> None:
     rows = []
     for name in args.models:
         off, on = per_image_bytes(name, False), per_image_bytes(name, True)
-        rows.append({"model": name, "img_size": PRESETS[name].img_size, "activation_mib_per_image": off / 2**20,
-                     "with_checkpointing_mib_per_image": on / 2**20, "ratio": on / off})
-        print(f"{name:>24}: {off / 2**20:7.1f} MiB/image saved for backward; with checkpointing "
-              f"{on / 2**20:6.1f} MiB ({100 * on / off:.0f}%)")
+        rows.append(
+            {
+                "model": name,
+                "img_size": PRESETS[name].img_size,
+                "activation_mib_per_image": off / 2**20,
+                "with_checkpointing_mib_per_image": on / 2**20,
+                "ratio": on / off,
+            }
+        )
+        print(
+            f"{name:>24}: {off / 2**20:7.1f} MiB/image saved for backward; with checkpointing "
+            f"{on / 2**20:6.1f} MiB ({100 * on / off:.0f}%)"
+        )
     # interleaved, twice each, the faster of the two: the CPU's clock and caches drift
     off_s = on_s = float("inf")
     for _ in range(2):
         off_s = min(off_s, step_seconds(args.speed_model, False, args.speed_batch, args.speed_steps))
         on_s = min(on_s, step_seconds(args.speed_model, True, args.speed_batch, args.speed_steps))
-    print(f"{args.speed_model} step (eager, fp32, batch {args.speed_batch}, this CPU): {off_s * 1000:.0f} ms, "
-          f"with checkpointing {on_s * 1000:.0f} ms ({on_s / off_s:.2f}x)")
-    out = {"memory": rows, "speed": {"model": args.speed_model, "batch": args.speed_batch, "device": "cpu", "dtype": "float32",
-                                     "ms_off": off_s * 1000, "ms_on": on_s * 1000, "ratio": on_s / off_s},
-           "torch": torch.__version__}
+    print(
+        f"{args.speed_model} step (eager, fp32, batch {args.speed_batch}, this CPU): {off_s * 1000:.0f} ms, "
+        f"with checkpointing {on_s * 1000:.0f} ms ({on_s / off_s:.2f}x)"
+    )
+    out = {
+        "memory": rows,
+        "speed": {
+            "model": args.speed_model,
+            "batch": args.speed_batch,
+            "device": "cpu",
+            "dtype": "float32",
+            "ms_off": off_s * 1000,
+            "ms_on": on_s * 1000,
+            "ratio": on_s / off_s,
+        },
+        "torch": torch.__version__,
+    }
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2))

@@ -3,6 +3,7 @@ process, and report the throughput ratio. Redraw every step (print_freq=1) is th
 
     python benchmarks/dashboard_overhead.py [--config configs/demo.yaml] [--steps 200] [--print-freq 1]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,9 +24,18 @@ from mae_fast.train import train  # noqa: E402
 def measure(config: str, dashboard: str, steps: int, print_freq: int, extra: list[str]) -> float:
     """Median img/s of the run's log intervals after the first two."""
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(config, [f"logging.dashboard={dashboard}", f"logging.print_freq={print_freq}",
-                                   f"logging.output_dir={tmp}/out", f"checkpointing.checkpoint_dir={tmp}/ckpt",
-                                   "checkpointing.save_freq_epochs=0", "checkpointing.save_freq_steps=0", *extra])
+        cfg = load_config(
+            config,
+            [
+                f"logging.dashboard={dashboard}",
+                f"logging.print_freq={print_freq}",
+                f"logging.output_dir={tmp}/out",
+                f"checkpointing.checkpoint_dir={tmp}/ckpt",
+                "checkpointing.save_freq_epochs=0",
+                "checkpointing.save_freq_steps=0",
+                *extra,
+            ],
+        )
         sink = Path(tmp) / "console.txt"
         with open(sink, "w") as f, contextlib.redirect_stdout(f):
             result = train(cfg, max_steps=steps)
@@ -50,8 +60,15 @@ def main() -> None:
     for mode in order:
         rates[mode].append(measure(a.config, mode, a.steps, a.print_freq, a.extra))
     on, off = statistics.mean(rates["on"]), statistics.mean(rates["off"])
-    out = {"dashboard_on_img_s": on, "dashboard_off_img_s": off, "ratio_on_over_off": on / off,
-           "print_freq": a.print_freq, "steps": a.steps, "config": a.config, "overrides": a.extra}
+    out = {
+        "dashboard_on_img_s": on,
+        "dashboard_off_img_s": off,
+        "ratio_on_over_off": on / off,
+        "print_freq": a.print_freq,
+        "steps": a.steps,
+        "config": a.config,
+        "overrides": a.extra,
+    }
     print(json.dumps(out, indent=2))
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2))

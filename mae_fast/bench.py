@@ -1,6 +1,7 @@
 """Benchmarks: the training step on synthetic data, and the data loaders, each against its baseline
 measured in the same run. Timings synchronize before reading the clock and leave out warm-up
 and compilation."""
+
 from __future__ import annotations
 
 import json
@@ -8,8 +9,8 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -21,16 +22,31 @@ from .train import resolve_device, seed_everything
 
 
 def env_info(device: torch.device) -> dict:
-    info = {"torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"}
+    info = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()})",
+    }
     try:
         import nvidia.dali as dali
+
         info["dali"] = dali.__version__
     except ImportError:
         info["dali"] = None
     try:
-        info["git_sha"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                         cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+        info["git_sha"] = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).parent,
+                timeout=5,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         info["git_sha"] = None
     info["git_sha"] = info["git_sha"] or os.environ.get("MAE_FAST_GIT_SHA")  # a copy of the tree without .git
@@ -54,7 +70,7 @@ def measure_matmul_flops(device: torch.device) -> float:
     for _ in range(reps):
         a @ b
     _sync(device)
-    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+    return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
 def _time_steps(run_step: Callable[[], None], steps: int, warmup: int, device: torch.device) -> float:
@@ -73,11 +89,13 @@ def _mae_fast_step(cfg: Config, device: torch.device, batch: int) -> Callable[[]
     o = cfg.optimization
     model = model_from_config(cfg).to(device)
     options = step_options(cfg)
-    opt = build_optimizer(model, 1e-4, o.weight_decay, (o.adam_beta1, o.adam_beta2), device,
-                          compiled=options["compile_optimizer"])
+    opt = build_optimizer(
+        model, 1e-4, o.weight_decay, (o.adam_beta1, o.adam_beta2), device, compiled=options["compile_optimizer"]
+    )
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    step = TrainStep(model, opt, micro_batch=batch, accum_steps=1, device=device, input_dtype=dtype,
-                     log_every=1 << 20, **options)
+    step = TrainStep(
+        model, opt, micro_batch=batch, accum_steps=1, device=device, input_dtype=dtype, log_every=1 << 20, **options
+    )
     step.inputs.normal_()
 
     def run() -> None:
@@ -85,6 +103,7 @@ def _mae_fast_step(cfg: Config, device: torch.device, batch: int) -> Callable[[]
         step.optimizer_step(1e-4)
         if step.ring_full:
             step.read_metrics()
+
     return run
 
 
@@ -95,6 +114,7 @@ def _reference_step(cfg: Config, device: torch.device, batch: int) -> Callable[.
     o = cfg.optimization
     model = build_model(cfg.model.type, cfg.model.norm_pix_loss, cfg.data.input_size).to(device)
     from .optim import param_groups
+
     opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=1e-4, betas=(o.adam_beta1, o.adam_beta2))
     cuda = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
@@ -113,6 +133,7 @@ def _reference_step(cfg: Config, device: torch.device, batch: int) -> Callable[.
         scaler.update()
         opt.zero_grad()
         _sync(device)
+
     return run
 
 
@@ -124,8 +145,10 @@ def _compiled_reference_step(cfg: Config, device: torch.device, batch: int) -> C
     o = cfg.optimization
     model = build_model(cfg.model.type, cfg.model.norm_pix_loss, cfg.data.input_size).to(device)
     from .optim import param_groups
-    opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=1e-4, betas=(o.adam_beta1, o.adam_beta2),
-                            fused=True)
+
+    opt = torch.optim.AdamW(
+        param_groups(model, o.weight_decay), lr=1e-4, betas=(o.adam_beta1, o.adam_beta2), fused=True
+    )
     forward = torch.compile(model) if cfg.misc.compile else model
     fixed = torch.randn(batch, 3, cfg.data.input_size, cfg.data.input_size, device=device)
     a = cfg.data.augmentation
@@ -144,12 +167,14 @@ def _compiled_reference_step(cfg: Config, device: torch.device, batch: int) -> C
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     return run
 
 
 def profile_steps(run_step: Callable[[], None], steps: int, device: torch.device, path: str) -> str:
     """Where a step's time goes: the torch profiler's kernel table (sorted by device time) written to `path`."""
     from torch.profiler import ProfilerActivity, profile
+
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
@@ -162,9 +187,17 @@ def profile_steps(run_step: Callable[[], None], steps: int, device: torch.device
     return table
 
 
-def bench_step(cfg: Config, *, steps: int = 20, warmup: int = 5, compare: bool = False,
-               batch: int | None = None, profile: str | None = None,
-               variants: list[tuple[str, Config]] = (), log: Callable[[str], None] = print) -> dict:
+def bench_step(
+    cfg: Config,
+    *,
+    steps: int = 20,
+    warmup: int = 5,
+    compare: bool = False,
+    batch: int | None = None,
+    profile: str | None = None,
+    variants: list[tuple[str, Config]] = (),
+    log: Callable[[str], None] = print,
+) -> dict:
     """Time mae-fast's step (and with compare, the reference step) on synthetic data after warm-up.
     `variants`: (label, config) pairs timed in the same run, each reported against mae-fast's step.
     `profile`: also write the profiler's kernel table of mae-fast's step there (after the timing)."""
@@ -180,8 +213,14 @@ def bench_step(cfg: Config, *, steps: int = 20, warmup: int = 5, compare: bool =
         runs += [("reference", _reference_step, cfg), ("compiled reference", _compiled_reference_step, cfg)]
     results = []
     for name, make, run_cfg in runs:
-        n = batch or run_cfg.optimization.micro_batch_size or derive(run_cfg, run_cfg.optimization.batch_size).micro_batch_size
-        flops_img = model_flops_per_image(arch_for(run_cfg.model.type, run_cfg.data.input_size), run_cfg.model.mask_ratio)
+        n = (
+            batch
+            or run_cfg.optimization.micro_batch_size
+            or derive(run_cfg, run_cfg.optimization.batch_size).micro_batch_size
+        )
+        flops_img = model_flops_per_image(
+            arch_for(run_cfg.model.type, run_cfg.data.input_size), run_cfg.model.mask_ratio
+        )
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
@@ -190,36 +229,57 @@ def bench_step(cfg: Config, *, steps: int = 20, warmup: int = 5, compare: bool =
         if profile and name == "mae-fast":
             profile_steps(run, 3, device, profile)
             log(f"profile of 3 steps: {profile}")
-        r = {"name": name, "batch": n, "img_s": n / sec, "ms_per_iter": 1000 * sec,
-             "gflop_per_img": flops_img / 1e9, "mfu": flops_img * n / sec / peak,
-             "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+        r = {
+            "name": name,
+            "batch": n,
+            "img_s": n / sec,
+            "ms_per_iter": 1000 * sec,
+            "gflop_per_img": flops_img / 1e9,
+            "mfu": flops_img * n / sec / peak,
+            "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        }
         if results:
             r["vs_mae_fast"] = r["img_s"] / results[0]["img_s"]
         results.append(r)
-        log(f"{name:>10}: {r['img_s']:,.1f} img/s  {r['ms_per_iter']:.1f} ms/iter  batch {n}  MFU {100 * r['mfu']:.1f}%"
+        log(
+            f"{name:>10}: {r['img_s']:,.1f} img/s  {r['ms_per_iter']:.1f} ms/iter  batch {n}  MFU {100 * r['mfu']:.1f}%"
             + (f"  peak mem {r['peak_mem_gb']:.1f} GB" if r["peak_mem_gb"] is not None else "")
-            + (f"  {r['vs_mae_fast']:.3f}x mae-fast" if "vs_mae_fast" in r else ""))
+            + (f"  {r['vs_mae_fast']:.3f}x mae-fast" if "vs_mae_fast" in r else "")
+        )
         del run
     m, x = cfg.model, cfg.misc
-    out = {"results": results, "env": {**env_info(device), "matmul_peak_tflops": peak / 1e12, "model": m.type,
-                                       "compile": x.compile, "compile_mode": x.compile_mode,
-                                       "compile_optimizer": x.compile_optimizer, "attention": x.attention,
-                                       "embed_kept_only": m.embed_kept_only,
-                                       "grad_checkpointing": m.grad_checkpointing}}
+    out = {
+        "results": results,
+        "env": {
+            **env_info(device),
+            "matmul_peak_tflops": peak / 1e12,
+            "model": m.type,
+            "compile": x.compile,
+            "compile_mode": x.compile_mode,
+            "compile_optimizer": x.compile_optimizer,
+            "attention": x.attention,
+            "embed_kept_only": m.embed_kept_only,
+            "grad_checkpointing": m.grad_checkpointing,
+        },
+    }
     if compare:
         out["speedup"] = results[0]["img_s"] / results[-2]["img_s"]
         out["speedup_vs_compiled_reference"] = results[0]["img_s"] / results[-1]["img_s"]
-        log(f"mae-fast / reference: {out['speedup']:.2f}x; mae-fast / compiled reference: "
-            f"{out['speedup_vs_compiled_reference']:.2f}x")
+        log(
+            f"mae-fast / reference: {out['speedup']:.2f}x; mae-fast / compiled reference: "
+            f"{out['speedup_vs_compiled_reference']:.2f}x"
+        )
     return out
 
 
-def bench_loader(cfg: Config, *, backend: str = "both", batches: int = 50, warmup: int = 5,
-                 log: Callable[[str], None] = print) -> dict:
+def bench_loader(
+    cfg: Config, *, backend: str = "both", batches: int = 50, warmup: int = 5, log: Callable[[str], None] = print
+) -> dict:
     """img/s and ms per batch of the DALI and/or PIL loaders over the config's data, same run, same data."""
     from dataclasses import replace
 
     from .data import build_loader, find_dataset
+
     device = resolve_device(cfg.misc.device)
     dataset = find_dataset(cfg)
     for w in dataset.warnings:
@@ -229,7 +289,7 @@ def bench_loader(cfg: Config, *, backend: str = "both", batches: int = 50, warmu
         raise ValueError(f"data.data_path: {dataset.num_images} images, fewer than one batch of {batch}")
     per_epoch = dataset.num_images // batch
     results = []
-    for name in (["dali", "pil"] if backend == "both" else [backend]):
+    for name in ["dali", "pil"] if backend == "both" else [backend]:
         run_cfg = replace(cfg, data=replace(cfg.data, backend=name))
         loader, _, desc = build_loader(run_cfg, dataset, batch, per_epoch, device)
         log(f"{name}: {desc}, batch {batch}, {cfg.data.input_size}px")
@@ -247,14 +307,30 @@ def bench_loader(cfg: Config, *, backend: str = "both", batches: int = 50, warmu
             seen += 1
         _sync(device)
         sec = (time.perf_counter() - t) / batches
-        results.append({"backend": name, "img_s": batch / sec, "ms_per_batch": 1000 * sec, "batch": batch,
-                        "workers": cfg.data.num_workers, "output_device": str(b.device), "dtype": str(b.dtype)})
+        results.append(
+            {
+                "backend": name,
+                "img_s": batch / sec,
+                "ms_per_batch": 1000 * sec,
+                "batch": batch,
+                "workers": cfg.data.num_workers,
+                "output_device": str(b.device),
+                "dtype": str(b.dtype),
+            }
+        )
         log(f"{name:>5}: {batch / sec:,.1f} img/s  {1000 * sec:.1f} ms/batch")
         if hasattr(loader, "close"):
             loader.close()
         del loader, it
-    out = {"results": results, "env": {**env_info(device), "input_size": cfg.data.input_size,
-                                       "num_images": dataset.num_images, "data_path": cfg.data.data_path}}
+    out = {
+        "results": results,
+        "env": {
+            **env_info(device),
+            "input_size": cfg.data.input_size,
+            "num_images": dataset.num_images,
+            "data_path": cfg.data.data_path,
+        },
+    }
     if len(results) == 2:
         out["ratio_dali_over_pil"] = results[0]["img_s"] / results[1]["img_s"]
         log(f"DALI / PIL: {out['ratio_dali_over_pil']:.2f}x")
@@ -268,20 +344,36 @@ def _e2e_mae_fast(cfg: Config, steps: int, log: Callable[[str], None]) -> dict:
     from dataclasses import replace
 
     from .train import train
+
     with tempfile.TemporaryDirectory() as tmp:
-        run_cfg = replace(cfg, logging=replace(cfg.logging, output_dir=f"{tmp}/out", dashboard="off",
-                                               print_freq=max(1, steps // 5), visualize_freq_epochs=0),
-                          checkpointing=replace(cfg.checkpointing, checkpoint_dir=f"{tmp}/ckpt",
-                                                save_freq_epochs=0, save_freq_steps=0),
-                          misc=replace(cfg.misc, auto_resume=False, resume=""),
-                          schedule=replace(cfg.schedule, epochs=max(cfg.schedule.epochs, 1000), warmup_epochs=0))
+        run_cfg = replace(
+            cfg,
+            logging=replace(
+                cfg.logging,
+                output_dir=f"{tmp}/out",
+                dashboard="off",
+                print_freq=max(1, steps // 5),
+                visualize_freq_epochs=0,
+            ),
+            checkpointing=replace(
+                cfg.checkpointing, checkpoint_dir=f"{tmp}/ckpt", save_freq_epochs=0, save_freq_steps=0
+            ),
+            misc=replace(cfg.misc, auto_resume=False, resume=""),
+            schedule=replace(cfg.schedule, epochs=max(cfg.schedule.epochs, 1000), warmup_epochs=0),
+        )
         result = train(run_cfg, log=lambda m: None, max_steps=steps)
     snaps = result.snapshots[2:] or result.snapshots[-1:]  # leave out the first step and interval (warm-up)
     ms = statistics.median(x.ms_per_iter for x in snaps)
     batch = result.derived.effective_batch
-    return {"name": "mae-fast e2e", "img_s": batch * 1000 / ms, "ms_per_iter": ms, "batch": batch,
-            "data_wait_pct": statistics.median(x.data_wait_pct for x in snaps), "steps": result.steps_done,
-            "busy_pct": statistics.median(x.busy_pct for x in snaps)}
+    return {
+        "name": "mae-fast e2e",
+        "img_s": batch * 1000 / ms,
+        "ms_per_iter": ms,
+        "batch": batch,
+        "data_wait_pct": statistics.median(x.data_wait_pct for x in snaps),
+        "steps": result.steps_done,
+        "busy_pct": statistics.median(x.busy_pct for x in snaps),
+    }
 
 
 def _e2e_peer(cfg: Config, steps: int, warmup: int, device: torch.device, *, compiled: bool) -> dict:
@@ -291,6 +383,7 @@ def _e2e_peer(cfg: Config, steps: int, warmup: int, device: torch.device, *, com
     from dataclasses import replace
 
     from .data import build_loader, find_dataset
+
     dataset = find_dataset(cfg, progress=False)
     batch = cfg.optimization.micro_batch_size or cfg.optimization.batch_size
     per_epoch = dataset.num_images // batch
@@ -317,12 +410,24 @@ def _e2e_peer(cfg: Config, steps: int, warmup: int, device: torch.device, *, com
     _sync(device)
     sec = time.perf_counter() - t
     loader.close()
-    return {"name": name, "img_s": batch * steps / sec, "ms_per_iter": 1000 * sec / steps,
-            "batch": batch, "data_wait_pct": 100 * wait / sec, "steps": steps}
+    return {
+        "name": name,
+        "img_s": batch * steps / sec,
+        "ms_per_iter": 1000 * sec / steps,
+        "batch": batch,
+        "data_wait_pct": 100 * wait / sec,
+        "steps": steps,
+    }
 
 
-def bench_all(cfg: Config, *, steps: int = 30, batches: int = 40, out_dir: str | None = "benchmarks/results",
-              log: Callable[[str], None] = print) -> dict:
+def bench_all(
+    cfg: Config,
+    *,
+    steps: int = 30,
+    batches: int = 40,
+    out_dir: str | None = "benchmarks/results",
+    log: Callable[[str], None] = print,
+) -> dict:
     """The whole harness in one run, on one machine and one data set: loaders (DALI, PIL), the step on
     synthetic data (mae-fast, the official engine's, the compiled reference), and end to end on JPEGs
     (the official PIL + eager loop, the compiled reference fed by DALI, mae-fast's train loop)."""
@@ -330,23 +435,34 @@ def bench_all(cfg: Config, *, steps: int = 30, batches: int = 40, out_dir: str |
     loader = bench_loader(cfg, backend="both", batches=batches, log=log)
     step = bench_step(cfg, steps=steps, compare=True, log=log)
     e2e = []
-    for measure in (lambda: _e2e_peer(cfg, steps, 3, device, compiled=False),
-                    lambda: _e2e_peer(cfg, steps, 3, device, compiled=True), lambda: _e2e_mae_fast(cfg, steps, log)):
+    for measure in (
+        lambda: _e2e_peer(cfg, steps, 3, device, compiled=False),
+        lambda: _e2e_peer(cfg, steps, 3, device, compiled=True),
+        lambda: _e2e_mae_fast(cfg, steps, log),
+    ):
         e2e.append(measure())
         r = e2e[-1]
-        log(f"{r['name']:>22}: {r['img_s']:,.1f} img/s  {r['ms_per_iter']:.1f} ms/iter  data wait {r['data_wait_pct']:.0f}%")
+        log(
+            f"{r['name']:>22}: {r['img_s']:,.1f} img/s  {r['ms_per_iter']:.1f} ms/iter  data wait {r['data_wait_pct']:.0f}%"
+        )
     peak = step["env"]["matmul_peak_tflops"] * 1e12
     flops_img = step["results"][0]["gflop_per_img"] * 1e9
     for r in e2e:
         r["mfu"] = flops_img * r["img_s"] / peak
-    out = {"loader": loader["results"], "step": step["results"], "e2e": e2e,
-           "ratios": {"loader_dali_over_pil": loader.get("ratio_dali_over_pil"),
-                      "step_mae_fast_over_reference": step["speedup"],
-                      "step_mae_fast_over_compiled_reference": step["speedup_vs_compiled_reference"],
-                      "e2e_mae_fast_over_reference": e2e[2]["img_s"] / e2e[0]["img_s"],
-                      "e2e_mae_fast_over_compiled_reference": e2e[2]["img_s"] / e2e[1]["img_s"],
-                      "e2e_over_synthetic_step": e2e[2]["img_s"] / step["results"][0]["img_s"]},
-           "env": step["env"]}
+    out = {
+        "loader": loader["results"],
+        "step": step["results"],
+        "e2e": e2e,
+        "ratios": {
+            "loader_dali_over_pil": loader.get("ratio_dali_over_pil"),
+            "step_mae_fast_over_reference": step["speedup"],
+            "step_mae_fast_over_compiled_reference": step["speedup_vs_compiled_reference"],
+            "e2e_mae_fast_over_reference": e2e[2]["img_s"] / e2e[0]["img_s"],
+            "e2e_mae_fast_over_compiled_reference": e2e[2]["img_s"] / e2e[1]["img_s"],
+            "e2e_over_synthetic_step": e2e[2]["img_s"] / step["results"][0]["img_s"],
+        },
+        "env": step["env"],
+    }
     log(summary_table(out))
     if out_dir:
         name = "".join(c if c.isalnum() else "_" for c in out["env"]["device"].split("(")[0].strip().lower())
@@ -357,17 +473,23 @@ def bench_all(cfg: Config, *, steps: int = 30, batches: int = 40, out_dir: str |
 
 
 def summary_table(out: dict) -> str:
-    rows = ["| what | img/s | ms/iter or batch | MFU | data wait | busy | peak mem |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rows = [
+        "| what | img/s | ms/iter or batch | MFU | data wait | busy | peak mem |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in out["loader"]:
         rows.append(f"| loader {r['backend']} | {r['img_s']:,.0f} | {r['ms_per_batch']:.1f} | | | | |")
     for r in out["step"]:
         mem = f"{r['peak_mem_gb']:.1f} GB" if r.get("peak_mem_gb") else ""
-        rows.append(f"| step {r['name']} | {r['img_s']:,.0f} | {r['ms_per_iter']:.1f} | {100 * r['mfu']:.1f}% | | | {mem} |")
+        rows.append(
+            f"| step {r['name']} | {r['img_s']:,.0f} | {r['ms_per_iter']:.1f} | {100 * r['mfu']:.1f}% | | | {mem} |"
+        )
     for r in out["e2e"]:
         busy = f"{r['busy_pct']:.0f}%" if r.get("busy_pct") is not None else ""
-        rows.append(f"| {r['name']} | {r['img_s']:,.0f} | {r['ms_per_iter']:.1f} | {100 * r['mfu']:.1f}% | "
-                    f"{r['data_wait_pct']:.0f}% | {busy} | |")
+        rows.append(
+            f"| {r['name']} | {r['img_s']:,.0f} | {r['ms_per_iter']:.1f} | {100 * r['mfu']:.1f}% | "
+            f"{r['data_wait_pct']:.0f}% | {busy} | |"
+        )
     ratios = ", ".join(f"{k} {v:.2f}x" for k, v in out["ratios"].items() if v is not None)
     return "\n".join(rows) + f"\n\n{out['env']['device']}, {out['env'].get('model')}: {ratios}"
 

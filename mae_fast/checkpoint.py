@@ -12,6 +12,7 @@ the resolved config. keep_last_n applies to epoch-N and step-N separately. Every
 so a crash or a full disk leaves the previous checkpoint intact. Files are read with
 torch.load(weights_only=True): a checkpoint cannot run code on load.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,8 +79,12 @@ def rng_state() -> dict:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
         "python": random.getstate(),
     }
 
@@ -91,8 +96,9 @@ def set_rng_state(state: dict) -> None:
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"].cpu())
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        ("MT19937", n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
 
@@ -177,14 +183,17 @@ class CheckpointManager:
 
     def numbered(self, kind: str) -> list[Path]:
         """kind-N directories ("epoch" or "step") holding a model.pt, in increasing N."""
-        dirs = [d for d in self.root.glob(f"{kind}-*")
-                if d.is_dir() and d.name[len(kind) + 1:].isdigit() and (d / "model.pt").exists()]
-        return sorted(dirs, key=lambda d: int(d.name[len(kind) + 1:]))
+        dirs = [
+            d
+            for d in self.root.glob(f"{kind}-*")
+            if d.is_dir() and d.name[len(kind) + 1 :].isdigit() and (d / "model.pt").exists()
+        ]
+        return sorted(dirs, key=lambda d: int(d.name[len(kind) + 1 :]))
 
     def _rotate(self) -> None:
         """Keep the newest keep_last_n epoch-N and, separately, step-N directories."""
         if self.keep_last_n <= 0:
             return
         for kind in ("epoch", "step"):
-            for d in self.numbered(kind)[:-self.keep_last_n]:
+            for d in self.numbered(kind)[: -self.keep_last_n]:
                 shutil.rmtree(d, ignore_errors=True)

@@ -1,4 +1,5 @@
 """`mae-fast` command line: train, bench, bench-step, bench-loader, scan, make-sample-data, visualize, export."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,8 +16,14 @@ EXIT_ERROR, EXIT_USAGE, EXIT_DIVERGED, EXIT_PREEMPTED = 1, 2, 3, 4
 
 def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML (or JSON) config file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set optimization.base_lr=1e-4 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set optimization.base_lr=1e-4 (repeatable)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,9 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=None, help="micro-batch (default: the config's)")
     p.add_argument("--compare", action="store_true", help="also time the official reference step")
     p.add_argument("--profile", default=None, metavar="PATH", help="write the profiler's kernel table of the step here")
-    p.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
-                   help="also time the step with these overrides, in the same run, as a ratio to the config's "
-                        "(repeatable), e.g. --variant misc.attention=cudnn --variant model.embed_kept_only=true")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE[,KEY=VALUE]",
+        help="also time the step with these overrides, in the same run, as a ratio to the config's "
+        "(repeatable), e.g. --variant misc.attention=cudnn --variant model.embed_kept_only=true",
+    )
     p.add_argument("--json", default=None, help="write the results here")
 
     p = sub.add_parser("bench", help="the whole harness: loaders, step and end to end, each with its baseline")
@@ -63,9 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="recon.png")
     p.add_argument("--mask-ratio", type=float, default=0.75)
     p.add_argument("--seed", type=int, default=0, help="seed of the random mask")
-    p.add_argument("--norm-pix", choices=["auto", "on", "off"], default="auto",
-                   help="was the model trained with norm_pix_loss? auto: from a mae-fast checkpoint's config, "
-                        "else off")
+    p.add_argument(
+        "--norm-pix",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="was the model trained with norm_pix_loss? auto: from a mae-fast checkpoint's config, else off",
+    )
 
     p = sub.add_parser("export", help="export the encoder: timm safetensors, TorchScript or torch.export")
     p.add_argument("checkpoint")
@@ -81,10 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipelines.scan import DatasetScanError
+
     from .checkpoint import CheckpointError
     from .metrics import NonFiniteLoss
-    codes = {ConfigError: EXIT_USAGE, DatasetScanError: EXIT_USAGE, NonFiniteLoss: EXIT_DIVERGED,
-             CheckpointError: EXIT_ERROR}
+
+    codes = {
+        ConfigError: EXIT_USAGE,
+        DatasetScanError: EXIT_USAGE,
+        NonFiniteLoss: EXIT_DIVERGED,
+        CheckpointError: EXIT_ERROR,
+    }
     try:
         return _run(args)
     except tuple(codes) as e:  # errors with a message for the user: no traceback
@@ -95,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.command == "train":
         from .train import train
+
         if args.max_steps is not None and args.max_steps < 1:
             raise ConfigError(f"--max-steps must be positive, got {args.max_steps}")
         result = train(load_config(args.config, args.overrides), max_steps=args.max_steps)
@@ -103,22 +125,46 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "bench-step":
         from .bench import bench_step, write_json
         from .config import config_from_dict
+
         cfg = load_config(args.config, args.overrides)
         # overrides split at commas outside brackets: data.augmentation.crop_scale=[0.3,1.0] stays whole
-        variants = [(v, config_from_dict(cfg.to_dict(), [o.strip() for o in re.split(r",(?![^\[]*\])", v)]))
-                    for v in args.variant]
-        write_json(bench_step(cfg, steps=args.steps, warmup=args.warmup, compare=args.compare, batch=args.batch,
-                              profile=args.profile, variants=variants), args.json)
+        variants = [
+            (v, config_from_dict(cfg.to_dict(), [o.strip() for o in re.split(r",(?![^\[]*\])", v)]))
+            for v in args.variant
+        ]
+        write_json(
+            bench_step(
+                cfg,
+                steps=args.steps,
+                warmup=args.warmup,
+                compare=args.compare,
+                batch=args.batch,
+                profile=args.profile,
+                variants=variants,
+            ),
+            args.json,
+        )
     elif args.command == "bench":
         from .bench import bench_all
-        bench_all(load_config(args.config, args.overrides), steps=args.steps, batches=args.batches,
-                  out_dir=args.out_dir or None)
+
+        bench_all(
+            load_config(args.config, args.overrides),
+            steps=args.steps,
+            batches=args.batches,
+            out_dir=args.out_dir or None,
+        )
     elif args.command == "bench-loader":
         from .bench import bench_loader, write_json
-        write_json(bench_loader(load_config(args.config, args.overrides), backend=args.backend,
-                                batches=args.batches, warmup=args.warmup), args.json)
+
+        write_json(
+            bench_loader(
+                load_config(args.config, args.overrides), backend=args.backend, batches=args.batches, warmup=args.warmup
+            ),
+            args.json,
+        )
     elif args.command == "scan":
         from pipelines.scan import format_bad, scan_dataset
+
         result = scan_dataset(args.data_path, cache_dir=args.cache_dir, num_workers=args.workers)
         print(f"{len(result.files)} images in {len(result.classes) or 1} classes under {args.data_path}")
         if result.bad:
@@ -126,6 +172,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "visualize":
         from .visualize import visualize_files
         from .weights import load_mae
+
         if not 0 < args.mask_ratio < 1:
             raise ConfigError(f"--mask-ratio must be in (0, 1), got {args.mask_ratio}")
         loaded = load_mae(args.checkpoint, None if args.norm_pix == "auto" else args.norm_pix == "on")
@@ -138,6 +185,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "export":
         from .export import export_program, export_timm, export_torchscript
         from .weights import load_mae
+
         loaded = load_mae(args.checkpoint)
         print("\n".join(loaded.notes))
         if args.format == "timm":
@@ -148,9 +196,12 @@ def _run(args: argparse.Namespace) -> int:
             print(f"wrote {args.out}: torch.jit.load(path)(images (N,3,H,W)) -> features (N, D); checked against eager")
         else:
             export_program(loaded.model, args.out)
-            print(f"wrote {args.out}: torch.export.load(path).module()(images) -> features (N, D); checked against eager")
+            print(
+                f"wrote {args.out}: torch.export.load(path).module()(images) -> features (N, D); checked against eager"
+            )
     elif args.command == "make-sample-data":
         from pipelines.sample_data import make_sample_data
+
         print(f"sample data in {make_sample_data(args.out_dir, n=args.n)}")
     return 0
 

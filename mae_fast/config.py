@@ -4,6 +4,7 @@ Sections and key names follow the seed guide (model, optimization, schedule, dat
 checkpointing, logging, misc). Every error names the dotted key; a misspelt key also
 names the closest valid one. Nothing here touches the GPU or the data.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -106,7 +107,9 @@ class MiscConfig:
     compile: bool = True  # torch.compile the training step
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune(-no-cudagraphs)
     compile_optimizer: bool = False  # also compile grad norm + AdamW (foreach, capturable) instead of fused AdamW
-    attention: str = "auto"  # scaled-dot-product attention kernel: auto (PyTorch picks) | flash | efficient | cudnn | math
+    attention: str = (
+        "auto"  # scaled-dot-product attention kernel: auto (PyTorch picks) | flash | efficient | cudnn | math
+    )
     high_priority_stream: bool = False  # train on a high-priority CUDA stream; DALI's GPU work fills the gaps
     precision: str = "amp"  # amp: bf16 autocast over fp32 weights | bf16: bf16 weights and activations, fp32 masters
     auto_resume: bool = False
@@ -130,6 +133,7 @@ class Config:
 
 
 # -- building dataclasses from plain dicts, strictly --------------------------------------------
+
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
@@ -263,14 +267,22 @@ def validate(cfg: Config) -> None:
     m, o, s, d, c, lg, x = cfg.model, cfg.optimization, cfg.schedule, cfg.data, cfg.checkpointing, cfg.logging, cfg.misc
     if m.type not in PRESETS:
         close = difflib.get_close_matches(m.type, list(PRESETS), n=1)
-        _check(False, "model.type", f"unknown model {m.type!r}" + (f"; did you mean {close[0]!r}?" if close else "")
-               + f" (presets: {', '.join(PRESETS)})")
+        _check(
+            False,
+            "model.type",
+            f"unknown model {m.type!r}"
+            + (f"; did you mean {close[0]!r}?" if close else "")
+            + f" (presets: {', '.join(PRESETS)})",
+        )
     _check(0.0 < m.mask_ratio < 1.0, "model.mask_ratio", f"must be in (0, 1), got {m.mask_ratio}")
     _check(o.batch_size > 0, "optimization.batch_size", f"must be positive, got {o.batch_size}")
     if o.micro_batch_size is not None:
         _check(o.micro_batch_size > 0, "optimization.micro_batch_size", f"must be positive, got {o.micro_batch_size}")
-        _check(o.batch_size % o.micro_batch_size == 0, "optimization.batch_size",
-               f"{o.batch_size} is not divisible by optimization.micro_batch_size {o.micro_batch_size}")
+        _check(
+            o.batch_size % o.micro_batch_size == 0,
+            "optimization.batch_size",
+            f"{o.batch_size} is not divisible by optimization.micro_batch_size {o.micro_batch_size}",
+        )
     _check(o.base_lr > 0, "optimization.base_lr", f"must be positive, got {o.base_lr}")
     _check(o.lr is None or o.lr > 0, "optimization.lr", f"must be positive, got {o.lr}")
     _check(o.min_lr >= 0, "optimization.min_lr", f"must be >= 0, got {o.min_lr}")
@@ -280,50 +292,95 @@ def validate(cfg: Config) -> None:
     _check(0 <= o.adam_beta2 < 1, "optimization.adam_beta2", f"must be in [0, 1), got {o.adam_beta2}")
     _check(o.gradient_clip >= 0, "optimization.gradient_clip", f"must be >= 0, got {o.gradient_clip}")
     _check(s.epochs > 0, "schedule.epochs", f"must be positive, got {s.epochs}")
-    _check(0 <= s.warmup_epochs <= s.epochs, "schedule.warmup_epochs", f"must be in [0, epochs={s.epochs}], got {s.warmup_epochs}")
-    _check(0 <= s.start_epoch < s.epochs, "schedule.start_epoch", f"must be in [0, epochs={s.epochs}), got {s.start_epoch}")
-    _check(s.steps_per_epoch is None or s.steps_per_epoch > 0, "schedule.steps_per_epoch", f"must be positive, got {s.steps_per_epoch}")
-    _check(d.backend in ("dali", "pil", "synthetic"), "data.backend", f"must be dali, pil or synthetic, got {d.backend!r}")
+    _check(
+        0 <= s.warmup_epochs <= s.epochs,
+        "schedule.warmup_epochs",
+        f"must be in [0, epochs={s.epochs}], got {s.warmup_epochs}",
+    )
+    _check(
+        0 <= s.start_epoch < s.epochs, "schedule.start_epoch", f"must be in [0, epochs={s.epochs}), got {s.start_epoch}"
+    )
+    _check(
+        s.steps_per_epoch is None or s.steps_per_epoch > 0,
+        "schedule.steps_per_epoch",
+        f"must be positive, got {s.steps_per_epoch}",
+    )
+    _check(
+        d.backend in ("dali", "pil", "synthetic"), "data.backend", f"must be dali, pil or synthetic, got {d.backend!r}"
+    )
     patch = PRESETS[m.type].patch_size
-    _check(d.input_size > 0 and d.input_size % patch == 0, "data.input_size",
-           f"must be a positive multiple of the patch size {patch} of {m.type}, got {d.input_size}")
+    _check(
+        d.input_size > 0 and d.input_size % patch == 0,
+        "data.input_size",
+        f"must be a positive multiple of the patch size {patch} of {m.type}, got {d.input_size}",
+    )
     _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     _check(d.prefetch >= 1, "data.prefetch", f"must be >= 1, got {d.prefetch}")
-    _check(d.output_dtype in ("float16", "uint8"), "data.output_dtype", f"must be float16 or uint8, got {d.output_dtype!r}")
+    _check(
+        d.output_dtype in ("float16", "uint8"), "data.output_dtype", f"must be float16 or uint8, got {d.output_dtype!r}"
+    )
     _check(d.decoder in ("auto", "mixed", "cpu"), "data.decoder", f"must be auto, mixed or cpu, got {d.decoder!r}")
-    _check(d.hw_decoder_load is None or 0 <= d.hw_decoder_load <= 1, "data.hw_decoder_load", f"must be in [0, 1], got {d.hw_decoder_load}")
+    _check(
+        d.hw_decoder_load is None or 0 <= d.hw_decoder_load <= 1,
+        "data.hw_decoder_load",
+        f"must be in [0, 1], got {d.hw_decoder_load}",
+    )
     _check(d.synthetic_images > 0, "data.synthetic_images", f"must be positive, got {d.synthetic_images}")
     a = d.augmentation
     for key, pair in (("crop_scale", a.crop_scale), ("crop_ratio", a.crop_ratio)):
-        _check(len(pair) == 2 and 0 < pair[0] <= pair[1], f"data.augmentation.{key}", f"must be [low, high] with 0 < low <= high, got {pair}")
+        _check(
+            len(pair) == 2 and 0 < pair[0] <= pair[1],
+            f"data.augmentation.{key}",
+            f"must be [low, high] with 0 < low <= high, got {pair}",
+        )
     _check(a.crop_scale[1] <= 1.0, "data.augmentation.crop_scale", f"area fraction cannot exceed 1, got {a.crop_scale}")
     _check(0 <= a.hflip_prob <= 1, "data.augmentation.hflip_prob", f"must be in [0, 1], got {a.hflip_prob}")
     _check(len(a.mean) == 3, "data.augmentation.mean", f"needs 3 values (RGB), got {a.mean}")
-    _check(len(a.std) == 3 and all(v > 0 for v in a.std), "data.augmentation.std", f"needs 3 positive values (RGB), got {a.std}")
-    _check(a.interpolation in ("cubic", "linear", "nearest", "lanczos"), "data.augmentation.interpolation",
-           f"must be cubic, linear, nearest or lanczos, got {a.interpolation!r}")
+    _check(
+        len(a.std) == 3 and all(v > 0 for v in a.std),
+        "data.augmentation.std",
+        f"needs 3 positive values (RGB), got {a.std}",
+    )
+    _check(
+        a.interpolation in ("cubic", "linear", "nearest", "lanczos"),
+        "data.augmentation.interpolation",
+        f"must be cubic, linear, nearest or lanczos, got {a.interpolation!r}",
+    )
     for key in ("save_freq_epochs", "save_freq_steps", "keep_last_n"):
         _check(getattr(c, key) >= 0, f"checkpointing.{key}", f"must be >= 0, got {getattr(c, key)}")
     _check(lg.print_freq > 0, "logging.print_freq", f"must be positive, got {lg.print_freq}")
-    _check(lg.visualize_freq_epochs >= 0, "logging.visualize_freq_epochs", f"must be >= 0, got {lg.visualize_freq_epochs}")
+    _check(
+        lg.visualize_freq_epochs >= 0, "logging.visualize_freq_epochs", f"must be >= 0, got {lg.visualize_freq_epochs}"
+    )
     _check(lg.visualize_images > 0, "logging.visualize_images", f"must be positive, got {lg.visualize_images}")
     if isinstance(lg.dashboard, bool):
         lg.dashboard = "on" if lg.dashboard else "off"
     _check(lg.dashboard in ("auto", "on", "off"), "logging.dashboard", f"must be auto, on or off, got {lg.dashboard!r}")
-    _check(x.device in ("auto", "cuda", "cpu") or (x.device.startswith("cuda:") and x.device[5:].isdigit()), "misc.device",
-           f"must be auto, cuda, cuda:N or cpu, got {x.device!r}")
-    _check(x.compile_mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-           "misc.compile_mode", f"unknown torch.compile mode {x.compile_mode!r}")
+    _check(
+        x.device in ("auto", "cuda", "cpu") or (x.device.startswith("cuda:") and x.device[5:].isdigit()),
+        "misc.device",
+        f"must be auto, cuda, cuda:N or cpu, got {x.device!r}",
+    )
+    _check(
+        x.compile_mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+        "misc.compile_mode",
+        f"unknown torch.compile mode {x.compile_mode!r}",
+    )
     _check(x.precision in ("amp", "bf16"), "misc.precision", f"must be amp or bf16, got {x.precision!r}")
-    _check(x.attention in ATTENTION_KERNELS, "misc.attention",
-           f"must be one of {', '.join(ATTENTION_KERNELS)}, got {x.attention!r}")
+    _check(
+        x.attention in ATTENTION_KERNELS,
+        "misc.attention",
+        f"must be one of {', '.join(ATTENTION_KERNELS)}, got {x.attention!r}",
+    )
 
 
 # -- derived values -------------------------------------------------------------------------------
 
+
 @dataclass
 class Derived:
     """Values computed once from the config and the data set; printed and saved with the run."""
+
     world_size: int
     micro_batch_size: int  # per process and forward/backward
     accum_steps: int  # micro-batches per optimizer step and process
@@ -339,11 +396,17 @@ class Derived:
 
 def derive(cfg: Config, num_images: int, world_size: int = 1) -> Derived:
     o, s = cfg.optimization, cfg.schedule
-    _check(o.batch_size % world_size == 0, "optimization.batch_size",
-           f"{o.batch_size} is not divisible by the world size {world_size}")
+    _check(
+        o.batch_size % world_size == 0,
+        "optimization.batch_size",
+        f"{o.batch_size} is not divisible by the world size {world_size}",
+    )
     micro = o.micro_batch_size or o.batch_size // world_size
-    _check(o.batch_size % (micro * world_size) == 0, "optimization.batch_size",
-           f"{o.batch_size} is not divisible by micro_batch_size {micro} x world size {world_size}")
+    _check(
+        o.batch_size % (micro * world_size) == 0,
+        "optimization.batch_size",
+        f"{o.batch_size} is not divisible by micro_batch_size {micro} x world size {world_size}",
+    )
     accum = o.batch_size // (micro * world_size)
     if o.lr is not None:
         lr, rule = o.lr, f"lr = {o.lr:g} (absolute, optimization.lr)"
@@ -354,21 +417,35 @@ def derive(cfg: Config, num_images: int, world_size: int = 1) -> Derived:
     steps = num_images // o.batch_size  # the last partial batch is dropped
     if s.steps_per_epoch is not None:  # a cap; synthetic data has no natural epoch, so it may set any length
         steps = s.steps_per_epoch if cfg.data.backend == "synthetic" else min(steps, s.steps_per_epoch)
-    _check(steps > 0, "optimization.batch_size",
-           f"{o.batch_size} is larger than the data set ({num_images} images in data.data_path "
-           f"{cfg.data.data_path}): no full step per epoch")
-    return Derived(world_size=world_size, micro_batch_size=micro, accum_steps=accum, effective_batch=o.batch_size,
-                   lr=lr, lr_rule=rule, num_images=num_images, steps_per_epoch=steps,
-                   total_steps=steps * s.epochs, warmup_steps=steps * s.warmup_epochs,
-                   start_step=steps * s.start_epoch)
+    _check(
+        steps > 0,
+        "optimization.batch_size",
+        f"{o.batch_size} is larger than the data set ({num_images} images in data.data_path "
+        f"{cfg.data.data_path}): no full step per epoch",
+    )
+    return Derived(
+        world_size=world_size,
+        micro_batch_size=micro,
+        accum_steps=accum,
+        effective_batch=o.batch_size,
+        lr=lr,
+        lr_rule=rule,
+        num_images=num_images,
+        steps_per_epoch=steps,
+        total_steps=steps * s.epochs,
+        warmup_steps=steps * s.warmup_epochs,
+        start_step=steps * s.start_epoch,
+    )
 
 
 def lr_warnings(cfg: Config) -> list[str]:
     o = cfg.optimization
     if o.lr is None and o.base_lr >= 1e-3:
         scaled = o.base_lr * o.batch_size / 256
-        return [f"optimization.base_lr {o.base_lr:g} looks already scaled (MAE's base_lr is 1.5e-4 per 256 images); "
-                f"it gives lr {scaled:g} at batch {o.batch_size}. To use {o.base_lr:g} as the lr, set optimization.lr instead."]
+        return [
+            f"optimization.base_lr {o.base_lr:g} looks already scaled (MAE's base_lr is 1.5e-4 per 256 images); "
+            f"it gives lr {scaled:g} at batch {o.batch_size}. To use {o.base_lr:g} as the lr, set optimization.lr instead."
+        ]
     return []
 
 
@@ -386,4 +463,3 @@ def save_config(cfg: Config, derived: Derived | None, path: str | Path) -> None:
 
 def format_config(cfg: Config, derived: Derived | None = None) -> str:
     return yaml.safe_dump(resolved(cfg, derived), sort_keys=False).rstrip()
-

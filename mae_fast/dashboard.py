@@ -1,5 +1,6 @@
 """The live Rich console dashboard. It renders only the floats of a Snapshot it is handed, once
 per log interval, redrawing in place, so it costs the train loop nothing between log points."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -46,23 +47,31 @@ def render(s: Snapshot | None, info: RunInfo, last_checkpoint: str = "", status:
     bars.add_column(width=6)
     bars.add_column(ratio=1)
     bars.add_column(justify="right")
-    bars.add_row("epoch", ProgressBar(total=s.steps_per_epoch, completed=s.epoch_step),
-                 f"{s.epoch} · {s.epoch_step}/{s.steps_per_epoch} · eta {fmt_time(s.eta_epoch_s)}")
-    bars.add_row("run", ProgressBar(total=s.total_steps, completed=s.step),
-                 f"step {s.step}/{s.total_steps} · eta {fmt_time(s.eta_run_s)}")
+    bars.add_row(
+        "epoch",
+        ProgressBar(total=s.steps_per_epoch, completed=s.epoch_step),
+        f"{s.epoch} · {s.epoch_step}/{s.steps_per_epoch} · eta {fmt_time(s.eta_epoch_s)}",
+    )
+    bars.add_row(
+        "run",
+        ProgressBar(total=s.total_steps, completed=s.step),
+        f"step {s.step}/{s.total_steps} · eta {fmt_time(s.eta_run_s)}",
+    )
 
     stats = Table.grid(padding=(0, 2))
     for _ in range(4):
         stats.add_column()
     stats.add_row("loss", Text(f"{s.loss:.4f}", style="bold"), "smoothed", f"{s.loss_smooth:.4f}")
     stats.add_row("lr", f"{s.lr:.3e}", "grad norm", f"{s.grad_norm:.3f}")
-    stats.add_row("throughput", Text(f"{s.samples_per_s:,.0f} img/s", style="bold green"), "time/iter",
-                  f"{s.ms_per_iter:.1f} ms")
+    stats.add_row(
+        "throughput", Text(f"{s.samples_per_s:,.0f} img/s", style="bold green"), "time/iter", f"{s.ms_per_iter:.1f} ms"
+    )
     wait_style = "red" if s.data_wait_pct > 10 else "green"
     busy = Text(f"{s.busy_pct:.1f} %", style="red" if s.busy_pct < 90 else "green") if s.busy_pct is not None else "n/a"
     stats.add_row("data wait", Text(f"{s.data_wait_pct:.1f} %", style=wait_style), "device busy", busy)
-    stats.add_row("MFU", f"{100 * s.mfu:.1f} %" if s.mfu else "n/a",
-                  "GPU memory", f"{s.mem_gb:.1f} GB" if s.mem_gb else "n/a")
+    stats.add_row(
+        "MFU", f"{100 * s.mfu:.1f} %" if s.mfu else "n/a", "GPU memory", f"{s.mem_gb:.1f} GB" if s.mem_gb else "n/a"
+    )
     stats.add_row("elapsed", fmt_time(s.elapsed_s), "", "")
     rows += [bars, stats, Text.assemble(("loss ", "dim"), (sparkline(s.history), "magenta"))]
     rows.append(Text(f"last checkpoint: {last_checkpoint or 'none yet'}", style="dim"))
@@ -80,8 +89,14 @@ class Dashboard:
         self.snapshot: Snapshot | None = None
         self.last_checkpoint = ""
         self.status = ""
-        self.live = Live(self._render(), console=self.console, auto_refresh=False, transient=False,
-                         redirect_stdout=False, redirect_stderr=False)
+        self.live = Live(
+            self._render(),
+            console=self.console,
+            auto_refresh=False,
+            transient=False,
+            redirect_stdout=False,
+            redirect_stderr=False,
+        )
 
     def _render(self) -> Panel:
         return render(self.snapshot, self.info, self.last_checkpoint, self.status)
@@ -92,7 +107,9 @@ class Dashboard:
     def stop(self) -> None:
         self.live.stop()
 
-    def update(self, snapshot: Snapshot | None = None, *, checkpoint: str | None = None, status: str | None = None) -> None:
+    def update(
+        self, snapshot: Snapshot | None = None, *, checkpoint: str | None = None, status: str | None = None
+    ) -> None:
         if snapshot is not None:
             self.snapshot = snapshot
         if checkpoint is not None:

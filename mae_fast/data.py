@@ -4,12 +4,14 @@ Every loader yields (N, 3, H, W) batches of one fixed shape, exactly len(loader)
 and has set_epoch / state / load_state. The loop copies each batch into the step's static
 input buffer (DALI owns its output only until the next batch) and times the wait.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -28,8 +30,15 @@ class Dataset:
 
 def augment_config(cfg: Config) -> AugmentConfig:
     a = cfg.data.augmentation
-    return AugmentConfig(input_size=cfg.data.input_size, crop_scale=tuple(a.crop_scale), crop_ratio=tuple(a.crop_ratio),
-                         hflip_prob=a.hflip_prob, mean=tuple(a.mean), std=tuple(a.std), interpolation=a.interpolation)
+    return AugmentConfig(
+        input_size=cfg.data.input_size,
+        crop_scale=tuple(a.crop_scale),
+        crop_ratio=tuple(a.crop_ratio),
+        hflip_prob=a.hflip_prob,
+        mean=tuple(a.mean),
+        std=tuple(a.std),
+        interpolation=a.interpolation,
+    )
 
 
 def scan(cfg: Config, progress: bool = True):
@@ -38,10 +47,12 @@ def scan(cfg: Config, progress: bool = True):
     path = Path(d.data_path)
     if d.make_sample and not path.exists():
         from pipelines.sample_data import make_sample_data
+
         make_sample_data(str(path))
     try:
-        return scan_dataset(str(path), cache_dir=d.scan_cache_dir or None, num_workers=max(4, d.num_workers),
-                            progress=progress)
+        return scan_dataset(
+            str(path), cache_dir=d.scan_cache_dir or None, num_workers=max(4, d.num_workers), progress=progress
+        )
     except DatasetScanError as e:
         raise DatasetScanError(f"data.data_path: {e}") from None
 
@@ -54,37 +65,78 @@ def find_dataset(cfg: Config, progress: bool = True) -> Dataset:
     return Dataset(result.files, len(result.files), [format_bad(result)] if result.bad else [])
 
 
-def build_loader(cfg: Config, dataset: Dataset, micro_batch: int, batches_per_epoch: int, device: torch.device,
-                 *, rank: int = 0, world_size: int = 1) -> tuple[Any, torch.dtype, str]:
+def build_loader(
+    cfg: Config,
+    dataset: Dataset,
+    micro_batch: int,
+    batches_per_epoch: int,
+    device: torch.device,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[Any, torch.dtype, str]:
     """The configured loader for this rank -> (loader, batch dtype, description)."""
     d = cfg.data
     seed = cfg.misc.seed
     if d.backend == "synthetic":
         from pipelines.synthetic import SyntheticLoader
+
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        loader = SyntheticLoader(micro_batch, d.input_size, batches_per_epoch=batches_per_epoch,
-                                 device=str(device), dtype=dtype, seed=seed + rank)
+        loader = SyntheticLoader(
+            micro_batch,
+            d.input_size,
+            batches_per_epoch=batches_per_epoch,
+            device=str(device),
+            dtype=dtype,
+            seed=seed + rank,
+        )
         return loader, dtype, f"synthetic {d.input_size}px images on {device}"
     aug = augment_config(cfg)
     if d.backend == "dali":
         from pipelines.dali import build_dali_loader, dali_available
+
         if not dali_available():
-            raise ConfigError("data.backend: dali, but nvidia.dali cannot be imported here; install "
-                              "nvidia-dali-cuda130 (pip) or set data.backend: pil")
+            raise ConfigError(
+                "data.backend: dali, but nvidia.dali cannot be imported here; install "
+                "nvidia-dali-cuda130 (pip) or set data.backend: pil"
+            )
         device_id = (device.index or 0) if device.type == "cuda" else None
         decoder = "cpu" if d.decoder == "cpu" else "mixed"  # mixed needs a GPU: without one all runs on the CPU
-        loader = build_dali_loader(dataset.files, micro_batch, aug, seed=seed, shard_id=rank, num_shards=world_size,
-                                   device_id=device_id, num_threads=max(1, d.num_workers), prefetch=d.prefetch,
-                                   output_dtype=d.output_dtype, hw_decoder_load=d.hw_decoder_load,
-                                   batches_per_epoch=batches_per_epoch, decoder=decoder)
+        loader = build_dali_loader(
+            dataset.files,
+            micro_batch,
+            aug,
+            seed=seed,
+            shard_id=rank,
+            num_shards=world_size,
+            device_id=device_id,
+            num_threads=max(1, d.num_workers),
+            prefetch=d.prefetch,
+            output_dtype=d.output_dtype,
+            hw_decoder_load=d.hw_decoder_load,
+            batches_per_epoch=batches_per_epoch,
+            decoder=decoder,
+        )
         dtype = torch.float16 if d.output_dtype == "float16" else torch.uint8
-        where = (f"DALI, decode on {'GPU (mixed)' if loader.gpu_decode else 'CPU'}"
-                 f"{', rest on GPU' if device_id is not None and not loader.gpu_decode else ''}, {d.num_workers} threads")
+        where = (
+            f"DALI, decode on {'GPU (mixed)' if loader.gpu_decode else 'CPU'}"
+            f"{', rest on GPU' if device_id is not None and not loader.gpu_decode else ''}, {d.num_workers} threads"
+        )
     else:
         from pipelines.pil import build_pil_loader
-        loader = build_pil_loader(dataset.files, micro_batch, aug, seed=seed, shard_id=rank, num_shards=world_size,
-                                  num_workers=d.num_workers, pin_memory=d.pin_memory and device.type == "cuda",
-                                  device=str(device), batches_per_epoch=batches_per_epoch)
+
+        loader = build_pil_loader(
+            dataset.files,
+            micro_batch,
+            aug,
+            seed=seed,
+            shard_id=rank,
+            num_shards=world_size,
+            num_workers=d.num_workers,
+            pin_memory=d.pin_memory and device.type == "cuda",
+            device=str(device),
+            batches_per_epoch=batches_per_epoch,
+        )
         dtype = torch.float32
         where = f"PIL (torchvision), {d.num_workers} workers"
     return loader, dtype, f"{dataset.num_images} images in {d.data_path}; {where}"

@@ -4,6 +4,7 @@ torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is a single pro
 every function here is a no-op. Only collectives the loop needs at its log and save points
 live here; the per-step gradient all-reduce is DistributedDataParallel's.
 """
+
 from __future__ import annotations
 
 import os

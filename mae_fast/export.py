@@ -1,6 +1,7 @@
 """Export the pretrained encoder: timm weights (safetensors) for fine-tuning, or a TorchScript /
 torch.export program for inference. Every export is checked against the eager encoder before it
 is written."""
+
 from __future__ import annotations
 
 import warnings
@@ -12,8 +13,11 @@ import torch.nn as nn
 from .model import MAEArch, MaskedAutoencoderViT
 
 # mae-fast preset -> the timm model with the same encoder
-TIMM_NAMES = {"mae_vit_base_patch16": "vit_base_patch16_224", "mae_vit_large_patch16": "vit_large_patch16_224",
-              "mae_vit_huge_patch14": "vit_huge_patch14_224"}
+TIMM_NAMES = {
+    "mae_vit_base_patch16": "vit_base_patch16_224",
+    "mae_vit_large_patch16": "vit_large_patch16_224",
+    "mae_vit_huge_patch14": "vit_huge_patch14_224",
+}
 
 
 class Encoder(nn.Module):
@@ -30,8 +34,11 @@ class Encoder(nn.Module):
 
 def encoder_state_dict(mae: MaskedAutoencoderViT) -> dict[str, torch.Tensor]:
     """The encoder's weights under timm's VisionTransformer names (which MAE's already are)."""
-    return {k: v.detach().contiguous().clone() for k, v in mae.state_dict().items()
-            if not k.startswith("decoder_") and k != "mask_token"}
+    return {
+        k: v.detach().contiguous().clone()
+        for k, v in mae.state_dict().items()
+        if not k.startswith("decoder_") and k != "mask_token"
+    }
 
 
 def timm_name(model_type: str) -> str:
@@ -40,8 +47,14 @@ def timm_name(model_type: str) -> str:
 
 def timm_kwargs(arch: MAEArch) -> dict:
     """Architecture arguments that make timm's model match this encoder (needed for non-standard presets)."""
-    return {"img_size": arch.img_size, "patch_size": arch.patch_size, "embed_dim": arch.embed_dim,
-            "depth": arch.depth, "num_heads": arch.num_heads, "mlp_ratio": arch.mlp_ratio}
+    return {
+        "img_size": arch.img_size,
+        "patch_size": arch.patch_size,
+        "embed_dim": arch.embed_dim,
+        "depth": arch.depth,
+        "num_heads": arch.num_heads,
+        "mlp_ratio": arch.mlp_ratio,
+    }
 
 
 def _check(name: str, got: torch.Tensor, want: torch.Tensor, atol: float = 1e-4) -> None:
@@ -55,6 +68,7 @@ def export_timm(mae: MaskedAutoencoderViT, model_type: str, out: str | Path) -> 
     num_classes=0); load it back in timm and compare features before returning the load instructions."""
     import timm
     from safetensors.torch import save_file
+
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(encoder_state_dict(mae), str(out), metadata={"format": "pt", "source": f"mae-fast {model_type}"})
@@ -63,8 +77,9 @@ def export_timm(mae: MaskedAutoencoderViT, model_type: str, out: str | Path) -> 
     standard = model_type in TIMM_NAMES and mae.arch.img_size == 224
     extra = {} if standard else timm_kwargs(mae.arch)
     try:
-        loaded = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(out)}, num_classes=0,
-                                   **extra).eval()
+        loaded = timm.create_model(
+            name, pretrained=True, pretrained_cfg_overlay={"file": str(out)}, num_classes=0, **extra
+        ).eval()
         x = torch.randn(2, 3, mae.arch.img_size, mae.arch.img_size)
         with torch.no_grad():
             _check("timm", loaded.forward_features(x), mae.eval().forward_features(x))
@@ -72,8 +87,9 @@ def export_timm(mae: MaskedAutoencoderViT, model_type: str, out: str | Path) -> 
         out.unlink(missing_ok=True)
         raise
     args = "".join(f", {k}={v!r}" for k, v in extra.items())
-    return (f'timm.create_model("{name}", pretrained=True, pretrained_cfg_overlay={{"file": "{out}"}}, '
-            f"num_classes=0{args})")
+    return (
+        f'timm.create_model("{name}", pretrained=True, pretrained_cfg_overlay={{"file": "{out}"}}, num_classes=0{args})'
+    )
 
 
 def export_torchscript(mae: MaskedAutoencoderViT, out: str | Path) -> None:

@@ -3,6 +3,7 @@
 The snapshot is what every sink gets (console line, log file, metrics.jsonl, dashboard);
 none of them ever touches a tensor.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,16 +42,26 @@ class Snapshot:
 
 class NonFiniteLoss(RuntimeError):
     def __init__(self, step: int, value: float):
-        super().__init__(f"loss became {value} at step {step}: training stopped (lower the lr, "
-                         f"enable optimization.gradient_clip, or check the data)")
+        super().__init__(
+            f"loss became {value} at step {step}: training stopped (lower the lr, "
+            f"enable optimization.gradient_clip, or check the data)"
+        )
         self.step = step
 
 
 class Meter:
     """Host-side bookkeeping between log points: EMA of the loss, throughput, ETA."""
 
-    def __init__(self, *, effective_batch: int, steps_per_epoch: int, total_steps: int,
-                 flops_per_step: float = 0.0, peak_flops: float = 0.0, ema_beta: float = 0.98):
+    def __init__(
+        self,
+        *,
+        effective_batch: int,
+        steps_per_epoch: int,
+        total_steps: int,
+        flops_per_step: float = 0.0,
+        peak_flops: float = 0.0,
+        ema_beta: float = 0.98,
+    ):
         self.effective_batch = effective_batch
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = total_steps
@@ -67,15 +78,24 @@ class Meter:
         """Leave compilation and warm-up out of the next interval's timing."""
         self.t_last = time.perf_counter()
 
-    def update(self, *, first_step: int, losses: list[float], gnorms: list[float], lr: float,
-               data_wait_s: float, mem_gb: float = 0.0, busy_s: float | None = None) -> Snapshot:
+    def update(
+        self,
+        *,
+        first_step: int,
+        losses: list[float],
+        gnorms: list[float],
+        lr: float,
+        data_wait_s: float,
+        mem_gb: float = 0.0,
+        busy_s: float | None = None,
+    ) -> Snapshot:
         """`losses` are the steps first_step+1 .. first_step+len(losses). Raises NonFiniteLoss."""
         for i, v in enumerate(losses):
             if not math.isfinite(v):
                 raise NonFiniteLoss(first_step + i + 1, v)
             self._ema = self.beta * self._ema + (1 - self.beta) * v
             self._ema_n += 1
-            self.history.append(self._ema / (1 - self.beta ** self._ema_n))
+            self.history.append(self._ema / (1 - self.beta**self._ema_n))
         self.history = self.history[-200:]
         now = time.perf_counter()
         dt, self.t_last = now - self.t_last, now
@@ -85,18 +105,27 @@ class Meter:
         sps = self.effective_batch * n / dt if dt > 0 else 0.0
         epoch_step = step % self.steps_per_epoch or (self.steps_per_epoch if step else 0)
         return Snapshot(
-            step=step, epoch=(step - 1) // self.steps_per_epoch if step else 0, epoch_step=epoch_step,
-            steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps,
-            loss=losses[-1] if losses else float("nan"), loss_avg=sum(losses) / n,
-            loss_smooth=self._ema / (1 - self.beta ** self._ema_n) if self._ema_n else float("nan"),
-            lr=lr, grad_norm=gnorms[-1] if gnorms else float("nan"), samples_per_s=sps, ms_per_iter=ms,
+            step=step,
+            epoch=(step - 1) // self.steps_per_epoch if step else 0,
+            epoch_step=epoch_step,
+            steps_per_epoch=self.steps_per_epoch,
+            total_steps=self.total_steps,
+            loss=losses[-1] if losses else float("nan"),
+            loss_avg=sum(losses) / n,
+            loss_smooth=self._ema / (1 - self.beta**self._ema_n) if self._ema_n else float("nan"),
+            lr=lr,
+            grad_norm=gnorms[-1] if gnorms else float("nan"),
+            samples_per_s=sps,
+            ms_per_iter=ms,
             data_wait_pct=100 * min(1.0, data_wait_s / dt) if dt > 0 else 0.0,
             eta_epoch_s=(self.steps_per_epoch - epoch_step) * ms / 1000,
             eta_run_s=(self.total_steps - step) * ms / 1000,
             mfu=(self.flops_per_step * n / dt / self.peak_flops) if self.peak_flops and dt > 0 else 0.0,
-            mem_gb=mem_gb, elapsed_s=now - self.t_start,
+            mem_gb=mem_gb,
+            elapsed_s=now - self.t_start,
             busy_pct=100 * min(1.0, busy_s / dt) if busy_s is not None and dt > 0 else None,
-            history=list(self.history))
+            history=list(self.history),
+        )
 
 
 def fmt_time(seconds: float) -> str:
@@ -106,16 +135,18 @@ def fmt_time(seconds: float) -> str:
     d, s = divmod(s, 86400)
     h, s = divmod(s, 3600)
     m, s = divmod(s, 60)
-    return (f"{d}d{h:02d}h{m:02d}m" if d else f"{h}:{m:02d}:{s:02d}")
+    return f"{d}d{h:02d}h{m:02d}m" if d else f"{h}:{m:02d}:{s:02d}"
 
 
 def format_line(s: Snapshot) -> str:
     """One plain log line per interval (for a pipe, a batch job, or the log file)."""
-    line = (f"epoch {s.epoch} [{s.epoch_step}/{s.steps_per_epoch}] step {s.step}/{s.total_steps} "
-            f"loss {s.loss:.4f} (avg {s.loss_avg:.4f}, smooth {s.loss_smooth:.4f}) lr {s.lr:.3e} "
-            f"| {s.samples_per_s:,.1f} img/s {s.ms_per_iter:.1f} ms/it data wait {s.data_wait_pct:.0f}% "
-            + (f"busy {s.busy_pct:.0f}% " if s.busy_pct is not None else "") +
-            f"| eta epoch {fmt_time(s.eta_epoch_s)} run {fmt_time(s.eta_run_s)}")
+    line = (
+        f"epoch {s.epoch} [{s.epoch_step}/{s.steps_per_epoch}] step {s.step}/{s.total_steps} "
+        f"loss {s.loss:.4f} (avg {s.loss_avg:.4f}, smooth {s.loss_smooth:.4f}) lr {s.lr:.3e} "
+        f"| {s.samples_per_s:,.1f} img/s {s.ms_per_iter:.1f} ms/it data wait {s.data_wait_pct:.0f}% "
+        + (f"busy {s.busy_pct:.0f}% " if s.busy_pct is not None else "")
+        + f"| eta epoch {fmt_time(s.eta_epoch_s)} run {fmt_time(s.eta_run_s)}"
+    )
     if s.mfu:
         line += f" | mfu {100 * s.mfu:.1f}%"
     if s.mem_gb:
@@ -125,8 +156,17 @@ def format_line(s: Snapshot) -> str:
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets (FLOP/s), for MFU in the train loop.
 # `mae-fast bench-step` measures the card's real matmul rate instead.
-_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
-              "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12}
+_PEAK_BF16 = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10": 125e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+    "V100": 125e12,
+}
 
 
 def peak_bf16_flops(device_name: str) -> float:

@@ -18,6 +18,7 @@ in how the same numbers are computed:
   the kept patches only, after the masking, instead of on all of them before it:
   the same numbers up to rounding, for a quarter of the patch-embedding work.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -49,8 +50,16 @@ PRESETS: dict[str, MAEArch] = {
     "mae_vit_base_patch16": MAEArch(patch_size=16, embed_dim=768, depth=12, num_heads=12),
     "mae_vit_large_patch16": MAEArch(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
     "mae_vit_huge_patch14": MAEArch(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
-    "mae_vit_tiny_patch8": MAEArch(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4,
-                                   decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4),
+    "mae_vit_tiny_patch8": MAEArch(
+        img_size=32,
+        patch_size=8,
+        embed_dim=64,
+        depth=2,
+        num_heads=4,
+        decoder_embed_dim=32,
+        decoder_depth=1,
+        decoder_num_heads=4,
+    ),
 }
 
 
@@ -62,8 +71,13 @@ def sdpa_backends(attention: str) -> list | None:
     if attention not in ATTENTION_KERNELS:
         raise ValueError(f"attention must be one of {ATTENTION_KERNELS}, got {attention!r}")
     from torch.nn.attention import SDPBackend
-    kernels = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-               "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+
+    kernels = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
     return None if attention == "auto" else [kernels[attention]]
 
 
@@ -102,8 +116,14 @@ class MaskedAutoencoderViT(nn.Module):
     forward(imgs (N,3,H,W), mask_ratio, noise (N,L) or None) -> (loss, pred (N,L,p*p*3), mask (N,L))
     """
 
-    def __init__(self, arch: MAEArch = MAEArch(), norm_pix_loss: bool = False,
-                 grad_checkpointing: bool = False, embed_kept_only: bool = False, attention: str = "auto"):
+    def __init__(
+        self,
+        arch: MAEArch = MAEArch(),
+        norm_pix_loss: bool = False,
+        grad_checkpointing: bool = False,
+        embed_kept_only: bool = False,
+        attention: str = "auto",
+    ):
         super().__init__()
         self.arch = arch
         self.sdpa_backends = sdpa_backends(attention)
@@ -118,20 +138,23 @@ class MaskedAutoencoderViT(nn.Module):
         L = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, L + 1, D), requires_grad=False)  # fixed sin-cos
-        self.blocks = nn.ModuleList([
-            Block(D, arch.num_heads, arch.mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
-            for _ in range(arch.depth)])
+        self.blocks = nn.ModuleList(
+            [Block(D, arch.num_heads, arch.mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(arch.depth)]
+        )
         self.norm = norm_layer(D)
 
         # decoder
         self.decoder_embed = nn.Linear(D, Dd, bias=True)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, L + 1, Dd), requires_grad=False)
-        self.decoder_blocks = nn.ModuleList([
-            Block(Dd, arch.decoder_num_heads, arch.mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
-            for _ in range(arch.decoder_depth)])
+        self.decoder_blocks = nn.ModuleList(
+            [
+                Block(Dd, arch.decoder_num_heads, arch.mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+                for _ in range(arch.decoder_depth)
+            ]
+        )
         self.decoder_norm = norm_layer(Dd)
-        self.decoder_pred = nn.Linear(Dd, arch.patch_size ** 2 * 3, bias=True)
+        self.decoder_pred = nn.Linear(Dd, arch.patch_size**2 * 3, bias=True)
 
         self.initialize_weights()
 
@@ -141,10 +164,14 @@ class MaskedAutoencoderViT(nn.Module):
 
     def initialize_weights(self) -> None:
         grid = self.arch.img_size // self.arch.patch_size
-        self.pos_embed.data.copy_(torch.from_numpy(
-            sincos_pos_embed_2d(self.pos_embed.shape[-1], grid, cls_token=True)).float().unsqueeze(0))
-        self.decoder_pos_embed.data.copy_(torch.from_numpy(
-            sincos_pos_embed_2d(self.decoder_pos_embed.shape[-1], grid, cls_token=True)).float().unsqueeze(0))
+        self.pos_embed.data.copy_(
+            torch.from_numpy(sincos_pos_embed_2d(self.pos_embed.shape[-1], grid, cls_token=True)).float().unsqueeze(0)
+        )
+        self.decoder_pos_embed.data.copy_(
+            torch.from_numpy(sincos_pos_embed_2d(self.decoder_pos_embed.shape[-1], grid, cls_token=True))
+            .float()
+            .unsqueeze(0)
+        )
         w = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # the patch embed as a Linear
         nn.init.normal_(self.cls_token, std=0.02)
@@ -176,7 +203,7 @@ class MaskedAutoencoderViT(nn.Module):
         """(N, L, p*p*3) -> (N, 3, H, W)."""
         p = self.arch.patch_size
         N, L, _ = x.shape
-        h = w = int(L ** 0.5)
+        h = w = int(L**0.5)
         x = x.reshape(N, h, w, p, p, 3)
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(N, 3, h * p, w * p)
@@ -224,6 +251,7 @@ class MaskedAutoencoderViT(nn.Module):
         if self.sdpa_backends is None:
             return blk(x)
         from torch.nn.attention import sdpa_kernel
+
         with sdpa_kernel(self.sdpa_backends):
             return blk(x)
 
@@ -283,12 +311,21 @@ class MaskedAutoencoderViT(nn.Module):
         return loss, pred, mask
 
 
-def build_model(model_type: str, norm_pix_loss: bool = False, img_size: int | None = None,
-                grad_checkpointing: bool = False, embed_kept_only: bool = False,
-                attention: str = "auto") -> MaskedAutoencoderViT:
-    return MaskedAutoencoderViT(arch_for(model_type, img_size), norm_pix_loss=norm_pix_loss,
-                                grad_checkpointing=grad_checkpointing, embed_kept_only=embed_kept_only,
-                                attention=attention)
+def build_model(
+    model_type: str,
+    norm_pix_loss: bool = False,
+    img_size: int | None = None,
+    grad_checkpointing: bool = False,
+    embed_kept_only: bool = False,
+    attention: str = "auto",
+) -> MaskedAutoencoderViT:
+    return MaskedAutoencoderViT(
+        arch_for(model_type, img_size),
+        norm_pix_loss=norm_pix_loss,
+        grad_checkpointing=grad_checkpointing,
+        embed_kept_only=embed_kept_only,
+        attention=attention,
+    )
 
 
 def model_flops_per_image(arch: MAEArch, mask_ratio: float) -> float:
@@ -304,10 +341,12 @@ def model_flops_per_image(arch: MAEArch, mask_ratio: float) -> float:
         attn = 2 * tokens * tokens * dim  # q@k^T and attn@v
         return depth * (linear + attn)
 
-    D, Dd, p2c = arch.embed_dim, arch.decoder_embed_dim, arch.patch_size ** 2 * 3
-    macs = (L * p2c * D  # patch embed (conv over all patches)
-            + blocks(keep + 1, D, arch.depth)
-            + (keep + 1) * D * Dd  # decoder_embed
-            + blocks(L + 1, Dd, arch.decoder_depth)
-            + (L + 1) * Dd * p2c)  # decoder_pred
+    D, Dd, p2c = arch.embed_dim, arch.decoder_embed_dim, arch.patch_size**2 * 3
+    macs = (
+        L * p2c * D  # patch embed (conv over all patches)
+        + blocks(keep + 1, D, arch.depth)
+        + (keep + 1) * D * Dd  # decoder_embed
+        + blocks(L + 1, Dd, arch.decoder_depth)
+        + (L + 1) * Dd * p2c
+    )  # decoder_pred
     return 3 * 2 * macs

@@ -1,4 +1,5 @@
 """AdamW with MAE's weight-decay groups, and the per-iteration warmup + cosine schedule."""
+
 from __future__ import annotations
 
 import math
@@ -15,12 +16,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if not p.requires_grad:
             continue
         (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-                    device: torch.device, compiled: bool = False) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    device: torch.device,
+    compiled: bool = False,
+) -> torch.optim.AdamW:
     """AdamW whose lr is a 0-D tensor on the device, so changing it never recompiles nor syncs.
 
     Fused: one kernel for all parameters on CUDA (a fused CPU kernel on the CPU). compiled=True

@@ -1,21 +1,31 @@
 """Where a run's messages and metrics go: the console (live dashboard on a terminal, plain lines
 otherwise), the complete log file mae_pretrain_YYYYMMDD_HHMMSS.log (flushed as written),
 metrics.jsonl (one record per log interval) and TensorBoard scalars when it is installed."""
+
 from __future__ import annotations
 
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TextIO
 
 from .dashboard import Dashboard, RunInfo
 from .metrics import Snapshot, format_line
 
 
 class RunLog:
-    def __init__(self, output_dir: str | Path | None, *, dashboard: str = "auto", info: RunInfo | None = None,
-                 tensorboard: bool = False, echo: Callable[[str], None] | None = None, stream: TextIO | None = None):
+    def __init__(
+        self,
+        output_dir: str | Path | None,
+        *,
+        dashboard: str = "auto",
+        info: RunInfo | None = None,
+        tensorboard: bool = False,
+        echo: Callable[[str], None] | None = None,
+        stream: TextIO | None = None,
+    ):
         """output_dir None: console only (non-zero ranks, benchmarks). `echo` replaces console printing."""
         self.stream = stream or sys.stdout
         self.echo = echo
@@ -30,6 +40,7 @@ class RunLog:
             if tensorboard:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
+
                     self._tb = SummaryWriter(str(out / "tensorboard"))
                 except ImportError:
                     self.info("tensorboard is not installed: TensorBoard scalars are off (pip install tensorboard)")
@@ -61,7 +72,16 @@ class RunLog:
         if self._jsonl is not None:
             self._jsonl.write(json.dumps({"time": time.time(), **snap.record()}) + "\n")
         if self._tb is not None:
-            for key in ("loss", "loss_smooth", "lr", "grad_norm", "samples_per_s", "ms_per_iter", "data_wait_pct", "mfu"):
+            for key in (
+                "loss",
+                "loss_smooth",
+                "lr",
+                "grad_norm",
+                "samples_per_s",
+                "ms_per_iter",
+                "data_wait_pct",
+                "mfu",
+            ):
                 self._tb.add_scalar(f"train/{key}", getattr(snap, key), snap.step)
         if self.dashboard is not None:
             self.dashboard.update(snap)

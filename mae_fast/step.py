@@ -6,12 +6,14 @@ and a fixed address is what CUDA graphs need). Nothing here reads a value back t
 losses go into a device-side ring of `log_every` slots that `read_metrics()` fetches once per
 log interval (the one host sync of the loop).
 """
+
 from __future__ import annotations
 
 import contextlib
 import copy
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -22,16 +24,29 @@ from .model import MaskedAutoencoderViT, build_model
 
 def model_from_config(cfg: Config) -> MaskedAutoencoderViT:
     m = cfg.model
-    return build_model(m.type, m.norm_pix_loss, cfg.data.input_size, grad_checkpointing=m.grad_checkpointing,
-                       embed_kept_only=m.embed_kept_only, attention=cfg.misc.attention)
+    return build_model(
+        m.type,
+        m.norm_pix_loss,
+        cfg.data.input_size,
+        grad_checkpointing=m.grad_checkpointing,
+        embed_kept_only=m.embed_kept_only,
+        attention=cfg.misc.attention,
+    )
 
 
 def step_options(cfg: Config) -> dict[str, Any]:
     """The TrainStep keyword arguments that the config decides."""
     a, x = cfg.data.augmentation, cfg.misc
-    return {"mask_ratio": cfg.model.mask_ratio, "gradient_clip": cfg.optimization.gradient_clip,
-            "mean": tuple(a.mean), "std": tuple(a.std), "compile": x.compile, "compile_mode": x.compile_mode,
-            "compile_optimizer": x.compile and x.compile_optimizer, "precision": x.precision}
+    return {
+        "mask_ratio": cfg.model.mask_ratio,
+        "gradient_clip": cfg.optimization.gradient_clip,
+        "mean": tuple(a.mean),
+        "std": tuple(a.std),
+        "compile": x.compile,
+        "compile_mode": x.compile_mode,
+        "compile_optimizer": x.compile and x.compile_optimizer,
+        "precision": x.precision,
+    }
 
 
 class _HostEvent:
@@ -56,6 +71,7 @@ class BusyTimer:
     def __init__(self, device: torch.device, windows: int):
         def event():
             return torch.cuda.Event(enable_timing=True) if device.type == "cuda" else _HostEvent()
+
         self.pairs = [(event(), event()) for _ in range(windows)]
         self.n = 0
 
@@ -70,7 +86,7 @@ class BusyTimer:
 
     def take_s(self) -> float:
         """Seconds in the windows since the last call; call after a sync (the events must have completed)."""
-        total = sum(a.elapsed_time(b) for a, b in self.pairs[:self.n]) / 1000
+        total = sum(a.elapsed_time(b) for a, b in self.pairs[: self.n]) / 1000
         self.n = 0
         return total
 
@@ -79,8 +95,16 @@ class MAELoss(nn.Module):
     """The part that is compiled (and, with several processes, wrapped by DistributedDataParallel):
     batch -> fp32 (uint8 batches normalized here, fused into the graph) -> autocast MAE forward -> loss."""
 
-    def __init__(self, mae: MaskedAutoencoderViT, mask_ratio: float, amp: bool, uint8: bool,
-                 mean: tuple[float, ...], std: tuple[float, ...], device: torch.device):
+    def __init__(
+        self,
+        mae: MaskedAutoencoderViT,
+        mask_ratio: float,
+        amp: bool,
+        uint8: bool,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        device: torch.device,
+    ):
         super().__init__()
         self.mae = mae
         self.mask_ratio = mask_ratio
@@ -101,13 +125,27 @@ class MAELoss(nn.Module):
 
 
 class TrainStep:
-    def __init__(self, model: MaskedAutoencoderViT, optimizer: torch.optim.Optimizer, *,
-                 micro_batch: int, accum_steps: int, mask_ratio: float, gradient_clip: float,
-                 device: torch.device, input_dtype: torch.dtype = torch.float32,
-                 mean: tuple[float, ...] = (0.485, 0.456, 0.406), std: tuple[float, ...] = (0.229, 0.224, 0.225),
-                 compile: bool = True, compile_mode: str = "default", compile_backend: str | Callable = "inductor",
-                 compile_optimizer: bool = False, precision: str = "amp", log_every: int = 100,
-                 distributed: bool = False):
+    def __init__(
+        self,
+        model: MaskedAutoencoderViT,
+        optimizer: torch.optim.Optimizer,
+        *,
+        micro_batch: int,
+        accum_steps: int,
+        mask_ratio: float,
+        gradient_clip: float,
+        device: torch.device,
+        input_dtype: torch.dtype = torch.float32,
+        mean: tuple[float, ...] = (0.485, 0.456, 0.406),
+        std: tuple[float, ...] = (0.229, 0.224, 0.225),
+        compile: bool = True,
+        compile_mode: str = "default",
+        compile_backend: str | Callable = "inductor",
+        compile_optimizer: bool = False,
+        precision: str = "amp",
+        log_every: int = 100,
+        distributed: bool = False,
+    ):
         """distributed=True wraps the loss module in DistributedDataParallel (a process group must exist).
         compile_optimizer=True compiles the grad norm + clip + AdamW update too (build the optimizer
         with build_optimizer(..., compiled=True)).
@@ -156,13 +194,17 @@ class TrainStep:
             # DDP and splits the graph at DDP's buckets, so the all-reduce overlaps the backward.
             # All parameters are used every step: no find_unused_parameters.
             from torch.nn.parallel import DistributedDataParallel
+
             module = self.ddp = DistributedDataParallel(
-                module, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+                module, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True
+            )
         self.loss_fn = module
         self._update = self._clip_and_update
         if compile_optimizer:
             if self.optimizer.defaults.get("fused"):
-                raise ValueError("compile_optimizer needs the foreach/capturable AdamW of build_optimizer(compiled=True)")
+                raise ValueError(
+                    "compile_optimizer needs the foreach/capturable AdamW of build_optimizer(compiled=True)"
+                )
             self._update = torch.compile(self._clip_and_update, backend=compile_backend)
 
     def micro_step(self, sync_grads: bool = True, noise: torch.Tensor | None = None) -> None:
@@ -207,7 +249,9 @@ class TrainStep:
         self._loss_acc.zero_()
         self.slot += 1
 
-    def read_metrics(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[list[float], list[float]]:
+    def read_metrics(
+        self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> tuple[list[float], list[float]]:
         """Losses and grad norms of the steps since the last read. This is a CPU-GPU sync point.
 
         `reduce` combines the (2, n) tensor of losses and norms across processes (a mean over ranks).

@@ -1,6 +1,7 @@
 """Reconstruction grids, as the official demo: original | masked | reconstruction | reconstruction
 with the visible patches pasted back. With norm_pix_loss the prediction is un-normalized with the
 statistics of the original's own patches, so it shows an image, not noise."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -42,8 +43,9 @@ def unnormalize_pred(model: MaskedAutoencoderViT, imgs: torch.Tensor, pred: torc
 
 
 @torch.no_grad()
-def reconstruct(model: MaskedAutoencoderViT, imgs: torch.Tensor, mask_ratio: float = 0.75,
-                seed: int = 0) -> list[torch.Tensor]:
+def reconstruct(
+    model: MaskedAutoencoderViT, imgs: torch.Tensor, mask_ratio: float = 0.75, seed: int = 0
+) -> list[torch.Tensor]:
     """imgs (N, 3, H, W), normalized -> [original, masked, reconstruction, pasted], each (N, 3, H, W)."""
     was_training = model.training
     model.eval()
@@ -71,8 +73,16 @@ def save_grid(panels: list[torch.Tensor], path: str | Path, mean=IMAGENET_MEAN, 
     return path
 
 
-def visualize_files(model: MaskedAutoencoderViT, files: list[str], out: str | Path, mask_ratio: float = 0.75,
-                    seed: int = 0, device: torch.device | str = "cpu", mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Path:
+def visualize_files(
+    model: MaskedAutoencoderViT,
+    files: list[str],
+    out: str | Path,
+    mask_ratio: float = 0.75,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+) -> Path:
     """The grid for image files, normalized with the model's training mean/std."""
     imgs = torch.stack([load_image(f, model.arch.img_size, mean, std) for f in files]).to(device)
     return save_grid(reconstruct(model, imgs, mask_ratio, seed), out, mean, std)

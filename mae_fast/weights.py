@@ -1,6 +1,7 @@
 """Build an MAE from any checkpoint: mae-fast's own, or facebookresearch/mae's (the full
 "visualize" ones with a decoder, and the encoder-only pretrain ones), read safely by
 checkpoint.load_checkpoint (weights_only=True)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,8 +26,9 @@ def infer_arch(sd: dict[str, torch.Tensor], path: str) -> tuple[str, MAEArch]:
     """Which preset these weights are, from their shapes; image size from the position embedding."""
     if "patch_embed.proj.weight" not in sd or "pos_embed" not in sd:
         keys = ", ".join(list(sd)[:5])
-        raise CheckpointError(f"{path} holds no MAE/ViT weights (no patch_embed.proj.weight / pos_embed; "
-                              f"keys start with {keys})")
+        raise CheckpointError(
+            f"{path} holds no MAE/ViT weights (no patch_embed.proj.weight / pos_embed; keys start with {keys})"
+        )
     dim, _, patch, _ = sd["patch_embed.proj.weight"].shape
     depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
     grid = round((sd["pos_embed"].shape[1] - 1) ** 0.5)
@@ -35,8 +37,10 @@ def infer_arch(sd: dict[str, torch.Tensor], path: str) -> tuple[str, MAEArch]:
             if "decoder_embed.weight" in sd and sd["decoder_embed.weight"].shape[0] != arch.decoder_embed_dim:
                 continue
             return name, MAEArch(**{**arch.__dict__, "img_size": grid * patch})
-    raise CheckpointError(f"{path}: weights of a ViT with patch {patch}, width {dim}, depth {depth} match no "
-                          f"mae-fast preset ({', '.join(PRESETS)})")
+    raise CheckpointError(
+        f"{path}: weights of a ViT with patch {patch}, width {dim}, depth {depth} match no "
+        f"mae-fast preset ({', '.join(PRESETS)})"
+    )
 
 
 def load_mae(path: str | Path, norm_pix_loss: bool | None = None) -> LoadedWeights:
@@ -60,8 +64,9 @@ def load_mae(path: str | Path, norm_pix_loss: bool | None = None) -> LoadedWeigh
         # the official pretrain checkpoints hold the encoder only (plus no mask token)
         missing, unexpected = model.load_state_dict(sd, strict=False)
         if unexpected or any(not (k.startswith("decoder_") or k == "mask_token") for k in missing):
-            raise CheckpointError(f"{path}: encoder weights do not fit {name}: missing {missing[:5]}, "
-                                  f"unexpected {unexpected[:5]}")
+            raise CheckpointError(
+                f"{path}: encoder weights do not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
         source = "official-encoder"
         notes.append(f"{path} holds the encoder only: the decoder and mask token are freshly initialized")
     notes.insert(0, f"{path}: {source} checkpoint of {name} ({arch.img_size}px)")

@@ -62,9 +62,7 @@ def batches_per_epoch(num_files: int, batch_size: int, num_shards: int) -> int:
     return num_files // num_shards // batch_size
 
 
-def check_sharding(
-    num_files: int, batch_size: int, shard_id: int, num_shards: int, limit: int | None = None
-) -> int:
+def check_sharding(num_files: int, batch_size: int, shard_id: int, num_shards: int, limit: int | None = None) -> int:
     """Validate the arguments; return the batches per epoch (at least 1), at most `limit`."""
     if batch_size < 1 or num_shards < 1 or not 0 <= shard_id < num_shards:
         raise ValueError(

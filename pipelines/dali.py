@@ -84,7 +84,8 @@ class _PathFeed:
         self.substitutes = loader.substitutes  # live: leave_out() updates it in place
         # the newest batches handed to DALI, ((epoch, batch), file indices), for finding a bad file
         self.in_flight: collections.deque[tuple[tuple[int, int], list[int]]] = collections.deque(
-            maxlen=loader.prefetch + 2)
+            maxlen=loader.prefetch + 2
+        )
         self.sharding = loader._sharding()
         self.batches_per_epoch = loader.batches_per_epoch
         self.epoch, self.batch = epoch, batch
@@ -247,8 +248,9 @@ class DaliLoader(ShardedFileLoader):
                 break
         del checker
         if not bad:
-            raise RuntimeError(f"the DALI pipeline failed and none of the {checked} files in flight fails "
-                               f"alone: {error}")
+            raise RuntimeError(
+                f"the DALI pipeline failed and none of the {checked} files in flight fails alone: {error}"
+            )
         for i, reason in bad:
             self.leave_out(i, reason)
         gc.collect()
@@ -295,12 +297,17 @@ class _FileChecker:
 def _dali_reason(error: Exception) -> str:
     """The informative line of a DALI pipeline error: the one after 'encountered:'."""
     lines = [line.strip() for line in str(error).splitlines()]
-    after = lines[lines.index("encountered:") + 1:] if "encountered:" in lines else lines
+    after = lines[lines.index("encountered:") + 1 :] if "encountered:" in lines else lines
     return next((line for line in after if line), "DALI pipeline error")
 
 
-def _define_pipeline(loader: DaliLoader, feed: _PathFeed | None, seeds: list[int], checkpoint: bytes | None,
-                     batch_size: int | None = None):
+def _define_pipeline(
+    loader: DaliLoader,
+    feed: _PathFeed | None,
+    seeds: list[int],
+    checkpoint: bytes | None,
+    batch_size: int | None = None,
+):
     """The pipeline graph. With batch_size (the file checker): no path source (feed=None; the paths are
     fed with pipe.feed_input("paths", ...)), whole-image decoding, a queue of one."""
     from nvidia.dali import fn, types

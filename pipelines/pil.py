@@ -130,8 +130,12 @@ class PilLoader(ShardedFileLoader):
         for images, errors in self._get_dataloader():
             if any(errors):  # rare: replace the undecodable images here, in the main process
                 row = self.epoch_order(self._epoch)[self._batch].tolist()
-                images = torch.stack([self._replacement(row[k], err) if err else img
-                                      for k, (img, err) in enumerate(zip(images, errors, strict=True))])
+                images = torch.stack(
+                    [
+                        self._replacement(row[k], err) if err else img
+                        for k, (img, err) in enumerate(zip(images, errors, strict=True))
+                    ]
+                )
             self._batch += 1
             yield images.to(self.device, non_blocking=True)
 

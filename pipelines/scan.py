@@ -92,8 +92,7 @@ def scan_dataset(
     classes, entries = _list_images(root)  # entries: (relpath, label, size, mtime_ns)
     if not entries:
         raise DatasetScanError(
-            f"no image files ({', '.join(IMAGE_EXTS)}) found in {root} "
-            "(expected root/<class>/*.JPEG or root/*.jpg)"
+            f"no image files ({', '.join(IMAGE_EXTS)}) found in {root} (expected root/<class>/*.JPEG or root/*.jpg)"
         )
     fingerprint = _fingerprint(classes, entries)
     cache_path = _cache_path(root, cache_dir)

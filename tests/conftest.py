@@ -31,5 +31,6 @@ def broken_huffman_copy(src, dst) -> None:
 @pytest.fixture
 def tiny_model():
     from mae_fast.model import build_model
+
     torch.manual_seed(0)
     return build_model("mae_vit_tiny_patch8")

@@ -1,4 +1,5 @@
 """The benchmark harness runs on a CPU in small settings and reports what it should (figures are not asserted)."""
+
 import json
 from pathlib import Path
 
@@ -12,8 +13,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_harness_runs_and_writes_json(tmp_path):
-    cfg = load_config(ROOT / "configs/bench_cpu.yaml", [f"data.data_path={tmp_path}/sample", "data.input_size=32",
-                                                         "optimization.batch_size=16", "optimization.micro_batch_size=16"])
+    cfg = load_config(
+        ROOT / "configs/bench_cpu.yaml",
+        [
+            f"data.data_path={tmp_path}/sample",
+            "data.input_size=32",
+            "optimization.batch_size=16",
+            "optimization.micro_batch_size=16",
+        ],
+    )
     lines = []
     out = bench_all(cfg, steps=4, batches=3, out_dir=str(tmp_path / "results"), log=lines.append)
     assert [r["backend"] for r in out["loader"]] == ["dali", "pil"]
@@ -39,7 +47,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.manual_seed(0)
         model = build_model("mae_vit_tiny_patch8", grad_checkpointing=gc)
         count = [0]
-        model.blocks[0].register_forward_pre_hook(lambda *a: count.__setitem__(0, count[0] + 1))
+        model.blocks[0].register_forward_pre_hook(lambda *a, count=count: count.__setitem__(0, count[0] + 1))
         loss, _, _ = model(imgs, 0.75, noise)
         loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
@@ -52,16 +60,34 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 def test_bench_step_times_variants_against_the_config_in_one_run(tmp_path, capsys):
     from mae_fast.cli import EXIT_USAGE, main
+
     path = tmp_path / "step.json"
-    args = ["bench-step", str(ROOT / "configs/bench_cpu.yaml"), "--set", "data.input_size=32", "--steps", "2",
-            "--warmup", "1", "--variant", "model.embed_kept_only=true",
-            "--variant", "misc.attention=math, optimization.micro_batch_size=8",
-            "--variant", "data.augmentation.crop_scale=[0.3,1.0],model.mask_ratio=0.5", "--json", str(path)]
+    args = [
+        "bench-step",
+        str(ROOT / "configs/bench_cpu.yaml"),
+        "--set",
+        "data.input_size=32",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--variant",
+        "model.embed_kept_only=true",
+        "--variant",
+        "misc.attention=math, optimization.micro_batch_size=8",
+        "--variant",
+        "data.augmentation.crop_scale=[0.3,1.0],model.mask_ratio=0.5",
+        "--json",
+        str(path),
+    ]
     assert main(args) == 0
     results = json.loads(path.read_text())["results"]
-    assert [r["name"] for r in results] == ["mae-fast", "model.embed_kept_only=true",
-                                            "misc.attention=math, optimization.micro_batch_size=8",
-                                            "data.augmentation.crop_scale=[0.3,1.0],model.mask_ratio=0.5"]
+    assert [r["name"] for r in results] == [
+        "mae-fast",
+        "model.embed_kept_only=true",
+        "misc.attention=math, optimization.micro_batch_size=8",
+        "data.augmentation.crop_scale=[0.3,1.0],model.mask_ratio=0.5",
+    ]
     assert [r["batch"] for r in results] == [32, 32, 8, 32]
     assert results[3]["gflop_per_img"] > results[0]["gflop_per_img"]  # mask ratio 0.5: a longer encoder
     for r in results[1:]:

@@ -18,8 +18,18 @@ def test_seed_guide_json_loads_unchanged():
     assert "looks already scaled" in lr_warnings(cfg)[0]
 
 
-@pytest.mark.parametrize("name", ["mae_pretrain_vit_base", "mae_pretrain_vit_large", "mae_pretrain_vit_base_test",
-                                  "demo", "bench_vit_base", "bench_vit_large", "bench_cpu"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "mae_pretrain_vit_base",
+        "mae_pretrain_vit_large",
+        "mae_pretrain_vit_base_test",
+        "demo",
+        "bench_vit_base",
+        "bench_vit_large",
+        "bench_cpu",
+    ],
+)
 def test_shipped_configs_load(name):
     cfg = load_config(ROOT / f"configs/{name}.yaml")
     assert lr_warnings(cfg) == []
@@ -41,26 +51,33 @@ def test_absolute_lr_wins():
     assert derive(cfg, 10_000).lr == 1e-3
 
 
-@pytest.mark.parametrize("data,key,fragment", [
-    ({"optimization": {"base_lrr": 1e-4}}, "optimization.base_lrr", "did you mean optimization.base_lr"),
-    ({"modle": {}}, "modle", "did you mean model"),
-    ({"data": {"augmentation": {"crop_scal": [0.2, 1]}}}, "data.augmentation.crop_scal", "did you mean data.augmentation.crop_scale"),
-    ({"optimization": {"batch_size": "big"}}, "optimization.batch_size", "expected an integer"),
-    ({"optimization": {"batch_size": 4.5}}, "optimization.batch_size", "expected an integer"),
-    ({"model": {"norm_pix_loss": "yes"}}, "model.norm_pix_loss", "expected true or false"),
-    ({"model": {"mask_ratio": 1.0}}, "model.mask_ratio", "(0, 1)"),
-    ({"model": {"mask_ratio": 0}}, "model.mask_ratio", "(0, 1)"),
-    ({"model": {"type": "mae_vit_base_patch61"}}, "model.type", "did you mean 'mae_vit_base_patch16'"),
-    ({"optimization": {"batch_size": 1000, "micro_batch_size": 64}}, "optimization.batch_size", "not divisible"),
-    ({"data": {"input_size": 100}}, "data.input_size", "multiple of the patch size 16"),
-    ({"data": {"backend": "ffcv"}}, "data.backend", "dali, pil or synthetic"),
-    ({"misc": {"attention": "flash2"}}, "misc.attention", "auto, flash, efficient, cudnn, math"),
-    ({"misc": {"precision": "fp16"}}, "misc.precision", "amp or bf16"),
-    ({"data": {"augmentation": {"crop_scale": [0.9, 0.2]}}}, "data.augmentation.crop_scale", "low <= high"),
-    ({"schedule": {"warmup_epochs": 50, "epochs": 10}}, "schedule.warmup_epochs", "epochs=10"),
-    ({"optimization": {"lr": "inf"}}, "optimization.lr", "expected a finite number"),
-    ({"misc": {"device": "cuda:x"}}, "misc.device", "cuda:N"),
-])
+@pytest.mark.parametrize(
+    "data,key,fragment",
+    [
+        ({"optimization": {"base_lrr": 1e-4}}, "optimization.base_lrr", "did you mean optimization.base_lr"),
+        ({"modle": {}}, "modle", "did you mean model"),
+        (
+            {"data": {"augmentation": {"crop_scal": [0.2, 1]}}},
+            "data.augmentation.crop_scal",
+            "did you mean data.augmentation.crop_scale",
+        ),
+        ({"optimization": {"batch_size": "big"}}, "optimization.batch_size", "expected an integer"),
+        ({"optimization": {"batch_size": 4.5}}, "optimization.batch_size", "expected an integer"),
+        ({"model": {"norm_pix_loss": "yes"}}, "model.norm_pix_loss", "expected true or false"),
+        ({"model": {"mask_ratio": 1.0}}, "model.mask_ratio", "(0, 1)"),
+        ({"model": {"mask_ratio": 0}}, "model.mask_ratio", "(0, 1)"),
+        ({"model": {"type": "mae_vit_base_patch61"}}, "model.type", "did you mean 'mae_vit_base_patch16'"),
+        ({"optimization": {"batch_size": 1000, "micro_batch_size": 64}}, "optimization.batch_size", "not divisible"),
+        ({"data": {"input_size": 100}}, "data.input_size", "multiple of the patch size 16"),
+        ({"data": {"backend": "ffcv"}}, "data.backend", "dali, pil or synthetic"),
+        ({"misc": {"attention": "flash2"}}, "misc.attention", "auto, flash, efficient, cudnn, math"),
+        ({"misc": {"precision": "fp16"}}, "misc.precision", "amp or bf16"),
+        ({"data": {"augmentation": {"crop_scale": [0.9, 0.2]}}}, "data.augmentation.crop_scale", "low <= high"),
+        ({"schedule": {"warmup_epochs": 50, "epochs": 10}}, "schedule.warmup_epochs", "epochs=10"),
+        ({"optimization": {"lr": "inf"}}, "optimization.lr", "expected a finite number"),
+        ({"misc": {"device": "cuda:x"}}, "misc.device", "cuda:N"),
+    ],
+)
 def test_config_errors_name_the_key(data, key, fragment):
     with pytest.raises(ConfigError) as e:
         config_from_dict(data)
@@ -82,8 +99,9 @@ def test_min_lr_above_the_peak_and_steps_per_epoch_beyond_the_data():
     assert derive(capped, 1000).steps_per_epoch == 2
     with pytest.raises(ConfigError, match="larger than the data set .16 images in data.data_path"):
         derive(capped, 16)
-    synthetic = config_from_dict({"optimization": {"batch_size": 32}, "schedule": {"steps_per_epoch": 5},
-                                  "data": {"backend": "synthetic"}})
+    synthetic = config_from_dict(
+        {"optimization": {"batch_size": 32}, "schedule": {"steps_per_epoch": 5}, "data": {"backend": "synthetic"}}
+    )
     assert derive(synthetic, 16).steps_per_epoch == 5
 
 
@@ -101,8 +119,15 @@ def test_batch_larger_than_data_set():
 def test_overrides_and_file_errors(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"optimization": {"base_lr": 1.5e-4}}))
-    cfg = load_config(path, ["optimization.base_lr=1e-4", "model.norm_pix_loss=false", "optimization.lr=null",
-                             "data.augmentation.crop_scale=[0.3, 1.0]"])
+    cfg = load_config(
+        path,
+        [
+            "optimization.base_lr=1e-4",
+            "model.norm_pix_loss=false",
+            "optimization.lr=null",
+            "data.augmentation.crop_scale=[0.3, 1.0]",
+        ],
+    )
     assert cfg.optimization.base_lr == 1e-4 and cfg.model.norm_pix_loss is False
     assert cfg.data.augmentation.crop_scale == [0.3, 1.0]
     with pytest.raises(ConfigError, match="optimization.base_lrr: unknown key"):

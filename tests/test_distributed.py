@@ -1,5 +1,6 @@
 """Several processes on the CPU (gloo): DDP equals one process, no_sync on accumulation micro-steps,
 only rank 0 writes, a 2-rank run resumes from its checkpoint."""
+
 import json
 import os
 import subprocess
@@ -8,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import broken_huffman_copy, drop_key_bias
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import broken_huffman_copy, drop_key_bias
 
 from mae_fast.model import build_model
 from mae_fast.optim import build_optimizer
@@ -32,8 +33,19 @@ def make_step(micro, accum, ddp=False, compile=False):
     model = build_model("mae_vit_tiny_patch8")
     opt = build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), CPU)
     # aot_eager: the same Dynamo tracing and DDP graph splitting as inductor, without its C++ compile time
-    return TrainStep(model, opt, micro_batch=micro, accum_steps=accum, mask_ratio=0.75, gradient_clip=1.0,
-                     device=CPU, compile=compile, compile_backend="aot_eager", log_every=100, distributed=ddp)
+    return TrainStep(
+        model,
+        opt,
+        micro_batch=micro,
+        accum_steps=accum,
+        mask_ratio=0.75,
+        gradient_clip=1.0,
+        device=CPU,
+        compile=compile,
+        compile_backend="aot_eager",
+        log_every=100,
+        distributed=ddp,
+    )
 
 
 def _worker(rank: int, store: str, out: str, compile: bool) -> None:
@@ -75,18 +87,39 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path, compil
 
 def torchrun(tmp_path, out, *extra):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            "-m", "mae_fast", "train", str(ROOT / "configs/demo.yaml"),
-            "--set", f"data.data_path={tmp_path}/data", "--set", "data.input_size=32",
-            "--set", "misc.compile=false", "--set", "logging.print_freq=2",
-            "--set", f"logging.output_dir={out}", "--set", f"checkpointing.checkpoint_dir={tmp_path}/ckpt",
-            "--set", "checkpointing.save_freq_epochs=1", *extra]
+    args = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "mae_fast",
+        "train",
+        str(ROOT / "configs/demo.yaml"),
+        "--set",
+        f"data.data_path={tmp_path}/data",
+        "--set",
+        "data.input_size=32",
+        "--set",
+        "misc.compile=false",
+        "--set",
+        "logging.print_freq=2",
+        "--set",
+        f"logging.output_dir={out}",
+        "--set",
+        f"checkpointing.checkpoint_dir={tmp_path}/ckpt",
+        "--set",
+        "checkpointing.save_freq_epochs=1",
+        *extra,
+    ]
     return subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180)
 
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_train_write_once_and_resume(tmp_path):
     from pipelines.sample_data import make_sample_data
+
     data = make_sample_data(str(tmp_path / "data"), n=64)  # batch 32 over 2 ranks: 2 steps per epoch
     broken_huffman_copy(f"{data}/class_0/img_000000.JPEG", f"{data}/class_1/huffman.JPEG")  # passes the scan
     run = torchrun(tmp_path, tmp_path / "out1", "--set", "schedule.epochs=2")
@@ -115,6 +148,7 @@ def test_resume_with_another_world_size_is_refused():
     from mae_fast.checkpoint import CheckpointError
     from mae_fast.config import config_from_dict, derive
     from mae_fast.train import check_resumable
+
     cfg = config_from_dict({"optimization": {"batch_size": 64, "micro_batch_size": 8}})
     saved = {"config": cfg.to_dict(), "derived": vars(derive(cfg, 6400, world_size=2))}
     with pytest.raises(CheckpointError, match="world size: checkpoint 2, config 4"):
@@ -125,15 +159,43 @@ def test_resume_with_another_world_size_is_refused():
 def test_a_failing_rank_brings_the_job_down(tmp_path):
     import signal
     import time
+
     from pipelines.sample_data import make_sample_data
+
     make_sample_data(str(tmp_path / "data"), n=64)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mae_fast", "train",
-         str(ROOT / "configs/demo.yaml"), "--set", f"data.data_path={tmp_path}/data", "--set", "data.input_size=32",
-         "--set", "misc.compile=false", "--set", f"logging.output_dir={tmp_path}/out", "--set", "schedule.epochs=100000",
-         "--set", f"checkpointing.checkpoint_dir={tmp_path}/ckpt", "--set", "checkpointing.save_freq_epochs=0"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "mae_fast",
+            "train",
+            str(ROOT / "configs/demo.yaml"),
+            "--set",
+            f"data.data_path={tmp_path}/data",
+            "--set",
+            "data.input_size=32",
+            "--set",
+            "misc.compile=false",
+            "--set",
+            f"logging.output_dir={tmp_path}/out",
+            "--set",
+            "schedule.epochs=100000",
+            "--set",
+            f"checkpointing.checkpoint_dir={tmp_path}/ckpt",
+            "--set",
+            "checkpointing.save_freq_epochs=0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     try:
         deadline = time.time() + 120
         while not (tmp_path / "out/metrics.jsonl").exists():

@@ -1,4 +1,5 @@
 """Using what was pretrained: reconstructions, timm / TorchScript / torch.export encoders, official checkpoints."""
+
 import argparse
 from pathlib import Path
 
@@ -23,8 +24,9 @@ def trained(tmp_path):
     """A mae-fast checkpoint of the tiny preset (norm_pix_loss on), as the train loop writes it."""
     torch.manual_seed(0)
     model = build_model("mae_vit_tiny_patch8", norm_pix_loss=True)
-    cfg = config_from_dict({"model": {"type": "mae_vit_tiny_patch8", "norm_pix_loss": True},
-                            "data": {"input_size": 32}})
+    cfg = config_from_dict(
+        {"model": {"type": "mae_vit_tiny_patch8", "norm_pix_loss": True}, "data": {"input_size": 32}}
+    )
     path = tmp_path / "final.pt"
     torch.save({"format": "mae-fast", "model": model.state_dict(), "config": cfg.to_dict(), "step": 10}, path)
     return model, path
@@ -75,14 +77,20 @@ def test_unnormalization_restores_the_patch_statistics(trained):
 def test_timm_export_loads_strictly_and_matches(tmp_path, trained):
     import timm
     from safetensors.torch import load_file
+
     model, ckpt = trained
     out = tmp_path / "encoder.safetensors"
     assert main(["export", str(ckpt), "--format", "timm", "--out", str(out)]) == 0
     # strict keys: exactly a timm VisionTransformer's (num_classes=0), and timm's own loader accepts the file
     vit = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, **timm_kwargs(model.arch))
     vit.load_state_dict(load_file(str(out)), strict=True)
-    loaded = timm.create_model("vit_base_patch16_224", pretrained=True, pretrained_cfg_overlay={"file": str(out)},
-                               num_classes=0, **timm_kwargs(model.arch)).eval()
+    loaded = timm.create_model(
+        "vit_base_patch16_224",
+        pretrained=True,
+        pretrained_cfg_overlay={"file": str(out)},
+        num_classes=0,
+        **timm_kwargs(model.arch),
+    ).eval()
     x = torch.randn(3, 3, 32, 32)
     model.eval()
     with torch.no_grad():
@@ -93,6 +101,7 @@ def test_timm_export_loads_strictly_and_matches(tmp_path, trained):
 
 def test_standard_presets_map_to_timm_models():
     import timm
+
     with torch.device("meta"):
         model = build_model("mae_vit_large_patch16")
         vit = timm.create_model("vit_large_patch16_224", pretrained=False, num_classes=0)
@@ -120,8 +129,12 @@ def official_state_dict(model):
 def test_official_checkpoints_load(tmp_path, capsys):
     torch.manual_seed(1)
     model = build_model("mae_vit_tiny_patch8")
-    full = {"model": official_state_dict(model), "optimizer": {}, "epoch": 799,
-            "args": argparse.Namespace(model="mae_vit_tiny_patch8", norm_pix_loss=False, blr=1.5e-4)}
+    full = {
+        "model": official_state_dict(model),
+        "optimizer": {},
+        "epoch": 799,
+        "args": argparse.Namespace(model="mae_vit_tiny_patch8", norm_pix_loss=False, blr=1.5e-4),
+    }
     torch.save(full, tmp_path / "checkpoint-799.pth")
     loaded = load_mae(tmp_path / "checkpoint-799.pth")
     assert loaded.source == "official" and loaded.model_type == "mae_vit_tiny_patch8"
@@ -136,27 +149,42 @@ def test_official_checkpoints_load(tmp_path, capsys):
     assert torch.equal(loaded.model.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
     # and visualize / export take them
     img = photo(tmp_path)
-    assert main(["visualize", str(tmp_path / "checkpoint-799.pth"), "--images", img, "--out", str(tmp_path / "r.png")]) == 0
+    assert (
+        main(["visualize", str(tmp_path / "checkpoint-799.pth"), "--images", img, "--out", str(tmp_path / "r.png")])
+        == 0
+    )
     assert main(["export", str(tmp_path / "mae_pretrain.pth"), "--out", str(tmp_path / "e.safetensors")]) == 0
 
 
 def test_official_weights_as_init_and_refused_as_resume(tmp_path):
     from mae_fast.train import train
+
     torch.manual_seed(2)
     model = build_model("mae_vit_tiny_patch8", img_size=64)
     enc = {k: v for k, v in model.state_dict().items() if not k.startswith("decoder_") and k != "mask_token"}
     torch.save({"model": enc, "args": argparse.Namespace(epochs=800)}, tmp_path / "official.pth")
-    base = [f"logging.output_dir={tmp_path}/out", f"checkpointing.checkpoint_dir={tmp_path}/ck",
-            "data.backend=synthetic", "data.synthetic_images=64", "misc.compile=false", "schedule.epochs=1",
-            "schedule.warmup_epochs=0"]
+    base = [
+        f"logging.output_dir={tmp_path}/out",
+        f"checkpointing.checkpoint_dir={tmp_path}/ck",
+        "data.backend=synthetic",
+        "data.synthetic_images=64",
+        "misc.compile=false",
+        "schedule.epochs=1",
+        "schedule.warmup_epochs=0",
+    ]
     from mae_fast.config import load_config
+
     lines = []
-    train(load_config(ROOT / "configs/demo.yaml", base + [f"misc.init_weights={tmp_path}/official.pth"]),
-          log=lines.append, max_steps=1)
+    train(
+        load_config(ROOT / "configs/demo.yaml", base + [f"misc.init_weights={tmp_path}/official.pth"]),
+        log=lines.append,
+        max_steps=1,
+    )
     assert any("init weights:" in x and "encoder only" in x for x in lines)
     with pytest.raises(CheckpointError, match="not a mae-fast training checkpoint.*misc.init_weights"):
-        train(load_config(ROOT / "configs/demo.yaml", base + [f"misc.resume={tmp_path}/official.pth"]),
-              log=lines.append)
+        train(
+            load_config(ROOT / "configs/demo.yaml", base + [f"misc.resume={tmp_path}/official.pth"]), log=lines.append
+        )
 
 
 def test_error_cases(tmp_path, capsys):
@@ -169,8 +197,17 @@ def test_error_cases(tmp_path, capsys):
     with pytest.raises(CheckpointError, match="holds no MAE/ViT weights"):
         load_mae(tmp_path / "other.pt")
     import timm
-    vit = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8,
-                            embed_dim=48, depth=3, num_heads=3)
+
+    vit = timm.create_model(
+        "vit_base_patch16_224",
+        pretrained=False,
+        num_classes=0,
+        img_size=32,
+        patch_size=8,
+        embed_dim=48,
+        depth=3,
+        num_heads=3,
+    )
     torch.save({"model": vit.state_dict()}, tmp_path / "vit.pt")
     with pytest.raises(CheckpointError, match="patch 8, width 48, depth 3 match no mae-fast preset"):
         load_mae(tmp_path / "vit.pt")

@@ -1,4 +1,5 @@
 """GPU checks of the trainer (run on the GPU machine with `pytest -m gpu`; skipped without CUDA)."""
+
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 def test_compiled_bf16_step_matches_eager_and_has_no_graph_break():
     from torch._dynamo.testing import CompileCounterWithBackend
+
     dev = torch.device("cuda")
     losses = []
     for compile in (False, True):
@@ -23,11 +25,21 @@ def test_compiled_bf16_step_matches_eager_and_has_no_graph_break():
         model = build_model("mae_vit_tiny_patch8").to(dev)
         opt = build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), dev)
         counter = CompileCounterWithBackend("inductor")
-        step = TrainStep(model, opt, micro_batch=16, accum_steps=2, mask_ratio=0.75, gradient_clip=1.0, device=dev,
-                         input_dtype=torch.float16, compile=compile, compile_backend=counter)
+        step = TrainStep(
+            model,
+            opt,
+            micro_batch=16,
+            accum_steps=2,
+            mask_ratio=0.75,
+            gradient_clip=1.0,
+            device=dev,
+            input_dtype=torch.float16,
+            compile=compile,
+            compile_backend=counter,
+        )
         g = torch.Generator(device=dev).manual_seed(1)
         for _ in range(5):
-            for i in range(2):
+            for _ in range(2):
                 step.inputs.copy_(torch.randn(16, 3, 32, 32, device=dev, generator=g))
                 step.micro_step(noise=torch.rand(16, 16, device=dev, generator=g))
             step.optimizer_step(1e-3)
@@ -39,8 +51,14 @@ def test_compiled_bf16_step_matches_eager_and_has_no_graph_break():
 
 def test_demo_trains_on_gpu_with_dali_mixed_decode_and_resumes(tmp_path):
     from mae_fast.train import train
-    args = [f"data.data_path={tmp_path}/sample", f"logging.output_dir={tmp_path}/o",
-            f"checkpointing.checkpoint_dir={tmp_path}/c", "schedule.warmup_epochs=1", "misc.auto_resume=true"]
+
+    args = [
+        f"data.data_path={tmp_path}/sample",
+        f"logging.output_dir={tmp_path}/o",
+        f"checkpointing.checkpoint_dir={tmp_path}/c",
+        "schedule.warmup_epochs=1",
+        "misc.auto_resume=true",
+    ]
     lines = []
     result = train(load_config(ROOT / "configs/demo.yaml", args + ["schedule.epochs=3"]), log=lines.append)
     assert any("decode on GPU (mixed)" in x for x in lines)
@@ -55,6 +73,7 @@ def test_dali_cpu_decode_rest_on_gpu(tmp_path):
     from pipelines.dali import AugmentConfig, build_dali_loader
     from pipelines.sample_data import make_sample_data
     from pipelines.scan import scan_dataset
+
     files = scan_dataset(make_sample_data(str(tmp_path / "s"), n=32), progress=False).files
     loader = build_dali_loader(files, 16, AugmentConfig(input_size=64), seed=0, device_id=0, decoder="cpu")
     assert not loader.gpu_decode
@@ -63,12 +82,21 @@ def test_dali_cpu_decode_rest_on_gpu(tmp_path):
     assert abs(batch.float().mean().item()) < 1.0
 
 
-@pytest.mark.parametrize("switch", ["model.embed_kept_only=true", "misc.compile_optimizer=true",
-                                    "misc.attention=flash", "misc.attention=cudnn", "misc.precision=bf16"])
+@pytest.mark.parametrize(
+    "switch",
+    [
+        "model.embed_kept_only=true",
+        "misc.compile_optimizer=true",
+        "misc.attention=flash",
+        "misc.attention=cudnn",
+        "misc.precision=bf16",
+    ],
+)
 def test_performance_switches_train_as_the_default_step(switch):
     """Each switch of bench-step --variant, compiled on the GPU: the same losses as the default step."""
     from mae_fast.config import config_from_dict
     from mae_fast.step import model_from_config, step_options
+
     dev = torch.device("cuda")
     losses = []
     for overrides in ([], [switch]):
@@ -93,6 +121,7 @@ def test_gpu_decoder_failure_on_a_file_is_recovered(tmp_path):
     from pipelines.dali import AugmentConfig, build_dali_loader
     from pipelines.sample_data import make_sample_data
     from pipelines.scan import scan_dataset
+
     root = Path(make_sample_data(str(tmp_path / "s"), n=31))
     broken_huffman_copy(next(root.glob("class_0/*.JPEG")), root / "class_0/huffman.JPEG")
     files = scan_dataset(str(root), progress=False).files
@@ -102,21 +131,31 @@ def test_gpu_decoder_failure_on_a_file_is_recovered(tmp_path):
     batches = [b.clone() for b in loader]
     assert len(batches) == 2 and all(b.is_cuda and b.shape == (16, 3, 64, 64) for b in batches)
     import warnings
-    warnings.warn(f"nvJPEG and a broken Huffman table: left out {loader.take_bad_files()}")  # in the session log
+
+    warnings.warn(
+        f"nvJPEG and a broken Huffman table: left out {loader.take_bad_files()}", stacklevel=1
+    )  # in the session log
 
 
 def test_training_on_a_high_priority_stream(tmp_path):
     """misc.high_priority_stream: the step and DALI's outputs meet on the training stream; a demo trains,
     its checkpoint resumes, and the losses are finite."""
     from mae_fast.train import train, train_stream
+
     dev = torch.device("cuda")
     default = torch.cuda.current_stream(dev)
     with train_stream(dev, True):
         stream = torch.cuda.current_stream(dev)
         assert stream != default and stream.priority < default.priority
     assert torch.cuda.current_stream(dev) == default
-    args = [f"data.data_path={tmp_path}/sample", f"logging.output_dir={tmp_path}/o", "misc.high_priority_stream=true",
-            f"checkpointing.checkpoint_dir={tmp_path}/c", "schedule.warmup_epochs=1", "misc.auto_resume=true"]
+    args = [
+        f"data.data_path={tmp_path}/sample",
+        f"logging.output_dir={tmp_path}/o",
+        "misc.high_priority_stream=true",
+        f"checkpointing.checkpoint_dir={tmp_path}/c",
+        "schedule.warmup_epochs=1",
+        "misc.auto_resume=true",
+    ]
     result = train(load_config(ROOT / "configs/demo.yaml", args + ["schedule.epochs=2"]))
     assert result.steps_done == 16 and all(v == v and v < 10 for v in result.losses)
     result = train(load_config(ROOT / "configs/demo.yaml", args + ["schedule.epochs=3"]))

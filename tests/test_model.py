@@ -62,7 +62,7 @@ def test_norm_pix_target_statistics():
     assert torch.allclose(normed.mean(-1), torch.zeros(2, 16), atol=1e-5)
     assert torch.allclose(normed.var(-1), torch.ones(2, 16), atol=1e-3)
     loss = model.forward_loss(imgs, torch.zeros(2, 16, 192), mask)
-    assert torch.allclose(loss, (normed ** 2).mean(), atol=1e-5)
+    assert torch.allclose(loss, (normed**2).mean(), atol=1e-5)
     # a prediction equal to the normalized target has zero loss
     assert model.forward_loss(imgs, normed, mask).item() < 1e-8
 
@@ -89,11 +89,36 @@ def test_fixed_noise_gives_same_loss_and_forward_shapes(tiny_model):
 
 def _official_names(depth: int, decoder_depth: int) -> set[str]:
     """The state-dict keys of facebookresearch/mae models_mae.py (timm 0.3.2 Block), written out."""
-    block = ["norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
-             "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"]
-    names = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias",
-             "decoder_embed.weight", "decoder_embed.bias", "mask_token", "decoder_pos_embed", "decoder_norm.weight",
-             "decoder_norm.bias", "decoder_pred.weight", "decoder_pred.bias"}
+    block = [
+        "norm1.weight",
+        "norm1.bias",
+        "attn.qkv.weight",
+        "attn.qkv.bias",
+        "attn.proj.weight",
+        "attn.proj.bias",
+        "norm2.weight",
+        "norm2.bias",
+        "mlp.fc1.weight",
+        "mlp.fc1.bias",
+        "mlp.fc2.weight",
+        "mlp.fc2.bias",
+    ]
+    names = {
+        "cls_token",
+        "pos_embed",
+        "patch_embed.proj.weight",
+        "patch_embed.proj.bias",
+        "norm.weight",
+        "norm.bias",
+        "decoder_embed.weight",
+        "decoder_embed.bias",
+        "mask_token",
+        "decoder_pos_embed",
+        "decoder_norm.weight",
+        "decoder_norm.bias",
+        "decoder_pred.weight",
+        "decoder_pred.bias",
+    }
     names |= {f"blocks.{i}.{b}" for i in range(depth) for b in block}
     names |= {f"decoder_blocks.{i}.{b}" for i in range(decoder_depth) for b in block}
     return names
@@ -118,7 +143,13 @@ def test_official_parameter_names_and_shapes():
 
 def test_large_and_huge_names():
     arch = PRESETS["mae_vit_huge_patch14"]
-    assert (arch.patch_size, arch.embed_dim, arch.depth, arch.decoder_embed_dim, arch.decoder_depth) == (14, 1280, 32, 512, 8)
+    assert (arch.patch_size, arch.embed_dim, arch.depth, arch.decoder_embed_dim, arch.decoder_depth) == (
+        14,
+        1280,
+        32,
+        512,
+        8,
+    )
     with torch.device("meta"):
         large = MaskedAutoencoderViT(PRESETS["mae_vit_large_patch16"])
     assert set(large.state_dict()) == _official_names(24, 8)
@@ -172,7 +203,7 @@ def test_embedding_only_kept_patches_matches_the_official_order(model_type, size
     removed = int(m0[0].nonzero()[0])
     r, c = divmod(removed, size // p)
     imgs2 = imgs.clone()
-    imgs2[0, :, r * p:(r + 1) * p, c * p:(c + 1) * p] += 10.0
+    imgs2[0, :, r * p : (r + 1) * p, c * p : (c + 1) * p] += 10.0
     with torch.no_grad():
         latent_a, _, _ = kept.forward_encoder(imgs, 0.75, noise)
         latent_b, _, _ = kept.forward_encoder(imgs2, 0.75, noise)

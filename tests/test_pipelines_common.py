@@ -1,4 +1,5 @@
 """Leaving out undecodable files (pipelines.common.ShardedFileLoader), independent of the decoder."""
+
 import json
 
 import pytest
@@ -11,8 +12,7 @@ class _Loader(ShardedFileLoader):
 
 
 def loader(n: int = 6) -> ShardedFileLoader:
-    return _Loader([f"/d/{i}.jpg" for i in range(n)], 2, seed=0, shard_id=0, num_shards=1,
-                             batches_per_epoch=None)
+    return _Loader([f"/d/{i}.jpg" for i in range(n)], 2, seed=0, shard_id=0, num_shards=1, batches_per_epoch=None)
 
 
 def test_substitutes_chain_and_repeat():

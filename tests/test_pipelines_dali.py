@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from conftest import broken_huffman_copy
+from PIL import Image
 
 pytest.importorskip("nvidia.dali")
 
@@ -98,10 +98,7 @@ def test_output_shape_dtype_and_normalized_statistics(photo_files):
     assert (mean.abs() < 0.5).all() and ((std > 0.7) & (std < 1.5)).all(), (mean, std)
     # ... and exactly what (pixel / 255 - mean) / std of the source files gives, up to cropping.
     pixels = (
-        np.concatenate(
-            [np.asarray(Image.open(f).convert("RGB").reduce(4)).reshape(-1, 3) for f in photo_files]
-        )
-        / 255.0
+        np.concatenate([np.asarray(Image.open(f).convert("RGB").reduce(4)).reshape(-1, 3) for f in photo_files]) / 255.0
     )
     expected = (pixels - np.array(AUG.mean)) / np.array(AUG.std)
     assert np.allclose(mean.numpy(), expected.mean(0), atol=0.08), (mean, expected.mean(0))
@@ -111,9 +108,7 @@ def test_output_shape_dtype_and_normalized_statistics(photo_files):
 def test_uint8_output_is_the_unnormalized_float_output(photo_files):
     files = photo_files[:32]
     f16 = next(iter(build_dali_loader(files, 8, AUG, seed=3, num_threads=THREADS))).clone()
-    u8 = next(
-        iter(build_dali_loader(files, 8, AUG, seed=3, num_threads=THREADS, output_dtype="uint8"))
-    ).clone()
+    u8 = next(iter(build_dali_loader(files, 8, AUG, seed=3, num_threads=THREADS, output_dtype="uint8"))).clone()
     assert u8.dtype == torch.uint8 and u8.shape == (8, 3, SIZE, SIZE)
     mean = torch.tensor(AUG.mean).view(1, 3, 1, 1) * 255
     std = torch.tensor(AUG.std).view(1, 3, 1, 1) * 255
@@ -124,8 +119,7 @@ def test_uint8_output_is_the_unnormalized_float_output(photo_files):
 def test_epoch_order_sharding_and_seeds(index_files):
     n, B = len(index_files), 4  # 43 files, 2 shards: 5 batches each, 3 files left out
     shards = [
-        build_dali_loader(index_files, B, AUG, seed=7, shard_id=k, num_shards=2, num_threads=THREADS)
-        for k in range(2)
+        build_dali_loader(index_files, B, AUG, seed=7, shard_id=k, num_shards=2, num_threads=THREADS) for k in range(2)
     ]
     assert [len(s) for s in shards] == [5, 5]
     seen = []

@@ -7,8 +7,8 @@ import os
 
 import pytest
 import torch
-from PIL import Image
 from conftest import broken_huffman_copy
+from PIL import Image
 
 pytest.importorskip("torchvision")
 
@@ -64,10 +64,7 @@ def test_transform_is_mae_main_pretrain():
 
 def test_order_shards_and_resume_position(index_files):
     B = 3  # 27 files, 2 shards: 4 batches of 3 each, 3 files left out
-    shards = [
-        build_pil_loader(index_files, B, AUG, seed=4, shard_id=k, num_shards=2, num_workers=0)
-        for k in range(2)
-    ]
+    shards = [build_pil_loader(index_files, B, AUG, seed=4, shard_id=k, num_shards=2, num_workers=0) for k in range(2)]
     seen = []
     for loader in shards:
         assert len(loader) == 4

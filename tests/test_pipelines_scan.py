@@ -137,8 +137,7 @@ def test_bad_files_are_reported_and_left_out(tmp_path):
         ("words.jpg", "not an image (text)"),
     ]
     assert format_bad(r) == (
-        "2 of 10 files left out: c/cut.jpg (truncated JPEG (no end marker)), "
-        "c/words.jpg (not an image (text))"
+        "2 of 10 files left out: c/cut.jpg (truncated JPEG (no end marker)), c/words.jpg (not an image (text))"
     )
     assert format_bad(r, limit=1).endswith("and 1 more")
 

@@ -1,4 +1,5 @@
 """Run management: checkpoints, exact resume (SIGKILL), SIGTERM, rotation, failed saves, logs, dashboard."""
+
 import json
 import os
 import signal
@@ -24,17 +25,39 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def sample_dir(tmp_path_factory):
     from pipelines.sample_data import make_sample_data
+
     return make_sample_data(str(tmp_path_factory.mktemp("data") / "sample"), n=96)
 
 
 def run_args(tmp, data, out, *extra):
     """A tiny DALI (CPU) run: 96 images, batch 16 as 2 x 8 accumulation -> 6 steps per epoch."""
-    return ["--set", f"data.data_path={data}", "--set", "data.make_sample=false", "--set", "data.input_size=32",
-            "--set", "optimization.batch_size=16", "--set", "optimization.micro_batch_size=8",
-            "--set", "schedule.epochs=3", "--set", "schedule.warmup_epochs=1", "--set", "misc.compile=false",
-            "--set", "logging.print_freq=1", "--set", f"logging.output_dir={out}",
-            "--set", f"checkpointing.checkpoint_dir={tmp}/ckpt", "--set", "checkpointing.save_freq_epochs=0",
-            *extra]
+    return [
+        "--set",
+        f"data.data_path={data}",
+        "--set",
+        "data.make_sample=false",
+        "--set",
+        "data.input_size=32",
+        "--set",
+        "optimization.batch_size=16",
+        "--set",
+        "optimization.micro_batch_size=8",
+        "--set",
+        "schedule.epochs=3",
+        "--set",
+        "schedule.warmup_epochs=1",
+        "--set",
+        "misc.compile=false",
+        "--set",
+        "logging.print_freq=1",
+        "--set",
+        f"logging.output_dir={out}",
+        "--set",
+        f"checkpointing.checkpoint_dir={tmp}/ckpt",
+        "--set",
+        "checkpointing.save_freq_epochs=0",
+        *extra,
+    ]
 
 
 def losses_by_step(out_dir: Path) -> dict[int, float]:
@@ -44,8 +67,14 @@ def losses_by_step(out_dir: Path) -> dict[int, float]:
 
 def spawn(args):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "mae_fast", "train", str(ROOT / "configs/demo.yaml"), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "mae_fast", "train", str(ROOT / "configs/demo.yaml"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -67,8 +96,11 @@ def test_sigkill_then_auto_resume_gives_the_uninterrupted_losses(tmp_path, sampl
     assert sorted(expect) == list(range(1, 19))
 
     b = tmp_path / "b"
-    first = spawn(run_args(b, sample_dir, b / "out1", "--set", "checkpointing.save_freq_steps=4",
-                           "--set", "misc.auto_resume=true"))
+    first = spawn(
+        run_args(
+            b, sample_dir, b / "out1", "--set", "checkpointing.save_freq_steps=4", "--set", "misc.auto_resume=true"
+        )
+    )
     wait_for(b / "ckpt/step-8/model.pt", first)  # mid-epoch (6 steps per epoch)
     # latest.pt is linked right after step-8/model.pt is written (atomically replaced: safe to read meanwhile)
     while int(torch.load(b / "ckpt/latest.pt", weights_only=True)["step"]) < 8:
@@ -78,8 +110,11 @@ def test_sigkill_then_auto_resume_gives_the_uninterrupted_losses(tmp_path, sampl
     first.wait()
     resumed_at = int(torch.load(b / "ckpt/latest.pt", weights_only=True)["step"])
     assert resumed_at >= 8 and resumed_at % 4 == 0
-    second = spawn(run_args(b, sample_dir, b / "out2", "--set", "checkpointing.save_freq_steps=4",
-                            "--set", "misc.auto_resume=true"))
+    second = spawn(
+        run_args(
+            b, sample_dir, b / "out2", "--set", "checkpointing.save_freq_steps=4", "--set", "misc.auto_resume=true"
+        )
+    )
     log = second.communicate(timeout=300)[0]
     assert second.returncode == 0, log
     assert f"resumed from {b}/ckpt/latest.pt: step {resumed_at}" in log
@@ -109,8 +144,11 @@ def test_sigterm_saves_and_exits_with_code_4(tmp_path, sample_dir):
     assert list((tmp_path / f"ckpt/step-{step}").glob("mae_pretrain_*.log"))
     assert 3 <= step < 200 * 6
     # and it resumes from there
-    again = spawn(run_args(tmp_path, sample_dir, tmp_path / "out2", "--set", "schedule.epochs=200",
-                           "--set", "misc.auto_resume=true"))
+    again = spawn(
+        run_args(
+            tmp_path, sample_dir, tmp_path / "out2", "--set", "schedule.epochs=200", "--set", "misc.auto_resume=true"
+        )
+    )
     wait_for(tmp_path / "out2/metrics.jsonl", again)
     again.send_signal(signal.SIGTERM)
     log = again.communicate(timeout=120)[0]
@@ -123,8 +161,13 @@ def tiny_cfg(tmp_path, data, *extra):
 
 
 def test_keep_last_n_and_checkpoint_contents(tmp_path, sample_dir):
-    cfg = tiny_cfg(tmp_path, sample_dir, "checkpointing.save_freq_steps=2", "checkpointing.save_freq_epochs=1",
-                   "checkpointing.keep_last_n=2")
+    cfg = tiny_cfg(
+        tmp_path,
+        sample_dir,
+        "checkpointing.save_freq_steps=2",
+        "checkpointing.save_freq_epochs=1",
+        "checkpointing.keep_last_n=2",
+    )
     train(cfg, log=lambda m: None)
     ck = tmp_path / "ckpt"
     assert sorted(p.name for p in ck.glob("step-*")) == ["step-16", "step-18"]
@@ -134,7 +177,11 @@ def test_keep_last_n_and_checkpoint_contents(tmp_path, sample_dir):
     assert set(final["model"]) == set(torch.load(ck / "epoch-3/model.pt", weights_only=True)["model"])
     assert "blocks.0.attn.qkv.weight" in final["model"]  # uncompiled names, no _orig_mod.
     assert set(final["rng"][0]) == {"torch", "cuda", "numpy", "python"}
-    assert len(final["data"]) == 1 and final["data"][0]["kind"] == "dali" and final["config"]["model"]["type"] == "mae_vit_tiny_patch8"
+    assert (
+        len(final["data"]) == 1
+        and final["data"][0]["kind"] == "dali"
+        and final["config"]["model"]["type"] == "mae_vit_tiny_patch8"
+    )
     assert os.path.samefile(ck / "latest.pt", ck / "final.pt")
     # one state per step on disk: the end of the run is step-18, epoch-3 and final.pt, one file linked thrice
     assert os.path.samefile(ck / "final.pt", ck / "epoch-3/model.pt")
@@ -150,8 +197,18 @@ def test_keep_last_n_and_checkpoint_contents(tmp_path, sample_dir):
     assert "derived:" in text and "checkpoint saved:" in text and "step 18/18" in text
     records = [json.loads(x) for x in (tmp_path / "out/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 19))
-    for key in ("epoch", "loss", "loss_smooth", "lr", "samples_per_s", "ms_per_iter", "data_wait_pct",
-                "eta_epoch_s", "eta_run_s", "mem_gb"):
+    for key in (
+        "epoch",
+        "loss",
+        "loss_smooth",
+        "lr",
+        "samples_per_s",
+        "ms_per_iter",
+        "data_wait_pct",
+        "eta_epoch_s",
+        "eta_run_s",
+        "mem_gb",
+    ):
         assert key in records[-1], key
 
 
@@ -176,10 +233,14 @@ def test_failed_save_leaves_latest_loadable(tmp_path, monkeypatch):
 def test_mismatched_checkpoint_is_refused(tmp_path, sample_dir):
     cfg = tiny_cfg(tmp_path, sample_dir, "checkpointing.save_freq_steps=2")
     train(cfg, log=lambda m: None, max_steps=2)
-    other = tiny_cfg(tmp_path, sample_dir, "misc.auto_resume=true", "optimization.batch_size=32",
-                     "optimization.micro_batch_size=16")
-    with pytest.raises(CheckpointError, match=r"does not fit this config \(optimization.batch_size: checkpoint 16, "
-                                              r"config 32; micro-batch size: checkpoint 8, config 16"):
+    other = tiny_cfg(
+        tmp_path, sample_dir, "misc.auto_resume=true", "optimization.batch_size=32", "optimization.micro_batch_size=16"
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=r"does not fit this config \(optimization.batch_size: checkpoint 16, "
+        r"config 32; micro-batch size: checkpoint 8, config 16",
+    ):
         train(other, log=lambda m: None)
 
 
@@ -201,28 +262,65 @@ def test_unsafe_or_foreign_files_are_refused(tmp_path):
 
 
 def snapshot(**kw):
-    base = dict(step=120, epoch=3, epoch_step=20, steps_per_epoch=50, total_steps=500, loss=0.61, loss_avg=0.63,
-                loss_smooth=0.64, lr=1.2e-3, grad_norm=0.5, samples_per_s=5123.4, ms_per_iter=49.9,
-                data_wait_pct=1.5, eta_epoch_s=90, eta_run_s=4000, mfu=0.37, mem_gb=13.0, elapsed_s=600,
-                history=[1.0, 0.9, 0.8, 0.7, 0.65, 0.61])
+    base = dict(
+        step=120,
+        epoch=3,
+        epoch_step=20,
+        steps_per_epoch=50,
+        total_steps=500,
+        loss=0.61,
+        loss_avg=0.63,
+        loss_smooth=0.64,
+        lr=1.2e-3,
+        grad_norm=0.5,
+        samples_per_s=5123.4,
+        ms_per_iter=49.9,
+        data_wait_pct=1.5,
+        eta_epoch_s=90,
+        eta_run_s=4000,
+        mfu=0.37,
+        mem_gb=13.0,
+        elapsed_s=600,
+        history=[1.0, 0.9, 0.8, 0.7, 0.65, 0.61],
+    )
     base.update(kw)
     return Snapshot(**base)
 
 
 def test_dashboard_renders_a_frame():
     console = Console(record=True, width=110, force_terminal=True, color_system=None)
-    console.print(render(snapshot(), RunInfo("vitb-run", "mae_vit_base_patch16", "NVIDIA H200", "batch 4096"),
-                         last_checkpoint="ckpt/step-100/model.pt"))
+    console.print(
+        render(
+            snapshot(),
+            RunInfo("vitb-run", "mae_vit_base_patch16", "NVIDIA H200", "batch 4096"),
+            last_checkpoint="ckpt/step-100/model.pt",
+        )
+    )
     text = console.export_text()
-    for piece in ("vitb-run", "mae_vit_base_patch16", "NVIDIA H200", "0.6100", "0.6400", "1.200e-03",
-                  "5,123 img/s", "49.9 ms", "1.5 %", "37.0 %", "13.0 GB", "step 120/500", "20/50",
-                  "ckpt/step-100/model.pt", sparkline([1.0, 0.9, 0.8, 0.7, 0.65, 0.61])):
+    for piece in (
+        "vitb-run",
+        "mae_vit_base_patch16",
+        "NVIDIA H200",
+        "0.6100",
+        "0.6400",
+        "1.200e-03",
+        "5,123 img/s",
+        "49.9 ms",
+        "1.5 %",
+        "37.0 %",
+        "13.0 GB",
+        "step 120/500",
+        "20/50",
+        "ckpt/step-100/model.pt",
+        sparkline([1.0, 0.9, 0.8, 0.7, 0.65, 0.61]),
+    ):
         assert piece in text, piece
     assert sparkline([3, 2, 1]) == "█▅▁" and sparkline([5, 5]) == "▁▁"
 
 
 def test_non_terminal_output_prints_plain_lines(tmp_path):
     import io
+
     stream = io.StringIO()  # not a tty: no live dashboard
     log = RunLog(tmp_path, dashboard="auto", info=RunInfo("r", "m", "cpu", ""), stream=stream)
     assert log.dashboard is None

@@ -16,8 +16,18 @@ def make_step(seed=0, micro=8, accum=1, compile=False, backend="inductor", clip=
     torch.manual_seed(seed)
     model = build_model("mae_vit_tiny_patch8", norm_pix_loss=norm_pix)
     opt = build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), CPU)
-    return TrainStep(model, opt, micro_batch=micro, accum_steps=accum, mask_ratio=0.75, gradient_clip=clip,
-                     device=CPU, compile=compile, compile_backend=backend, log_every=1000)
+    return TrainStep(
+        model,
+        opt,
+        micro_batch=micro,
+        accum_steps=accum,
+        mask_ratio=0.75,
+        gradient_clip=clip,
+        device=CPU,
+        compile=compile,
+        compile_backend=backend,
+        log_every=1000,
+    )
 
 
 def run_steps(step, batches, lrs):
@@ -31,6 +41,7 @@ def run_steps(step, batches, lrs):
 
 def test_compiled_equals_eager_and_compiles_once():
     from torch._dynamo.testing import CompileCounterWithBackend
+
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("inductor")
     eager, compiled = make_step(), make_step(compile=True, backend=counter)
@@ -88,7 +99,9 @@ def test_lr_schedule_values():
     assert cosine_lr(mid, peak, floor, warm, total) == pytest.approx(floor + (peak - floor) / 2)  # mid cosine
     assert cosine_lr(total, peak, floor, warm, total) == pytest.approx(floor)  # the end
     q = warm + (total - warm) // 4
-    assert cosine_lr(q, peak, floor, warm, total) == pytest.approx(floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert cosine_lr(q, peak, floor, warm, total) == pytest.approx(
+        floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi / 4))
+    )
 
 
 def test_weight_decay_groups():
@@ -116,6 +129,7 @@ def test_lr_is_a_shared_tensor():
 
 def test_non_finite_loss_is_reported_with_its_step():
     from mae_fast.metrics import Meter, NonFiniteLoss
+
     step = make_step()
     step.inputs.normal_()
     for i in range(3):
@@ -133,6 +147,7 @@ def test_compiled_optimizer_equals_fused_adamw():
     """misc.compile_optimizer: grad norm + clip + foreach/capturable AdamW under torch.compile
     gives the parameters of the eager fused AdamW, with a changing lr and no recompile."""
     from torch._dynamo.testing import CompileCounterWithBackend
+
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")
     steps = []
@@ -140,9 +155,21 @@ def test_compiled_optimizer_equals_fused_adamw():
         torch.manual_seed(0)
         model = build_model("mae_vit_tiny_patch8")
         opt = build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), CPU, compiled=compiled)
-        steps.append(TrainStep(model, opt, micro_batch=8, accum_steps=1, mask_ratio=0.75, gradient_clip=0.5,
-                               device=CPU, compile=False, compile_backend=counter, compile_optimizer=compiled,
-                               log_every=1000))
+        steps.append(
+            TrainStep(
+                model,
+                opt,
+                micro_batch=8,
+                accum_steps=1,
+                mask_ratio=0.75,
+                gradient_clip=0.5,
+                device=CPU,
+                compile=False,
+                compile_backend=counter,
+                compile_optimizer=compiled,
+                log_every=1000,
+            )
+        )
     g = torch.Generator().manual_seed(1)
     batches = [[torch.randn(8, 3, 32, 32, generator=g)] for _ in range(4)]
     results, frames = [], []
@@ -163,8 +190,17 @@ def test_compiled_optimizer_equals_fused_adamw():
 def test_compile_optimizer_refuses_the_fused_optimizer():
     model = build_model("mae_vit_tiny_patch8")
     with pytest.raises(ValueError, match="compiled=True"):
-        TrainStep(model, build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), CPU), micro_batch=2, accum_steps=1,
-                  mask_ratio=0.75, gradient_clip=0.0, device=CPU, compile=False, compile_optimizer=True)
+        TrainStep(
+            model,
+            build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), CPU),
+            micro_batch=2,
+            accum_steps=1,
+            mask_ratio=0.75,
+            gradient_clip=0.0,
+            device=CPU,
+            compile=False,
+            compile_optimizer=True,
+        )
 
 
 @pytest.mark.parametrize("compiled", [False, True])
@@ -197,6 +233,7 @@ def test_resuming_keeps_the_optimizer_kind():
     """A checkpoint of a fused-AdamW run resumed with misc.compile_optimizer (and back): the optimizer
     keeps its own kernel flags and continues from the saved moments."""
     from mae_fast.optim import load_optimizer_state
+
     torch.manual_seed(0)
     model = build_model("mae_vit_tiny_patch8")
     for p in model.parameters():
@@ -220,6 +257,7 @@ def test_busy_timer_sums_its_windows_and_resets():
     import time
 
     from mae_fast.step import BusyTimer
+
     busy = BusyTimer(CPU, windows=2)
     for _ in range(3):  # a third window beyond the capacity is not recorded
         busy.start()
@@ -239,8 +277,20 @@ def test_bf16_precision_keeps_fp32_masters_and_trains_like_fp32():
         torch.manual_seed(0)
         model = build_model("mae_vit_tiny_patch8")
         opt = build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), CPU)
-        steps.append(TrainStep(model, opt, micro_batch=4, accum_steps=2, mask_ratio=0.75, gradient_clip=1.0,
-                               device=CPU, compile=False, precision=precision, log_every=1000))
+        steps.append(
+            TrainStep(
+                model,
+                opt,
+                micro_batch=4,
+                accum_steps=2,
+                mask_ratio=0.75,
+                gradient_clip=1.0,
+                device=CPU,
+                compile=False,
+                precision=precision,
+                log_every=1000,
+            )
+        )
     g = torch.Generator().manual_seed(1)
     batches = [[torch.randn(4, 3, 32, 32, generator=g) for _ in range(2)] for _ in range(4)]
     lrs = [1e-3] * 4
@@ -265,11 +315,21 @@ def test_bf16_precision_accumulates_micro_batches_in_fp32():
     bf16 values; after three, sums that bf16 cannot hold (a bf16 accumulation would have rounded them)."""
     torch.manual_seed(0)
     model = build_model("mae_vit_tiny_patch8")
-    step = TrainStep(model, build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), CPU), micro_batch=2, accum_steps=3,
-                     mask_ratio=0.75, gradient_clip=0.0, device=CPU, compile=False, precision="bf16")
+    step = TrainStep(
+        model,
+        build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), CPU),
+        micro_batch=2,
+        accum_steps=3,
+        mask_ratio=0.75,
+        gradient_clip=0.0,
+        device=CPU,
+        compile=False,
+        precision="bf16",
+    )
 
     def bf16_representable(t: torch.Tensor) -> bool:
         return torch.equal(t, t.to(torch.bfloat16).float())
+
     for i in range(3):
         step.inputs.normal_()
         step.micro_step()
@@ -281,12 +341,22 @@ def test_bf16_precision_accumulates_micro_batches_in_fp32():
 
 def test_bf16_precision_compiles_to_one_graph():
     from torch._dynamo.testing import CompileCounterWithBackend
+
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")
     torch.manual_seed(0)
     model = build_model("mae_vit_tiny_patch8")
-    step = TrainStep(model, build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), CPU), micro_batch=4, accum_steps=1,
-                     mask_ratio=0.75, gradient_clip=1.0, device=CPU, compile_backend=counter, precision="bf16")
+    step = TrainStep(
+        model,
+        build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), CPU),
+        micro_batch=4,
+        accum_steps=1,
+        mask_ratio=0.75,
+        gradient_clip=1.0,
+        device=CPU,
+        compile_backend=counter,
+        precision="bf16",
+    )
     batches = [[torch.randn(4, 3, 32, 32)] for _ in range(3)]
     losses = run_steps(step, batches, [1e-3, 2e-3, 5e-4])
     assert counter.frame_count == 1 and all(math.isfinite(v) for v in losses)
@@ -295,5 +365,15 @@ def test_bf16_precision_compiles_to_one_graph():
 def test_bf16_precision_is_refused_with_several_processes():
     model = build_model("mae_vit_tiny_patch8")
     with pytest.raises(ValueError, match="one process"):
-        TrainStep(model, build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), CPU), micro_batch=2, accum_steps=1,
-                  mask_ratio=0.75, gradient_clip=0.0, device=CPU, compile=False, precision="bf16", distributed=True)
+        TrainStep(
+            model,
+            build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), CPU),
+            micro_batch=2,
+            accum_steps=1,
+            mask_ratio=0.75,
+            gradient_clip=0.0,
+            device=CPU,
+            compile=False,
+            precision="bf16",
+            distributed=True,
+        )

@@ -12,13 +12,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def demo_cfg(tmp_path, *extra):
-    return load_config(ROOT / "configs/demo.yaml", [f"logging.output_dir={tmp_path}/out",
-                                                    f"checkpointing.checkpoint_dir={tmp_path}/ckpt", *extra])
+    return load_config(
+        ROOT / "configs/demo.yaml",
+        [f"logging.output_dir={tmp_path}/out", f"checkpointing.checkpoint_dir={tmp_path}/ckpt", *extra],
+    )
 
 
 def test_synthetic_train_runs_and_saves_resolved_config(tmp_path):
-    cfg = demo_cfg(tmp_path, "data.backend=synthetic", "data.synthetic_images=256", "misc.compile=false",
-                   "schedule.epochs=2", "logging.print_freq=4")
+    cfg = demo_cfg(
+        tmp_path,
+        "data.backend=synthetic",
+        "data.synthetic_images=256",
+        "misc.compile=false",
+        "schedule.epochs=2",
+        "logging.print_freq=4",
+    )
     lines = []
     result = train(cfg, log=lines.append)
     assert result.steps_done == 16 and len(result.losses) == 16
@@ -37,9 +45,24 @@ def test_synthetic_train_runs_and_saves_resolved_config(tmp_path):
 
 
 def test_divergence_stops_with_the_step(tmp_path, capsys):
-    rc = main(["train", str(ROOT / "configs/demo.yaml"), "--set", "data.backend=synthetic",
-               "--set", "data.synthetic_images=256", "--set", "misc.compile=false", "--set", "optimization.lr=1e30",
-               "--set", "schedule.warmup_epochs=0", "--set", f"logging.output_dir={tmp_path}/out"])
+    rc = main(
+        [
+            "train",
+            str(ROOT / "configs/demo.yaml"),
+            "--set",
+            "data.backend=synthetic",
+            "--set",
+            "data.synthetic_images=256",
+            "--set",
+            "misc.compile=false",
+            "--set",
+            "optimization.lr=1e30",
+            "--set",
+            "schedule.warmup_epochs=0",
+            "--set",
+            f"logging.output_dir={tmp_path}/out",
+        ]
+    )
     assert rc == EXIT_DIVERGED
     assert "loss became nan at step 2" in capsys.readouterr().err
 
@@ -52,24 +75,45 @@ def test_bad_config_exits_with_the_key(tmp_path, capsys):
 
 def test_bench_step_reports_figures(tmp_path):
     out = tmp_path / "bench.json"
-    rc = main(["bench-step", str(ROOT / "configs/demo.yaml"), "--set", "misc.compile=false", "--steps", "3",
-               "--warmup", "1", "--compare", "--json", str(out)])
+    rc = main(
+        [
+            "bench-step",
+            str(ROOT / "configs/demo.yaml"),
+            "--set",
+            "misc.compile=false",
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+            "--compare",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     import json
+
     data = json.loads(out.read_text())
     names = [r["name"] for r in data["results"]]
     assert names == ["mae-fast", "reference", "compiled reference"]
     for r in data["results"]:
         assert r["img_s"] > 0 and r["ms_per_iter"] > 0 and 0 < r["mfu"] and r["gflop_per_img"] > 0
     assert data["speedup"] == pytest.approx(data["results"][0]["img_s"] / data["results"][1]["img_s"])
-    assert data["speedup_vs_compiled_reference"] == pytest.approx(data["results"][0]["img_s"] / data["results"][2]["img_s"])
+    assert data["speedup_vs_compiled_reference"] == pytest.approx(
+        data["results"][0]["img_s"] / data["results"][2]["img_s"]
+    )
     assert data["env"]["torch"] and data["env"]["matmul_peak_tflops"] > 0
 
 
 def test_demo_config_trains_on_sample_jpegs_through_dali_and_loss_falls(tmp_path):
     """The README's first command, shortened: real JPEGs (created on first use), DALI on the CPU."""
-    cfg = demo_cfg(tmp_path, f"data.data_path={tmp_path}/sample", "misc.compile=false", "schedule.epochs=12",
-                   "checkpointing.save_freq_epochs=0")
+    cfg = demo_cfg(
+        tmp_path,
+        f"data.data_path={tmp_path}/sample",
+        "misc.compile=false",
+        "schedule.epochs=12",
+        "checkpointing.save_freq_epochs=0",
+    )
     lines = []
     result = train(cfg, log=lines.append)
     assert any("DALI, decode on CPU" in line for line in lines)
@@ -78,6 +122,7 @@ def test_demo_config_trains_on_sample_jpegs_through_dali_and_loss_falls(tmp_path
     assert last < 0.8 * first, (first, last)
     # the demo saves a reconstruction grid of 4 fixed images every 10 epochs
     from PIL import Image
+
     assert Image.open(tmp_path / "out/reconstructions/epoch-10.png").size == (4 * 64, 4 * 64)
 
 
@@ -87,6 +132,7 @@ def test_folder_with_bad_files_trains_and_reports_them(tmp_path):
     from PIL import Image
 
     from pipelines.sample_data import make_sample_data
+
     data = Path(make_sample_data(str(tmp_path / "data"), n=30))
     photo = Image.open(next(data.glob("class_0/*.JPEG")))
     photo.convert("L").save(data / "class_0/grey.jpg")
@@ -96,8 +142,14 @@ def test_folder_with_bad_files_trains_and_reports_them(tmp_path):
     (data / "class_3/truncated.jpg").write_bytes(raw[: len(raw) // 2])
     (data / "class_3/notes.jpg").write_text("this is not an image")
     broken_huffman_copy(data / "class_0/img_000000.JPEG", data / "class_2/huffman.jpg")
-    cfg = demo_cfg(tmp_path, f"data.data_path={data}", "misc.compile=false", "schedule.epochs=2",
-                   "optimization.batch_size=11", "data.input_size=32")
+    cfg = demo_cfg(
+        tmp_path,
+        f"data.data_path={data}",
+        "misc.compile=false",
+        "schedule.epochs=2",
+        "optimization.batch_size=11",
+        "data.input_size=32",
+    )
     lines = []
     result = train(cfg, log=lines.append)
     warning = next(line for line in lines if line.startswith("WARNING"))
@@ -108,8 +160,18 @@ def test_folder_with_bad_files_trains_and_reports_them(tmp_path):
 
 
 def test_missing_data_path_stops_before_the_model(tmp_path, capsys):
-    rc = main(["train", str(ROOT / "configs/demo.yaml"), "--set", f"data.data_path={tmp_path}/nope",
-               "--set", "data.make_sample=false", "--set", f"logging.output_dir={tmp_path}/out"])
+    rc = main(
+        [
+            "train",
+            str(ROOT / "configs/demo.yaml"),
+            "--set",
+            f"data.data_path={tmp_path}/nope",
+            "--set",
+            "data.make_sample=false",
+            "--set",
+            f"logging.output_dir={tmp_path}/out",
+        ]
+    )
     assert rc == EXIT_USAGE
     err = capsys.readouterr().err
     assert "data.data_path" in err and f"{tmp_path}/nope" in err
@@ -122,6 +184,7 @@ def test_missing_dali_is_a_clear_error(monkeypatch):
     import pipelines.dali
     from mae_fast.config import ConfigError, config_from_dict
     from mae_fast.data import Dataset, build_loader
+
     monkeypatch.setattr(pipelines.dali, "dali_available", lambda: False)
     with pytest.raises(ConfigError, match="data.backend: dali, but nvidia.dali cannot be imported.*data.backend: pil"):
         build_loader(config_from_dict({}), Dataset(["a.jpg"] * 8, 8, []), 2, 1, torch.device("cpu"))
@@ -129,8 +192,16 @@ def test_missing_dali_is_a_clear_error(monkeypatch):
 
 def test_bf16_precision_run_saves_fp32_checkpoints(tmp_path):
     import torch
-    cfg = demo_cfg(tmp_path, "data.backend=synthetic", "data.synthetic_images=256", "misc.compile=false",
-                   "schedule.epochs=1", "schedule.warmup_epochs=0", "misc.precision=bf16")
+
+    cfg = demo_cfg(
+        tmp_path,
+        "data.backend=synthetic",
+        "data.synthetic_images=256",
+        "misc.compile=false",
+        "schedule.epochs=1",
+        "schedule.warmup_epochs=0",
+        "misc.precision=bf16",
+    )
     result = train(cfg, log=lambda line: None)
     assert result.steps_done == 8 and all(v == v for v in result.losses)
     ckpt = torch.load(tmp_path / "ckpt/final.pt", weights_only=True)
