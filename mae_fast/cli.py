@@ -95,10 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pipelines.scan import DatasetScanError
-
     from .checkpoint import CheckpointError
     from .metrics import NonFiniteLoss
+    from .pipelines.scan import DatasetScanError
 
     codes = {
         ConfigError: EXIT_USAGE,
@@ -163,7 +162,7 @@ def _run(args: argparse.Namespace) -> int:
             args.json,
         )
     elif args.command == "scan":
-        from pipelines.scan import format_bad, scan_dataset
+        from .pipelines.scan import format_bad, scan_dataset
 
         result = scan_dataset(args.data_path, cache_dir=args.cache_dir, num_workers=args.workers)
         print(f"{len(result.files)} images in {len(result.classes) or 1} classes under {args.data_path}")
@@ -200,7 +199,7 @@ def _run(args: argparse.Namespace) -> int:
                 f"wrote {args.out}: torch.export.load(path).module()(images) -> features (N, D); checked against eager"
             )
     elif args.command == "make-sample-data":
-        from pipelines.sample_data import make_sample_data
+        from .pipelines.sample_data import make_sample_data
 
         print(f"sample data in {make_sample_data(args.out_dir, n=args.n)}")
     return 0

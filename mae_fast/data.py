@@ -15,10 +15,9 @@ from typing import Any
 
 import torch
 
-from pipelines.dali import AugmentConfig
-from pipelines.scan import DatasetScanError, format_bad, scan_dataset
-
 from .config import Config, ConfigError
+from .pipelines.dali import AugmentConfig
+from .pipelines.scan import DatasetScanError, format_bad, scan_dataset
 
 
 @dataclass
@@ -46,7 +45,7 @@ def scan(cfg: Config, progress: bool = True):
     d = cfg.data
     path = Path(d.data_path)
     if d.make_sample and not path.exists():
-        from pipelines.sample_data import make_sample_data
+        from .pipelines.sample_data import make_sample_data
 
         make_sample_data(str(path))
     try:
@@ -79,7 +78,7 @@ def build_loader(
     d = cfg.data
     seed = cfg.misc.seed
     if d.backend == "synthetic":
-        from pipelines.synthetic import SyntheticLoader
+        from .pipelines.synthetic import SyntheticLoader
 
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         loader = SyntheticLoader(
@@ -93,7 +92,7 @@ def build_loader(
         return loader, dtype, f"synthetic {d.input_size}px images on {device}"
     aug = augment_config(cfg)
     if d.backend == "dali":
-        from pipelines.dali import build_dali_loader, dali_available
+        from .pipelines.dali import build_dali_loader, dali_available
 
         if not dali_available():
             raise ConfigError(
@@ -123,7 +122,7 @@ def build_loader(
             f"{', rest on GPU' if device_id is not None and not loader.gpu_decode else ''}, {d.num_workers} threads"
         )
     else:
-        from pipelines.pil import build_pil_loader
+        from .pipelines.pil import build_pil_loader
 
         loader = build_pil_loader(
             dataset.files,

@@ -118,7 +118,7 @@ def torchrun(tmp_path, out, *extra):
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_train_write_once_and_resume(tmp_path):
-    from pipelines.sample_data import make_sample_data
+    from mae_fast.pipelines.sample_data import make_sample_data
 
     data = make_sample_data(str(tmp_path / "data"), n=64)  # batch 32 over 2 ranks: 2 steps per epoch
     broken_huffman_copy(f"{data}/class_0/img_000000.JPEG", f"{data}/class_1/huffman.JPEG")  # passes the scan
@@ -160,7 +160,7 @@ def test_a_failing_rank_brings_the_job_down(tmp_path):
     import signal
     import time
 
-    from pipelines.sample_data import make_sample_data
+    from mae_fast.pipelines.sample_data import make_sample_data
 
     make_sample_data(str(tmp_path / "data"), n=64)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

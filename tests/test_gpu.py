@@ -70,9 +70,9 @@ def test_demo_trains_on_gpu_with_dali_mixed_decode_and_resumes(tmp_path):
 
 
 def test_dali_cpu_decode_rest_on_gpu(tmp_path):
-    from pipelines.dali import AugmentConfig, build_dali_loader
-    from pipelines.sample_data import make_sample_data
-    from pipelines.scan import scan_dataset
+    from mae_fast.pipelines.dali import AugmentConfig, build_dali_loader
+    from mae_fast.pipelines.sample_data import make_sample_data
+    from mae_fast.pipelines.scan import scan_dataset
 
     files = scan_dataset(make_sample_data(str(tmp_path / "s"), n=32), progress=False).files
     loader = build_dali_loader(files, 16, AugmentConfig(input_size=64), seed=0, device_id=0, decoder="cpu")
@@ -118,9 +118,9 @@ def test_performance_switches_train_as_the_default_step(switch):
 def test_gpu_decoder_failure_on_a_file_is_recovered(tmp_path):
     """nvJPEG (mixed decoding) and a JPEG with a broken Huffman table that passes the scan: the loader
     leaves it out and goes on, or decodes it; either way the epoch is complete."""
-    from pipelines.dali import AugmentConfig, build_dali_loader
-    from pipelines.sample_data import make_sample_data
-    from pipelines.scan import scan_dataset
+    from mae_fast.pipelines.dali import AugmentConfig, build_dali_loader
+    from mae_fast.pipelines.sample_data import make_sample_data
+    from mae_fast.pipelines.scan import scan_dataset
 
     root = Path(make_sample_data(str(tmp_path / "s"), n=31))
     broken_huffman_copy(next(root.glob("class_0/*.JPEG")), root / "class_0/huffman.JPEG")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pipelines.common import ShardedFileLoader
+from mae_fast.pipelines.common import ShardedFileLoader
 
 
 class _Loader(ShardedFileLoader):

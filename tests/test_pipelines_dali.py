@@ -13,9 +13,9 @@ from PIL import Image
 
 pytest.importorskip("nvidia.dali")
 
-from pipelines.common import AugmentConfig, epoch_order  # noqa: E402
-from pipelines.dali import build_dali_loader, dali_available  # noqa: E402
-from pipelines.scan import scan_dataset  # noqa: E402
+from mae_fast.pipelines.common import AugmentConfig, epoch_order  # noqa: E402
+from mae_fast.pipelines.dali import build_dali_loader, dali_available  # noqa: E402
+from mae_fast.pipelines.scan import scan_dataset  # noqa: E402
 
 SIZE = 64  # output size for the tests: small, so the CPU pipeline is quick
 THREADS = 2
@@ -61,7 +61,7 @@ def index_files(tmp_path_factory) -> list[str]:
 @pytest.fixture(scope="module")
 def photo_files(tmp_path_factory) -> list[str]:
     pytest.importorskip("skimage")
-    from pipelines.sample_data import make_sample_data
+    from mae_fast.pipelines.sample_data import make_sample_data
 
     root = make_sample_data(str(tmp_path_factory.mktemp("photos")), n=128, num_classes=2)
     return scan_dataset(root, progress=False).files
@@ -234,7 +234,7 @@ def test_flip_mirrors_the_same_crop(photo_files):
 
 def test_dali_and_pil_agree_on_statistics(photo_files):
     pytest.importorskip("torchvision")
-    from pipelines.pil import build_pil_loader
+    from mae_fast.pipelines.pil import build_pil_loader
 
     dali = torch.cat(epoch_batches(build_dali_loader(photo_files, 32, AUG, seed=0, num_threads=THREADS)))
     pil = torch.cat(list(build_pil_loader(photo_files, 32, AUG, seed=0, num_workers=0)))

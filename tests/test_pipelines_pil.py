@@ -12,8 +12,8 @@ from PIL import Image
 
 pytest.importorskip("torchvision")
 
-from pipelines.common import AugmentConfig  # noqa: E402
-from pipelines.pil import build_pil_loader, pil_transform  # noqa: E402
+from mae_fast.pipelines.common import AugmentConfig  # noqa: E402
+from mae_fast.pipelines.pil import build_pil_loader, pil_transform  # noqa: E402
 
 SIZE = 32
 AUG = AugmentConfig(input_size=SIZE)

@@ -9,8 +9,8 @@ from PIL import Image
 
 pytest.importorskip("skimage")
 
-from pipelines.sample_data import make_sample_data  # noqa: E402
-from pipelines.scan import scan_dataset  # noqa: E402
+from mae_fast.pipelines.sample_data import make_sample_data  # noqa: E402
+from mae_fast.pipelines.scan import scan_dataset  # noqa: E402
 
 
 def test_make_sample_data(tmp_path):

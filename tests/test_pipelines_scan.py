@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import scan
-from pipelines.scan import DatasetScanError, check_image, format_bad, scan_dataset
+from mae_fast.pipelines import scan
+from mae_fast.pipelines.scan import DatasetScanError, check_image, format_bad, scan_dataset
 
 
 def jpeg(path, size=(32, 24), colour=(200, 30, 90), **kw) -> str:

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from pipelines.synthetic import SyntheticLoader
+from mae_fast.pipelines.synthetic import SyntheticLoader
 
 
 def test_shapes_determinism_epochs_and_resume():

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def sample_dir(tmp_path_factory):
-    from pipelines.sample_data import make_sample_data
+    from mae_fast.pipelines.sample_data import make_sample_data
 
     return make_sample_data(str(tmp_path_factory.mktemp("data") / "sample"), n=96)
 

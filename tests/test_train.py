@@ -131,7 +131,7 @@ def test_folder_with_bad_files_trains_and_reports_them(tmp_path):
     A JPEG that passes the scan but cannot be decoded is left out when the pipeline meets it."""
     from PIL import Image
 
-    from pipelines.sample_data import make_sample_data
+    from mae_fast.pipelines.sample_data import make_sample_data
 
     data = Path(make_sample_data(str(tmp_path / "data"), n=30))
     photo = Image.open(next(data.glob("class_0/*.JPEG")))
@@ -181,11 +181,11 @@ def test_missing_data_path_stops_before_the_model(tmp_path, capsys):
 def test_missing_dali_is_a_clear_error(monkeypatch):
     import torch
 
-    import pipelines.dali
+    import mae_fast.pipelines.dali
     from mae_fast.config import ConfigError, config_from_dict
     from mae_fast.data import Dataset, build_loader
 
-    monkeypatch.setattr(pipelines.dali, "dali_available", lambda: False)
+    monkeypatch.setattr(mae_fast.pipelines.dali, "dali_available", lambda: False)
     with pytest.raises(ConfigError, match="data.backend: dali, but nvidia.dali cannot be imported.*data.backend: pil"):
         build_loader(config_from_dict({}), Dataset(["a.jpg"] * 8, 8, []), 2, 1, torch.device("cpu"))
 
