@@ -69,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--cache-dir", default=None, help="cache the file list here (default: in DATA_PATH)")
 
+    p = sub.add_parser("make-shards", help="convert an image folder into WebDataset tar shards with DALI indexes")
+    p.add_argument("src", help="ImageNet-style (SRC/<class>/*.JPEG) or flat image folder")
+    p.add_argument("dst", help="folder for shard-000000.tar ..., an .idx beside each, and manifest.json")
+    p.add_argument("--shard-size-mb", type=float, default=512, help="tar size per shard, at most (MiB)")
+    p.add_argument("--workers", type=int, default=8, help="threads that check and write")
+    p.add_argument("--cache-dir", default=None, help="the scan's cache (default: in SRC)")
+
     p = sub.add_parser("visualize", help="reconstruction grid (original | masked | reconstruction | pasted) as PNG")
     p.add_argument("checkpoint", help="a mae-fast checkpoint (model.pt, latest.pt, final.pt) or an official MAE one")
     p.add_argument("--images", nargs="+", required=True, help="image files, one row each")
@@ -162,12 +169,42 @@ def _run(args: argparse.Namespace) -> int:
             args.json,
         )
     elif args.command == "scan":
-        from .pipelines.scan import format_bad, scan_dataset
+        from .pipelines.scan import DatasetScanError, format_bad, scan_dataset
+        from .pipelines.shards import format_problems, is_shard_path, scan_shards
 
-        result = scan_dataset(args.data_path, cache_dir=args.cache_dir, num_workers=args.workers)
-        print(f"{len(result.files)} images in {len(result.classes) or 1} classes under {args.data_path}")
-        if result.bad:
-            print(format_bad(result))
+        if is_shard_path(args.data_path):  # a folder of shards: counted from the indexes, each tar checked
+            found = scan_shards(args.data_path, workers=args.workers)
+            classes = f" in {len(found.classes)} classes" if found.classes else ""
+            print(f"{found.samples} samples{classes} in {len(found.tars)} shards under {args.data_path}")
+            if found.bad:
+                print(f"{len(found.bad)} source files were left out by make-shards (listed in its manifest.json)")
+            if found.problems:
+                raise DatasetScanError(format_problems(found.problems, len(found.tars)))
+        else:
+            result = scan_dataset(args.data_path, cache_dir=args.cache_dir, num_workers=args.workers)
+            print(f"{len(result.files)} images in {len(result.classes) or 1} classes under {args.data_path}")
+            if result.bad:
+                print(format_bad(result))
+    elif args.command == "make-shards":
+        from .pipelines.shards import make_shards
+
+        if not args.shard_size_mb > 0 or args.workers < 1:
+            raise ConfigError(f"need --shard-size-mb > 0 and --workers >= 1, got {args.shard_size_mb}, {args.workers}")
+        report = make_shards(
+            args.src,
+            args.dst,
+            shard_bytes=int(args.shard_size_mb * 2**20),
+            workers=args.workers,
+            cache_dir=args.cache_dir,
+        )
+        kept = f", {report.shards - report.written} of them already complete" if report.written < report.shards else ""
+        print(
+            f"{report.samples} samples in {report.shards} shards ({report.bytes / 2**20:,.1f} MiB) in {report.dst}{kept}"
+        )
+        if report.bad:
+            shown = ", ".join(f"{path} ({why})" for path, why in report.bad[:5])
+            more = f", and {len(report.bad) - 5} more" if len(report.bad) > 5 else ""
+            print(f"{len(report.bad)} files left out by the scan (listed in manifest.json): {shown}{more}")
     elif args.command == "visualize":
         from .visualize import visualize_files
         from .weights import load_mae

@@ -10,6 +10,9 @@ Graph (one pipeline per process / shard):
     out     fn.crop_mirror_normalize   coin-flip mirror, (x - 255*mean) / (255*std),
                                  CHW, float16 (or uint8 without normalization)
 
+(ShardLoader, in shard_loader.py, is this loader with another feed: the encoded bytes of samples
+read from WebDataset tar shards go straight to the decoder, source = "encoded", no io.file.read.)
+
 Why the order is fed from Python instead of fn.readers.file(shuffle_after_epoch=True):
 checked by experiment on DALI 2.4, that reader does reshuffle the whole dataset
 each epoch with disjoint, complete shards, but its epoch ends with a batch
@@ -124,6 +127,7 @@ class DaliLoader(ShardedFileLoader):
     """
 
     kind = "dali"
+    source = "paths"  # what the feed gives DALI: file paths, read by fn.io.file.read; "encoded": the bytes themselves
 
     def __init__(
         self,
@@ -240,7 +244,7 @@ class DaliLoader(ShardedFileLoader):
         checker, bad, checked = _FileChecker(self), [], 0
         for batch in in_flight:
             for i in batch:
-                reason = checker.check(self.files[i])
+                reason = checker.check(i)
                 if reason is not None:
                     bad.append((i, reason))
             checked += len(batch)
@@ -263,13 +267,21 @@ class DaliLoader(ShardedFileLoader):
         # Seeds depend on where the pipeline starts, so a jump with set_epoch is
         # itself reproducible; a restored checkpoint then replaces the RNG states.
         seeds = derive_seeds(self.seed, self.shard_id, *self._stream_start, count=3)
-        feed = _PathFeed(self, self._epoch, self._batch)
+        feed = self._new_feed()
         pipe = _define_pipeline(self, feed, seeds, checkpoint=self._restore)
         with warnings.catch_warnings():
-            # DALI cannot save a parameterless source's position; _PathFeed restarts it instead.
+            # DALI cannot save a parameterless source's position; the feed restarts it instead.
             warnings.filterwarnings("ignore", message="Checkpointing enabled in a pipeline")
             pipe.build()
         self._pipe, self._feed, self._restore = pipe, feed, None
+
+    def _new_feed(self) -> _PathFeed:
+        """The external source's callback, starting at the current position (a subclass may feed bytes)."""
+        return _PathFeed(self, self._epoch, self._batch)
+
+    def _input(self, index: int) -> np.ndarray:
+        """What the external source gets for file `index` alone (the file checker's input)."""
+        return _encode(self.files[index])
 
 
 class _FileChecker:
@@ -280,17 +292,17 @@ class _FileChecker:
         self.loader = loader
         self._pipe = None
 
-    def check(self, path: str) -> str | None:
-        """None if `path` decodes, else why not (the pipeline is rebuilt after a failure)."""
+    def check(self, index: int) -> str | None:
+        """None if file `index` decodes, else why not (the pipeline is rebuilt after a failure)."""
         if self._pipe is None:
             self._pipe = _define_pipeline(self.loader, None, [0, 0, 0], checkpoint=None, batch_size=1)
             self._pipe.build()
-        self._pipe.feed_input("paths", [_encode(path)])
+        self._pipe.feed_input(self.loader.source, [self.loader._input(index)])
         try:
             self._pipe.run()
         except RuntimeError as e:
             self._pipe = None
-            return _dali_reason(e).replace(path, "").rstrip(" :")
+            return _dali_reason(e).replace(self.loader.files[index], "").rstrip(" :")
         return None
 
 
@@ -308,8 +320,8 @@ def _define_pipeline(
     checkpoint: bytes | None,
     batch_size: int | None = None,
 ):
-    """The pipeline graph. With batch_size (the file checker): no path source (feed=None; the paths are
-    fed with pipe.feed_input("paths", ...)), whole-image decoding, a queue of one."""
+    """The pipeline graph. With batch_size (the file checker): no feed (feed=None; the input is fed
+    with pipe.feed_input(loader.source, ...)), whole-image decoding, a queue of one."""
     from nvidia.dali import fn, types
     from nvidia.dali.pipeline import Pipeline
 
@@ -335,8 +347,8 @@ def _define_pipeline(
         if loader.hw_decoder_load is not None:
             decoder["hw_decoder_load"] = loader.hw_decoder_load
     with pipe:
-        paths = fn.external_source(source=feed, name="paths", batch=True, dtype=types.UINT8, ndim=1)
-        jpegs = fn.io.file.read(paths)
+        data = fn.external_source(source=feed, name=loader.source, batch=True, dtype=types.UINT8, ndim=1)
+        jpegs = fn.io.file.read(data) if loader.source == "paths" else data  # encoded images
         if batch_size:  # the file checker: the whole image
             images = fn.decoders.image(jpegs, output_type=types.RGB, **decoder)
         else:

@@ -1,0 +1,596 @@
+"""WebDataset tar shards: write them from an image folder, read their index, check them, order an epoch.
+
+What make_shards writes into DST (the layout ShardLoader reads):
+
+    shard-000000.tar   per sample <key>.jpg (or .png): the source file's bytes, not recompressed,
+                       and <key>.cls (the class index as ASCII digits) where the source has classes
+    shard-000000.idx   DALI's WebDataset index (wds2idx's format v1.2, so fn.readers.webdataset reads
+                       the shards too): "v1.2 <samples>", then one line per sample with
+                       "<ext> <data offset> <size> <member name>" for each of its members
+    manifest.json      samples and bytes per shard, classes, the source's fingerprint, the files the
+                       scan left out
+
+Samples are assigned to shards in a random order (seed 0): each shard is a random sample of the
+data set, so reading a few whole shards gives well mixed batches. A folder of *.tar with their *.idx
+beside them and no manifest (written by other tools, indexed with wds2idx) is read as well.
+
+The epoch order (epoch_plan) keeps the guarantees of the folder loader's common.epoch_order
+(every sample at most once, ranks disjoint and together complete up to a remainder of fewer than
+num_shards * batch_size samples, a fresh order per epoch from (seed, epoch), equal whole batches
+per rank) while each rank reads whole shards, or long runs of one, sequentially:
+
+    stream   the shards in an order drawn from (seed, epoch), each shard's samples in file order
+    rank k   the k-th contiguous run of L * B samples of the stream (the tail of the stream is
+             dropped: a few samples, from whichever shards come last in this epoch)
+    blocks   the rank's run cut into blocks of `block_size` samples (whole batches); each block is
+             read whole (a few long sequential reads), then shuffled, from (seed, epoch, rank)
+
+The order is a pure function of (seed, epoch, rank), so a resume at (epoch, batch) recomputes it.
+
+Everything here reads local (or mounted network) files. Object stores (s3://, http(s)://) are not
+supported yet: every byte read goes through ShardSet.read_run / read_sample (one ranged read per run
+of samples), which is where a ranged GET would go; open_shards refuses such a URL by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import tarfile
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .common import batches_per_epoch
+from .scan import DatasetScanError, _fingerprint, _list_images, scan_dataset
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "mae-fast-shards"
+MANIFEST_VERSION = 1
+INDEX_VERSION = "v1.2"  # the index format of DALI's wds2idx
+IMAGE_MEMBERS = ("jpg", "jpeg", "png")  # the member of a sample that holds its image
+READ_CHUNK = 8 << 20  # bytes per read call: long sequential reads, bounded syscalls
+_BLOCK = 512  # tar block size
+_REMOTE = ("s3://", "gs://", "http://", "https://")
+
+
+def _padded(size: int) -> int:
+    return -(-size // _BLOCK) * _BLOCK
+
+
+# ---------------------------------------------------------------- reading a shard set
+
+
+@dataclass
+class ReadStats:
+    """What the reads cost: files opened, read calls, bytes (thread-safe counters)."""
+
+    opens: int = 0
+    reads: int = 0
+    bytes: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, opens: int, reads: int, nbytes: int) -> None:
+        with self._lock:
+            self.opens, self.reads, self.bytes = self.opens + opens, self.reads + reads, self.bytes + nbytes
+
+    def as_dict(self) -> dict:
+        mean = self.bytes / self.reads if self.reads else 0.0
+        return {"opens": self.opens, "reads": self.reads, "bytes": self.bytes, "bytes_per_read": mean}
+
+
+class ShardReadError(OSError):
+    """A shard ended before the bytes its index names (truncated or replaced since it was opened)."""
+
+
+@dataclass
+class _Index:
+    """One shard's index: its samples' keys and image bytes, and the members at its two ends."""
+
+    keys: list[str]
+    offsets: np.ndarray  # (n,) int64: where each sample's image starts in the tar
+    sizes: np.ndarray  # (n,) int64
+    end: int  # the byte after the last member's data
+    ends: list[tuple[str, int, int]]  # (member name, data offset, size) of the first and the last member
+
+
+def read_index(path: str) -> _Index:
+    """Parse a wds2idx index ("v1.2 N", then per sample: ext offset size name, per member)."""
+    with open(path) as f:
+        lines = f.read().splitlines()
+    if not lines or not lines[0].startswith(INDEX_VERSION + " "):
+        raise ValueError(f"not a {INDEX_VERSION} WebDataset index (first line {lines[:1]})")
+    count = int(lines[0].split()[1])
+    if len(lines) - 1 != count:
+        raise ValueError(f"the header says {count} samples, the index lists {len(lines) - 1}")
+    keys, offsets, sizes, end = [], np.empty(count, np.int64), np.empty(count, np.int64), 0
+    first = last = None
+    for i, line in enumerate(lines[1:]):
+        parts = line.split()
+        if not parts or len(parts) % 4:
+            raise ValueError(f"line {i + 2}: expected (ext offset size name) per member, got {line!r}")
+        members = [(parts[k], int(parts[k + 1]), int(parts[k + 2]), parts[k + 3]) for k in range(0, len(parts), 4)]
+        image = next((m for m in members if m[0].lower() in IMAGE_MEMBERS), None)
+        if image is None:
+            raise ValueError(f"line {i + 2}: sample {members[0][3]} has no {'/'.join(IMAGE_MEMBERS)} member")
+        ext, offsets[i], sizes[i], name = image
+        keys.append(name[: -len(ext) - 1])
+        first = first or min(members, key=lambda m: m[1])
+        last = max(members, key=lambda m: m[1])
+        end = max(end, last[1] + last[2])
+    ends = [(m[3], m[1], m[2]) for m in (first, last) if m is not None]
+    return _Index(keys, offsets, sizes, end, ends)
+
+
+@dataclass
+class ShardSet:
+    """The samples of a folder of shards, numbered 0..N-1 shard after shard, in file order."""
+
+    root: str  # the folder (absolute)
+    tars: list[str]  # shard file names, in manifest (or sorted) order
+    counts: np.ndarray  # (S,) samples per shard
+    names: list[str]  # (N,) printable sample names "shard-000003.tar:<key>"
+    offsets: np.ndarray  # (N,) int64: image data offset in its shard
+    sizes: np.ndarray  # (N,) int64: image bytes
+    classes: list[str] | None  # None: no class labels (a flat source, or shards from another tool)
+    bad: list[tuple[str, str]] = field(default_factory=list)  # source files make_shards left out
+
+    def __post_init__(self) -> None:
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)  # (S + 1,)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the layout the epoch order depends on: shard names and sample counts."""
+        h = hashlib.sha256()
+        for name, n in zip(self.tars, self.counts.tolist(), strict=True):
+            h.update(f"{name}\0{n}\0".encode())
+        return h.hexdigest()[:16]
+
+    def shard_of(self, sample: int) -> int:
+        return int(np.searchsorted(self.starts, sample, side="right")) - 1
+
+    def read_run(self, shard: int, first: int, stop: int, stats: ReadStats | None = None) -> dict[int, np.ndarray]:
+        """The images of samples first..stop-1 (all in `shard`): one open, then sequential reads of
+        READ_CHUNK over the byte range they span. Returns {sample: zero-copy view of its bytes}."""
+        base = int(self.offsets[first])
+        end = int(self.offsets[stop - 1] + self.sizes[stop - 1])
+        buf = bytearray(end - base)
+        view, pos, reads = memoryview(buf), 0, 0
+        with open(os.path.join(self.root, self.tars[shard]), "rb", buffering=0) as f:
+            f.seek(base)
+            while pos < len(buf):
+                n = f.readinto(view[pos : pos + READ_CHUNK])
+                if not n:
+                    raise ShardReadError(
+                        f"{self.tars[shard]} ends at byte {base + pos}, its index needs {end}: truncated? "
+                        f"(mae-fast scan {self.root} checks every shard)"
+                    )
+                pos, reads = pos + n, reads + 1
+        if stats is not None:
+            stats.add(1, reads, len(buf))
+        return {
+            i: np.frombuffer(buf, np.uint8, count=int(self.sizes[i]), offset=int(self.offsets[i]) - base)
+            for i in range(first, stop)
+        }
+
+    def read_sample(self, sample: int, stats: ReadStats | None = None) -> np.ndarray:
+        """One sample's image bytes (a small random read: for the rare sample outside a block)."""
+        shard = self.shard_of(sample)
+        return self.read_run(shard, sample, sample + 1, stats)[sample]
+
+
+def is_shard_path(path: str) -> bool:
+    """Does `path` name shards: a manifest file, or a folder holding a manifest or *.tar files?"""
+    path = os.path.expanduser(path)
+    if path.startswith(_REMOTE):
+        return True
+    if os.path.isfile(path):
+        return path.endswith(".json")
+    if not os.path.isdir(path):
+        return False
+    with os.scandir(path) as it:
+        return any(e.name == MANIFEST_NAME or (e.name.endswith(".tar") and e.is_file()) for e in it)
+
+
+def read_manifest(path: str) -> dict | None:
+    """The manifest in folder `path` (or the file `path`), None if there is none."""
+    file = path if os.path.isfile(path) else os.path.join(path, MANIFEST_NAME)
+    if not os.path.exists(file):
+        return None
+    with open(file) as f:
+        manifest = json.load(f)
+    if manifest.get("format") != MANIFEST_FORMAT or manifest.get("version") != MANIFEST_VERSION:
+        raise DatasetScanError(f"{file} is not a {MANIFEST_FORMAT} v{MANIFEST_VERSION} manifest")
+    return manifest
+
+
+def _locate(path: str) -> tuple[str, dict | None, list[str], list[int] | None]:
+    """(folder, manifest, shard names, expected counts) of a shard folder or manifest."""
+    path = os.path.expanduser(path)
+    if path.startswith(_REMOTE):
+        raise DatasetScanError(
+            f"{path}: object stores are not supported yet (local or mounted folders only); copy the shards "
+            f"to a file system, or mount the bucket"
+        )
+    if not os.path.exists(path):
+        raise DatasetScanError(f"shard path does not exist: {path}")
+    root = os.path.abspath(os.path.dirname(path) if os.path.isfile(path) else path)
+    manifest = read_manifest(path)
+    if manifest is not None:
+        if not manifest.get("complete"):
+            raise DatasetScanError(f"{root}: make-shards did not finish; run it again to complete the shards")
+        shards = manifest["shards"]
+        return root, manifest, [s["name"] for s in shards], [int(s["samples"]) for s in shards]
+    tars = sorted(name for name in os.listdir(root) if name.endswith(".tar") and not name.startswith("."))
+    if not tars:
+        raise DatasetScanError(f"no shards (*.tar) and no {MANIFEST_NAME} in {root}")
+    return root, None, tars, None
+
+
+def index_path(root: str, tar: str) -> str:
+    return os.path.join(root, tar[: -len(".tar")] + ".idx")
+
+
+def _check_shard(root: str, tar: str, expected: int | None) -> tuple[_Index | None, str | None]:
+    """(index, None) if shard `tar` is whole and matches its index, else (index or None, what is wrong).
+
+    Cheap: a stat and two 512-byte reads. The tar must hold every byte its index names, and the
+    headers of its first and last member must give the name and size the index gives.
+    """
+    path, idx = os.path.join(root, tar), index_path(root, tar)
+    if not os.path.exists(path):
+        return None, "missing"
+    if not os.path.exists(idx):
+        return None, f"no index {os.path.basename(idx)} (make it with: wds2idx {path})"
+    try:
+        index = read_index(idx)
+    except (OSError, ValueError, IndexError) as e:
+        return None, f"unreadable index {os.path.basename(idx)}: {e}"
+    if expected is not None and len(index.keys) != expected:
+        return index, f"the manifest says {expected} samples, the index {len(index.keys)}"
+    if not index.keys:
+        return index, "no samples"
+    size = os.path.getsize(path)
+    if size < index.end:
+        return index, f"truncated: {size} bytes, its index needs {index.end}"
+    with open(path, "rb") as f:
+        for name, offset, nbytes in index.ends:
+            f.seek(offset - _BLOCK)
+            header = f.read(_BLOCK)
+            got = header[:100].split(b"\0")[0].decode(errors="replace")
+            try:
+                got_size = int(header[124:136].split(b"\0")[0].strip() or b"-1", 8)
+            except ValueError:
+                got_size = -1
+            if header[257:262] != b"ustar" or got_size != nbytes or not (name.startswith(got) or name.endswith(got)):
+                return (
+                    index,
+                    f"does not match its index: no tar header for {name} ({nbytes} bytes) at {offset - _BLOCK}",
+                )
+    return index, None
+
+
+@dataclass
+class ShardScan:
+    """What `mae-fast scan` reports for a shard folder."""
+
+    root: str
+    tars: list[str]
+    samples: int  # in the shards that are fine
+    classes: list[str] | None
+    problems: list[tuple[str, str]]  # (shard name, what is wrong)
+    bad: list[tuple[str, str]]  # source files make_shards left out (relative path, reason)
+
+
+def _check_all(root: str, tars: list[str], counts: list[int] | None, workers: int = 16) -> list:
+    expected = counts or [None] * len(tars)
+    with ThreadPoolExecutor(max(1, min(workers, len(tars)))) as pool:  # threads: hides a network FS's latency
+        return list(pool.map(lambda a: _check_shard(root, *a), zip(tars, expected, strict=True)))
+
+
+def scan_shards(path: str, workers: int = 16) -> ShardScan:
+    """Count the samples from the index files and check each shard against its index (seconds for ImageNet)."""
+    root, manifest, tars, counts = _locate(path)
+    checked = _check_all(root, tars, counts, workers)
+    problems = [(tar, why) for tar, (_, why) in zip(tars, checked, strict=True) if why]
+    samples = sum(len(index.keys) for index, why in checked if index is not None and not why)
+    classes = manifest.get("classes") if manifest else None
+    bad = [tuple(b) for b in manifest.get("bad", [])] if manifest else []
+    return ShardScan(root, tars, samples, classes, problems, bad)
+
+
+def format_problems(problems: list[tuple[str, str]], total: int, limit: int = 5) -> str:
+    shown = ", ".join(f"{tar} ({why})" for tar, why in problems[:limit])
+    more = f", and {len(problems) - limit} more" if len(problems) > limit else ""
+    return f"{len(problems)} of {total} shards unusable: {shown}{more}"
+
+
+def open_shards(path: str, workers: int = 16) -> ShardSet:
+    """Read the indexes of a shard folder (or manifest) after checking every shard.
+
+    Raises DatasetScanError naming each missing, truncated or mismatched shard, before any model is built.
+    """
+    root, manifest, tars, counts = _locate(path)
+    checked = _check_all(root, tars, counts, workers)
+    problems = [(tar, why) for tar, (_, why) in zip(tars, checked, strict=True) if why]
+    if problems:
+        raise DatasetScanError(f"{root}: " + format_problems(problems, len(tars)))
+    indexes = [index for index, _ in checked]
+    names = [f"{tar}:{key}" for tar, index in zip(tars, indexes, strict=True) for key in index.keys]
+    return ShardSet(
+        root=root,
+        tars=tars,
+        counts=np.array([len(index.keys) for index in indexes], np.int64),
+        names=names,
+        offsets=np.concatenate([index.offsets for index in indexes]),
+        sizes=np.concatenate([index.sizes for index in indexes]),
+        classes=manifest.get("classes") if manifest else None,
+        bad=[tuple(b) for b in manifest.get("bad", [])] if manifest else [],
+    )
+
+
+def count_samples(path: str) -> int:
+    """Samples in a shard folder: from the manifest if there is one, else from the index headers
+    (open_shards checks the shards; this only counts)."""
+    root, _, tars, counts = _locate(path)
+    if counts is not None:
+        return sum(counts)
+    total = 0
+    for tar in tars:
+        try:
+            with open(index_path(root, tar)) as f:
+                total += int(f.readline().split()[1])
+        except (OSError, ValueError, IndexError) as e:
+            raise DatasetScanError(f"{root}: {tar}: no readable index ({e})") from None
+    return total
+
+
+# ---------------------------------------------------------------- the epoch order
+
+
+@dataclass
+class EpochPlan:
+    """One rank's epoch: `order` (L, B) sample ids in batch order; `blocks[j]` the samples of block j
+    in stream order (runs of consecutive samples of one shard: how they are read); batch b lies in
+    block b // batches_per_block."""
+
+    order: np.ndarray
+    blocks: list[np.ndarray]
+    batches_per_block: int
+
+
+def epoch_plan(
+    counts: np.ndarray,
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    shard_id: int,
+    num_shards: int,
+    block_size: int,
+) -> EpochPlan:
+    """The order of rank `shard_id` in `epoch` over shards of `counts` samples (see the module docstring).
+
+    block_size: samples shuffled together, a multiple of batch_size; the reader holds about two
+    blocks of encoded images in memory. All ranks must pass the same seed and block_size.
+    """
+    if block_size < batch_size or block_size % batch_size:
+        raise ValueError(f"block_size must be a positive multiple of batch_size {batch_size}, got {block_size}")
+    counts = np.asarray(counts, np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    L = batches_per_epoch(int(counts.sum()), batch_size, num_shards)
+    tar_order = np.random.default_rng((seed, epoch)).permutation(len(counts))
+    stream = np.concatenate([np.arange(starts[t], starts[t] + counts[t]) for t in tar_order])
+    per_rank = L * batch_size
+    run = stream[shard_id * per_rank : (shard_id + 1) * per_rank]
+    blocks = [run[i : i + block_size] for i in range(0, per_rank, block_size)]
+    rng = np.random.default_rng((seed, epoch, shard_id))
+    order = np.concatenate([rng.permutation(b) for b in blocks]) if blocks else run
+    return EpochPlan(order.reshape(L, batch_size), blocks, block_size // batch_size)
+
+
+def runs(samples: np.ndarray, starts: np.ndarray) -> list[tuple[int, int, int]]:
+    """(shard, first, stop) of each run of consecutive samples of one shard in `samples` (stream order)."""
+    if len(samples) == 0:
+        return []
+    shard = np.searchsorted(starts, samples, side="right") - 1
+    cut = np.flatnonzero((np.diff(samples) != 1) | (np.diff(shard) != 0)) + 1
+    edges = np.concatenate([[0], cut, [len(samples)]])
+    return [(int(shard[a]), int(samples[a]), int(samples[b - 1]) + 1) for a, b in zip(edges[:-1], edges[1:])]
+
+
+# ---------------------------------------------------------------- writing shards
+
+
+@dataclass
+class MakeShardsReport:
+    dst: str
+    shards: int
+    samples: int
+    written: int  # shards written by this run (the others were already complete)
+    bytes: int  # of all shards
+    classes: list[str] | None
+    bad: list[tuple[str, str]]  # source files left out by the scan: (path, reason)
+
+
+@dataclass
+class _Sample:
+    rel: str  # source path relative to the source folder
+    key: str
+    ext: str  # member extension of the image: jpg or png
+    label: int | None
+    size: int
+
+
+def _tar_bytes(s: _Sample) -> int:
+    return _BLOCK + _padded(s.size) + (2 * _BLOCK if s.label is not None else 0)
+
+
+def _plan_samples(root: str, files: list[str], labels: list[int], sizes: dict[str, int], flat: bool, seed: int):
+    """The samples in the order they go into shards (a permutation drawn from `seed`), with unique keys."""
+    used: set[str] = set()
+    samples = []
+    for i in np.random.default_rng(seed).permutation(len(files)).tolist():
+        rel = os.path.relpath(files[i], root)
+        stem, ext = os.path.splitext(rel)
+        folder, base = os.path.split(stem)
+        # a member's key ends at the first dot of its name (wds2idx, webdataset); the index splits at blanks
+        key = "".join("_" if c.isspace() else c for c in os.path.join(folder, base.replace(".", "_")))
+        unique, n = key, 1
+        while unique in used:
+            unique, n = f"{key}~{n}", n + 1
+        used.add(unique)
+        kind = "png" if ext.lower() == ".png" else "jpg"
+        samples.append(_Sample(rel, unique, kind, None if flat else labels[i], sizes[rel]))
+    return samples
+
+
+def _cut(samples: list[_Sample], shard_bytes: int) -> list[list[_Sample]]:
+    """Consecutive groups of at most shard_bytes of tar (at least one sample each)."""
+    shards, current, size = [], [], 0
+    for s in samples:
+        if current and size + _tar_bytes(s) > shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(s)
+        size += _tar_bytes(s)
+    if current:
+        shards.append(current)
+    return shards
+
+
+def _write_shard(src: str, dst: str, name: str, samples: list[_Sample], advance) -> int:
+    """Write shard `name` and its index under temporary names, then rename them (index last). Returns its bytes."""
+    tar_path = os.path.join(dst, name)
+    idx_path = index_path(dst, name)
+    tmp_tar, tmp_idx = os.path.join(dst, f".{name}.tmp"), idx_path + ".tmp"
+    lines = []
+    with tarfile.open(tmp_tar, "w", format=tarfile.GNU_FORMAT) as tf:
+        for s in samples:
+            with open(os.path.join(src, s.rel), "rb") as f:
+                data = f.read()
+            members = [(s.ext, data)] + ([("cls", str(s.label).encode())] if s.label is not None else [])
+            line = []
+            for ext, payload in members:
+                info = tarfile.TarInfo(f"{s.key}.{ext}")
+                info.size, info.mtime, info.mode = len(payload), 0, 0o644  # mtime 0: the same bytes every run
+                tf.addfile(info, io.BytesIO(payload))
+                offset = tf.offset - _padded(len(payload))  # the data ends (padded) where tarfile stands now
+                line.append(f"{ext} {offset} {len(payload)} {info.name}")
+            lines.append(" ".join(line))
+            advance(1)
+    with open(tmp_idx, "w") as f:
+        f.write(f"{INDEX_VERSION} {len(lines)}\n" + "".join(line + "\n" for line in lines))
+    os.replace(tmp_tar, tar_path)
+    os.replace(tmp_idx, idx_path)  # last: an index beside a tar means the tar is whole
+    return os.path.getsize(tar_path)
+
+
+def make_shards(
+    src: str,
+    dst: str,
+    *,
+    shard_bytes: int = 512 << 20,
+    workers: int = 8,
+    seed: int = 0,
+    cache_dir: str | None = None,
+    progress: bool = True,
+) -> MakeShardsReport:
+    """Convert an ImageNet-style or flat image folder into WebDataset shards in `dst` (see the module docstring).
+
+    The scan's checks run first (cached as for training): files that fail are reported and never enter
+    a shard. Samples go into shards in an order drawn from `seed`, at most shard_bytes of tar each;
+    `workers` threads write shards in parallel. Run again after an interruption, it keeps the shards
+    already complete and writes the rest; a `dst` holding shards of another source or other settings
+    is refused.
+    """
+    if shard_bytes < 1 or workers < 1:
+        raise ValueError(f"need shard_bytes >= 1 and workers >= 1, got {shard_bytes}, {workers}")
+    scanned = scan_dataset(src, cache_dir=cache_dir, num_workers=workers, progress=progress)
+    root = scanned.root
+    classes, entries = _list_images(root)  # the scan's listing again: its fingerprint and the sizes
+    settings = {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "source": root,
+        "fingerprint": _fingerprint(classes, entries),
+        "seed": seed,
+        "shard_bytes": shard_bytes,
+    }
+    flat = scanned.classes == ["."]
+    sizes = {rel: size for rel, _, size, _ in entries}
+    samples = _plan_samples(root, scanned.files, scanned.labels, sizes, flat, seed)
+    groups = _cut(samples, shard_bytes)
+    names = [f"shard-{k:06d}.tar" for k in range(len(groups))]
+
+    dst = os.path.abspath(os.path.expanduser(dst))
+    os.makedirs(dst, exist_ok=True)
+    old = read_manifest(dst)
+    if old is not None and {k: old.get(k) for k in settings} != settings:
+        differ = ", ".join(k for k in settings if old.get(k) != settings[k])
+        raise DatasetScanError(
+            f"{dst} holds shards of another source or settings ({differ}); remove it or choose another"
+        )
+    manifest = {
+        **settings,
+        "complete": False,
+        "classes": None if flat else scanned.classes,
+        "num_samples": len(samples),
+        "shards": [{"name": n, "samples": len(g)} for n, g in zip(names, groups, strict=True)],
+        "bad": [[os.path.relpath(p, root), why] for p, why in scanned.bad],
+    }
+    _write_json(os.path.join(dst, MANIFEST_NAME), manifest)
+
+    checked = _check_all(dst, names, [len(g) for g in groups], workers)
+    todo = [k for k, (_, why) in enumerate(checked) if why]
+    with _progress(progress, sum(len(groups[k]) for k in todo), f"writing {len(todo)} shards into {dst}") as advance:
+        with ThreadPoolExecutor(workers) as pool:  # I/O bound: reads and writes release the GIL
+            futures = [pool.submit(_write_shard, root, dst, names[k], groups[k], advance) for k in todo]
+            try:
+                for f in futures:
+                    f.result()
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # finish the shards being written, start no more
+                raise
+    for entry, name in zip(manifest["shards"], names, strict=True):
+        entry["bytes"] = os.path.getsize(os.path.join(dst, name))
+    manifest["complete"] = True
+    _write_json(os.path.join(dst, MANIFEST_NAME), manifest)
+    return MakeShardsReport(
+        dst=dst,
+        shards=len(names),
+        samples=len(samples),
+        written=len(todo),
+        bytes=sum(e["bytes"] for e in manifest["shards"]),
+        classes=manifest["classes"],
+        bad=scanned.bad,
+    )
+
+
+def _write_json(path: str, payload: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _progress(show: bool, total: int, what: str) -> Iterator[Callable[[int], None]]:
+    """A Rich progress bar over `total` samples (or nothing); the value advances it, from any thread."""
+    if not show or total == 0:
+        yield lambda n: None
+        return
+    from rich.progress import Progress
+
+    with Progress() as bar:
+        task = bar.add_task(what, total=total)
+        yield lambda n: bar.advance(task, n)
