@@ -6,9 +6,12 @@
         latest.pt                                               the newest save, always
         final.pt                                                at the end of the run
 
-model.pt holds the uncompiled model's state dict (official parameter names), the optimizer,
-epoch and step, the RNG states (torch, CUDA, numpy, python), the data loader's position and
-the resolved config. keep_last_n applies to epoch-N and step-N separately. Every file is written to a temporary name, flushed, fsynced and renamed,
+model.pt holds what training_state() puts there: the uncompiled model's state dict (official
+parameter names), the optimizer, epoch and step, every rank's RNG states (torch, CUDA, numpy,
+python) and data loader position, and the resolved config with its derived values, under
+"format": "mae-fast" and "version": FORMAT_VERSION (a newer version is refused on load). Which
+checkpoint may resume which config is check_resumable's rule. A model.pt is only ever
+written with finite weights (check_finite). keep_last_n applies to epoch-N and step-N separately. Every file is written to a temporary name, flushed, fsynced and renamed,
 so a crash or a full disk leaves the previous checkpoint intact. Files are read with
 torch.load(weights_only=True): a checkpoint cannot run code on load.
 """
@@ -16,11 +19,13 @@ torch.load(weights_only=True): a checkpoint cannot run code on load.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +108,82 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+def training_state(
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    rng: list,
+    data: list,
+    config: dict,
+    derived: Any,
+) -> dict:
+    """The checkpoint of a run after `step` optimizer steps; `rng` and `data` hold every rank's RNG state and
+    loader position, in rank order; `derived` is config.Derived."""
+    return {
+        "format": "mae-fast",
+        "version": FORMAT_VERSION,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": step // derived.steps_per_epoch,  # done
+        "step": step,  # done
+        "rng": rng,
+        "data": data,
+        "config": config,
+        "derived": dataclasses.asdict(derived),
+        "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def check_finite(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters and buffers holding a NaN or inf: one fused reduction, then a sync."""
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    sums = torch.stack(torch._foreach_norm(tensors, 1))  # a NaN or inf anywhere makes its L1 norm non-finite
+    if bool(torch.isfinite(sums).all()):
+        return []
+    names = [n for n, t in model.state_dict().items() if t.is_floating_point()]
+    return [n for n, ok in zip(names, torch.isfinite(sums).tolist()) if not ok]
+
+
+def check_resumable(ckpt: dict, cfg: Any, derived: Any, path: str) -> list[str]:
+    """Refuse a checkpoint whose model, loss or batch settings differ from this run's config (cfg: config.Config),
+    saying what differs; return notes on what a changed lr or length does to the schedule."""
+    saved, sd = ckpt.get("config", {}), ckpt.get("derived", {})
+
+    def get(section: str, key: str) -> Any:
+        return saved.get(section, {}).get(key)
+
+    pairs = [
+        ("model.type", get("model", "type"), cfg.model.type),
+        ("model.mask_ratio", get("model", "mask_ratio"), cfg.model.mask_ratio),
+        ("model.norm_pix_loss", get("model", "norm_pix_loss"), cfg.model.norm_pix_loss),
+        ("data.input_size", get("data", "input_size"), cfg.data.input_size),
+        ("data.backend", get("data", "backend"), cfg.data.backend),
+        ("misc.seed (the data order)", get("misc", "seed"), cfg.misc.seed),
+        ("optimization.batch_size", sd.get("effective_batch"), derived.effective_batch),
+        ("micro-batch size", sd.get("micro_batch_size"), derived.micro_batch_size),
+        ("world size", sd.get("world_size"), derived.world_size),
+        ("steps per epoch (data set size / batch)", sd.get("steps_per_epoch"), derived.steps_per_epoch),
+    ]
+    diffs = [f"{k}: checkpoint {a!r}, config {b!r}" for k, a, b in pairs if a != b]
+    if diffs:
+        raise CheckpointError(f"cannot resume from {path}: it does not fit this config ({'; '.join(diffs)})")
+    notes = []
+    if sd.get("lr") != derived.lr or get("optimization", "min_lr") != cfg.optimization.min_lr:
+        notes.append(
+            f"the peak lr was {sd.get('lr')!r} (min_lr {get('optimization', 'min_lr')!r}), now {derived.lr:g} "
+            f"(min_lr {cfg.optimization.min_lr:g}): the schedule continues from step {ckpt['step']} with the new values"
+        )
+    if sd.get("total_steps") != derived.total_steps or sd.get("warmup_steps") != derived.warmup_steps:
+        notes.append(
+            f"the run was {get('schedule', 'epochs')} epochs ({sd.get('total_steps')} steps, warmup "
+            f"{sd.get('warmup_steps')}), now {cfg.schedule.epochs} ({derived.total_steps} steps, warmup "
+            f"{derived.warmup_steps}): the cosine is recomputed over the new length, so the lr jumps to "
+            f"its value at step {ckpt['step']} of the new schedule"
+        )
+    return notes
+
+
 def save_torch(path: Path, obj: dict) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
@@ -124,6 +205,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path} is not a readable checkpoint: {str(e).splitlines()[0]}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} is not a checkpoint (it holds a {type(obj).__name__})")
+    if obj.get("format") == "mae-fast" and int(obj.get("version", 1)) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} was written by a newer mae-fast (checkpoint format {obj.get('version')}; this version reads "
+            f"up to {FORMAT_VERSION}): upgrade mae-fast to load it"
+        )
     return obj
 
 

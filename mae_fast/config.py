@@ -1,8 +1,10 @@
 """Typed run configuration: YAML (or the seed guide's JSON) -> dataclasses, strictly checked.
 
 Sections and key names follow the seed guide (model, optimization, schedule, data,
-checkpointing, logging, misc). Every error names the dotted key; a misspelt key also
-names the closest valid one. Nothing here touches the GPU or the data.
+checkpointing, logging, misc). Each section checks its own values in __post_init__, next to
+their fields; choices are Literal types, checked generically. Every error names the dotted
+key; a misspelt key also names the closest valid one. Nothing here imports torch or touches
+the GPU or the data.
 """
 
 from __future__ import annotations
@@ -10,26 +12,50 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+
+from .pipelines.common import Augmentation
+from .presets import PRESETS
 
 
 class ConfigError(ValueError):
     """A bad config value; the message starts with the dotted key."""
 
 
+def _check(ok: bool, key: str, msg: str) -> None:
+    """Inside a section's __post_init__: `key` is the field's name; _build adds the section's."""
+    if not ok:
+        raise ValueError(f"{key}: {msg}")
+
+
+# Keys of the seed guide's configs that mae-fast accepts and ignores, so those configs load as they are:
+IGNORED_KEYS = {
+    "logging.console_clear_freq": "the dashboard redraws in place",
+    "optimization.optimizer": "the optimizer is always AdamW, as in MAE (any other value is refused)",
+}
+
+
 @dataclass
 class ModelConfig:
-    type: str = "mae_vit_base_patch16"
+    type: str = "mae_vit_base_patch16"  # a name in presets.PRESETS
     norm_pix_loss: bool = True
     mask_ratio: float = 0.75
     grad_checkpointing: bool = False  # recompute block activations in backward: less memory, ~30% more compute
     embed_kept_only: bool = False  # patch-embed only the kept patches (same numbers; skips 3/4 of that work)
+
+    def __post_init__(self) -> None:
+        if self.type not in PRESETS:
+            close = difflib.get_close_matches(self.type, list(PRESETS), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            _check(False, "type", f"unknown model {_excerpt(self.type)}{hint} (presets: {', '.join(PRESETS)})")
+        _check(0.0 < self.mask_ratio < 1.0, "mask_ratio", f"must be in (0, 1), got {self.mask_ratio}")
 
 
 @dataclass
@@ -40,10 +66,25 @@ class OptimizationConfig:
     lr: float | None = None  # absolute lr; when set, base_lr is ignored
     min_lr: float = 0.0
     weight_decay: float = 0.05
-    optimizer: str = "adamw"
+    optimizer: str = "adamw"  # see IGNORED_KEYS
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     gradient_clip: float = 0.0  # global-norm clip; 0 = off (the paper does not clip)
+
+    def __post_init__(self) -> None:
+        b, micro = self.batch_size, self.micro_batch_size
+        _check(b > 0, "batch_size", f"must be positive, got {b}")
+        if micro is not None:
+            _check(micro > 0, "micro_batch_size", f"must be positive, got {micro}")
+            _check(b % micro == 0, "batch_size", f"{b} is not divisible by optimization.micro_batch_size {micro}")
+        _check(self.base_lr > 0, "base_lr", f"must be positive, got {self.base_lr}")
+        _check(self.lr is None or self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        _check(self.min_lr >= 0, "min_lr", f"must be >= 0, got {self.min_lr}")
+        _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(self.optimizer.lower() == "adamw", "optimizer", f"only 'adamw' is supported, got {self.optimizer!r}")
+        _check(0 <= self.adam_beta1 < 1, "adam_beta1", f"must be in [0, 1), got {self.adam_beta1}")
+        _check(0 <= self.adam_beta2 < 1, "adam_beta2", f"must be in [0, 1), got {self.adam_beta2}")
+        _check(self.gradient_clip >= 0, "gradient_clip", f"must be >= 0, got {self.gradient_clip}")
 
 
 @dataclass
@@ -53,32 +94,37 @@ class ScheduleConfig:
     start_epoch: int = 0
     steps_per_epoch: int | None = None  # cap on optimizer steps per epoch; None = images // batch_size
 
-
-@dataclass
-class AugmentationConfig:
-    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # RandomResizedCrop area fraction
-    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # aspect ratio range
-    hflip_prob: float = 0.5
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # ImageNet
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    interpolation: str = "cubic"
+    def __post_init__(self) -> None:
+        e, spe = self.epochs, self.steps_per_epoch
+        _check(e > 0, "epochs", f"must be positive, got {e}")
+        _check(0 <= self.warmup_epochs <= e, "warmup_epochs", f"must be in [0, epochs={e}], got {self.warmup_epochs}")
+        _check(0 <= self.start_epoch < e, "start_epoch", f"must be in [0, epochs={e}), got {self.start_epoch}")
+        _check(spe is None or spe > 0, "steps_per_epoch", f"must be positive, got {spe}")
 
 
 @dataclass
 class DataConfig:
     data_path: str = "./data/imagenet/train"
-    backend: str = "dali"  # dali | pil | synthetic
+    backend: Literal["dali", "pil", "synthetic"] = "dali"
     input_size: int = 224
     num_workers: int = 10  # DALI threads, or PIL DataLoader workers
     pin_memory: bool = True
     prefetch: int = 2  # batches DALI prepares ahead
-    output_dtype: str = "float16"  # float16 | uint8 (DALI output; normalized in the step when uint8)
-    decoder: str = "auto"  # JPEG decode: auto/mixed (the GPU's decoder when there is a GPU) | cpu (rest still on GPU)
+    output_dtype: Literal["float16", "uint8"] = "float16"  # DALI's output; uint8 is normalized in the step
+    decoder: Literal["auto", "mixed", "cpu"] = "auto"  # JPEG decode: auto/mixed (GPU when there is one) | cpu
     hw_decoder_load: float | None = None  # DALI's share for the hardware JPEG decoder; None = DALI default
     synthetic_images: int = 1281167  # images per epoch with backend synthetic (ImageNet-1k's train size)
     make_sample: bool = False  # create a sample data set at data_path when it is missing (demo)
     scan_cache_dir: str = ""  # where the checked file list is cached; "" = in data_path itself
-    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+    augmentation: Augmentation = field(default_factory=Augmentation)  # pipelines.common: checked there
+
+    def __post_init__(self) -> None:
+        load = self.hw_decoder_load
+        _check(self.input_size > 0, "input_size", f"must be positive, got {self.input_size}")
+        _check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+        _check(self.prefetch >= 1, "prefetch", f"must be >= 1, got {self.prefetch}")
+        _check(load is None or 0 <= load <= 1, "hw_decoder_load", f"must be in [0, 1], got {load}")
+        _check(self.synthetic_images > 0, "synthetic_images", f"must be positive, got {self.synthetic_images}")
 
 
 @dataclass
@@ -88,34 +134,50 @@ class CheckpointingConfig:
     save_freq_steps: int = 10000  # 0 = never
     keep_last_n: int = 5  # numbered checkpoint directories kept; 0 = all
 
+    def __post_init__(self) -> None:
+        for key in ("save_freq_epochs", "save_freq_steps", "keep_last_n"):
+            _check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+
 
 @dataclass
 class LoggingConfig:
     print_freq: int = 100  # steps between metric reads (the only host sync in the loop)
-    console_clear_freq: int = 100  # accepted for seed compatibility; the dashboard redraws in place
+    console_clear_freq: int = 100  # see IGNORED_KEYS
     output_dir: str = "./output"  # log file, metrics.jsonl, resolved config
-    dashboard: bool | str = "auto"  # auto (when stdout is a terminal) | on | off (YAML reads on/off as booleans)
+    # auto (when stdout is a terminal) | on | off; YAML reads a bare on/off as a boolean, so true/false work too
+    dashboard: bool | Literal["auto", "on", "off"] = "auto"
     tensorboard: bool = False
     visualize_freq_epochs: int = 0  # save a reconstruction grid of fixed sample images every N epochs; 0 = off
     visualize_images: int = 4  # rows in that grid (images spread over the data set)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dashboard, bool):
+            self.dashboard = "on" if self.dashboard else "off"
+        vf, vi = self.visualize_freq_epochs, self.visualize_images
+        _check(self.print_freq > 0, "print_freq", f"must be positive, got {self.print_freq}")
+        _check(vf >= 0, "visualize_freq_epochs", f"must be >= 0, got {vf}")
+        _check(vi > 0, "visualize_images", f"must be positive, got {vi}")
 
 
 @dataclass
 class MiscConfig:
     seed: int = 0
-    device: str = "auto"  # auto | cuda | cpu
+    device: str = "auto"  # auto | cuda | cuda:N | cpu
     compile: bool = True  # torch.compile the training step
-    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune(-no-cudagraphs)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     compile_optimizer: bool = False  # also compile grad norm + AdamW (foreach, capturable) instead of fused AdamW
-    attention: str = (
-        "auto"  # scaled-dot-product attention kernel: auto (PyTorch picks) | flash | efficient | cudnn | math
-    )
+    attention: Literal["auto", "flash", "efficient", "cudnn", "math"] = "auto"  # SDPA kernel; auto: PyTorch picks
     high_priority_stream: bool = False  # train on a high-priority CUDA stream; DALI's GPU work fills the gaps
-    precision: str = "amp"  # amp: bf16 autocast over fp32 weights | bf16: bf16 weights and activations, fp32 masters
+    precision: Literal["amp", "bf16"] = "amp"  # amp: bf16 autocast over fp32 weights | bf16: bf16 copy, fp32 masters
     auto_resume: bool = False
     resume: str = ""  # path of a mae-fast checkpoint to resume from (weights, optimizer, schedule, data position)
     init_weights: str = ""  # start from these weights only (mae-fast or facebookresearch/mae checkpoint)
     run_name: str = ""
+
+    def __post_init__(self) -> None:
+        d = self.device
+        ok = d in ("auto", "cuda", "cpu") or (d.startswith("cuda:") and d[5:].isdigit())
+        _check(ok, "device", f"must be auto, cuda, cuda:N or cpu, got {_excerpt(d)}")
 
 
 @dataclass
@@ -128,68 +190,95 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     misc: MiscConfig = field(default_factory=MiscConfig)
 
+    def __post_init__(self) -> None:  # the checks across sections
+        patch, size = PRESETS[self.model.type].patch_size, self.data.input_size
+        _check(
+            size % patch == 0,
+            "data.input_size",
+            f"must be a positive multiple of the patch size {patch} of {self.model.type}, got {size}",
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 # -- building dataclasses from plain dicts, strictly --------------------------------------------
 
+_SHORT = reprlib.Repr()  # keyword arguments need Python 3.12
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 4, 4, 60, 60
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+def _excerpt(value: Any, limit: int = 80) -> str:
+    """A value as an error message shows it: a bounded repr (a YAML alias bomb is small in memory but its
+    full repr is gigabytes), at most `limit` characters."""
+    text = _SHORT.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _choices(options: tuple) -> str:
+    words = [str(o) for o in options]
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return _choices(typing.get_args(tp))
+    return "true or false" if tp is bool else getattr(tp, "__name__", str(tp))
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`; return it (ints widen to float, lists stay lists)."""
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        if isinstance(value, bool) or value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: must be {_describe(tp)}, got {_excerpt(value)}")
+        return value
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None and len(args) < len(typing.get_args(tp)):
             return None
         errors = []
         for arg in args:
-            if arg is type(None):
-                continue
             try:
                 return _coerce(value, arg, key)
             except ConfigError as e:
                 errors.append(e)
         if len(errors) == 1:  # Optional[X]: X's own message says more
             raise errors[0]
-        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+        raise ConfigError(f"{key}: must be {', or '.join(_describe(a) for a in args)}, got {_excerpt(value)}")
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {_excerpt(value)}")
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+            raise ConfigError(f"{key}: expected true or false, got {_excerpt(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {_excerpt(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {_excerpt(value)}")
         try:
             number = float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string: accept numeric strings
         except ValueError:
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+            raise ConfigError(f"{key}: expected a number, got {_excerpt(value)}") from None
         if not math.isfinite(number):
-            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+            raise ConfigError(f"{key}: expected a finite number, got {_excerpt(value)}")
         return number
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {_excerpt(value)}")
         return value
     raise TypeError(f"unsupported annotation {tp} at {key}")
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {data!r}")
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {_excerpt(data)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -198,13 +287,18 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
             hint = f"; did you mean {(prefix + '.' if prefix else '') + close[0]}?" if close else ""
-            raise ConfigError(f"{dotted}: unknown key{hint} (valid keys here: {', '.join(names)})")
+            raise ConfigError(f"{dotted[:80]}: unknown key{hint} (valid keys here: {', '.join(names)})")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value if value is not None else {}, dotted)
         else:
             kwargs[key] = _coerce(value, tp, dotted)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)  # the section checks its values in __post_init__
+    except ConfigError:
+        raise
+    except ValueError as e:  # "field: message" from __post_init__
+        raise ConfigError(f"{prefix}.{e}" if prefix else str(e)) from None
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
@@ -215,7 +309,7 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
             node[part] = {}
         node = node[part]
         if not isinstance(node, dict):
-            raise ConfigError(f"{dotted}: {part} is not a section")
+            raise ConfigError(f"--set {dotted}: {part} is not a section")
     node[parts[-1]] = value
 
 
@@ -226,152 +320,55 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. optimization.base_lr=1e-4")
         key, raw = item.split("=", 1)
-        out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
+        try:
+            out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
     return out
 
 
-def config_from_dict(data: dict[str, Any], overrides: list[str] = ()) -> Config:
+def config_from_dict(data: dict[str, Any] | None, overrides: list[str] = ()) -> Config:
+    """A checked Config from plain data, `--set KEY=VALUE` overrides applied; raises ConfigError naming the key
+    (a bad override is named as `--set KEY=VALUE`, not as the file's)."""
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"the top level must be a mapping of sections (model:, data:, ...), got {_excerpt(data)}")
     data = dict(data or {})
     data.pop("derived", None)  # a saved resolved config (config.yaml/config.json of a run) loads as is: recomputed
-    for key, value in parse_overrides(list(overrides)):
+    parsed = parse_overrides(list(overrides))
+    for key, value in parsed:
         _set_dotted(data, key, value)
-    cfg = _build(Config, data, "")
-    validate(cfg)
-    return cfg
+    try:
+        return _build(Config, data, "")
+    except ConfigError as e:
+        bad, _, message = str(e).partition(": ")
+        given = [item for item, (key, _) in zip(overrides, parsed) if key == bad or bad.startswith(key + ".")]
+        if given:
+            raise ConfigError(f"--set {given[-1]}: {bad}: {message}") from None
+        raise
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     """Read a YAML (or JSON) config file; unknown keys, wrong types and impossible values raise ConfigError."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+        raise ConfigError(f"config file {str(path)!r} {'is a folder' if path.is_dir() else 'does not exist'}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); is this a config file?") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML/JSON: {e}") from None
     try:
         return config_from_dict(data, overrides)
     except ConfigError as e:
+        if str(e).startswith("--set "):
+            raise
         raise ConfigError(f"{path}: {e}") from None
 
 
-def _check(ok: bool, key: str, msg: str) -> None:
+def _require(ok: bool, key: str, msg: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {msg}")
-
-
-def validate(cfg: Config) -> None:
-    """Values that cannot work, caught before any model or data is touched."""
-    from .model import ATTENTION_KERNELS, PRESETS  # local: the model module imports torch
-
-    m, o, s, d, c, lg, x = cfg.model, cfg.optimization, cfg.schedule, cfg.data, cfg.checkpointing, cfg.logging, cfg.misc
-    if m.type not in PRESETS:
-        close = difflib.get_close_matches(m.type, list(PRESETS), n=1)
-        _check(
-            False,
-            "model.type",
-            f"unknown model {m.type!r}"
-            + (f"; did you mean {close[0]!r}?" if close else "")
-            + f" (presets: {', '.join(PRESETS)})",
-        )
-    _check(0.0 < m.mask_ratio < 1.0, "model.mask_ratio", f"must be in (0, 1), got {m.mask_ratio}")
-    _check(o.batch_size > 0, "optimization.batch_size", f"must be positive, got {o.batch_size}")
-    if o.micro_batch_size is not None:
-        _check(o.micro_batch_size > 0, "optimization.micro_batch_size", f"must be positive, got {o.micro_batch_size}")
-        _check(
-            o.batch_size % o.micro_batch_size == 0,
-            "optimization.batch_size",
-            f"{o.batch_size} is not divisible by optimization.micro_batch_size {o.micro_batch_size}",
-        )
-    _check(o.base_lr > 0, "optimization.base_lr", f"must be positive, got {o.base_lr}")
-    _check(o.lr is None or o.lr > 0, "optimization.lr", f"must be positive, got {o.lr}")
-    _check(o.min_lr >= 0, "optimization.min_lr", f"must be >= 0, got {o.min_lr}")
-    _check(o.weight_decay >= 0, "optimization.weight_decay", f"must be >= 0, got {o.weight_decay}")
-    _check(o.optimizer.lower() == "adamw", "optimization.optimizer", f"only 'adamw' is supported, got {o.optimizer!r}")
-    _check(0 <= o.adam_beta1 < 1, "optimization.adam_beta1", f"must be in [0, 1), got {o.adam_beta1}")
-    _check(0 <= o.adam_beta2 < 1, "optimization.adam_beta2", f"must be in [0, 1), got {o.adam_beta2}")
-    _check(o.gradient_clip >= 0, "optimization.gradient_clip", f"must be >= 0, got {o.gradient_clip}")
-    _check(s.epochs > 0, "schedule.epochs", f"must be positive, got {s.epochs}")
-    _check(
-        0 <= s.warmup_epochs <= s.epochs,
-        "schedule.warmup_epochs",
-        f"must be in [0, epochs={s.epochs}], got {s.warmup_epochs}",
-    )
-    _check(
-        0 <= s.start_epoch < s.epochs, "schedule.start_epoch", f"must be in [0, epochs={s.epochs}), got {s.start_epoch}"
-    )
-    _check(
-        s.steps_per_epoch is None or s.steps_per_epoch > 0,
-        "schedule.steps_per_epoch",
-        f"must be positive, got {s.steps_per_epoch}",
-    )
-    _check(
-        d.backend in ("dali", "pil", "synthetic"), "data.backend", f"must be dali, pil or synthetic, got {d.backend!r}"
-    )
-    patch = PRESETS[m.type].patch_size
-    _check(
-        d.input_size > 0 and d.input_size % patch == 0,
-        "data.input_size",
-        f"must be a positive multiple of the patch size {patch} of {m.type}, got {d.input_size}",
-    )
-    _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
-    _check(d.prefetch >= 1, "data.prefetch", f"must be >= 1, got {d.prefetch}")
-    _check(
-        d.output_dtype in ("float16", "uint8"), "data.output_dtype", f"must be float16 or uint8, got {d.output_dtype!r}"
-    )
-    _check(d.decoder in ("auto", "mixed", "cpu"), "data.decoder", f"must be auto, mixed or cpu, got {d.decoder!r}")
-    _check(
-        d.hw_decoder_load is None or 0 <= d.hw_decoder_load <= 1,
-        "data.hw_decoder_load",
-        f"must be in [0, 1], got {d.hw_decoder_load}",
-    )
-    _check(d.synthetic_images > 0, "data.synthetic_images", f"must be positive, got {d.synthetic_images}")
-    a = d.augmentation
-    for key, pair in (("crop_scale", a.crop_scale), ("crop_ratio", a.crop_ratio)):
-        _check(
-            len(pair) == 2 and 0 < pair[0] <= pair[1],
-            f"data.augmentation.{key}",
-            f"must be [low, high] with 0 < low <= high, got {pair}",
-        )
-    _check(a.crop_scale[1] <= 1.0, "data.augmentation.crop_scale", f"area fraction cannot exceed 1, got {a.crop_scale}")
-    _check(0 <= a.hflip_prob <= 1, "data.augmentation.hflip_prob", f"must be in [0, 1], got {a.hflip_prob}")
-    _check(len(a.mean) == 3, "data.augmentation.mean", f"needs 3 values (RGB), got {a.mean}")
-    _check(
-        len(a.std) == 3 and all(v > 0 for v in a.std),
-        "data.augmentation.std",
-        f"needs 3 positive values (RGB), got {a.std}",
-    )
-    _check(
-        a.interpolation in ("cubic", "linear", "nearest", "lanczos"),
-        "data.augmentation.interpolation",
-        f"must be cubic, linear, nearest or lanczos, got {a.interpolation!r}",
-    )
-    for key in ("save_freq_epochs", "save_freq_steps", "keep_last_n"):
-        _check(getattr(c, key) >= 0, f"checkpointing.{key}", f"must be >= 0, got {getattr(c, key)}")
-    _check(lg.print_freq > 0, "logging.print_freq", f"must be positive, got {lg.print_freq}")
-    _check(
-        lg.visualize_freq_epochs >= 0, "logging.visualize_freq_epochs", f"must be >= 0, got {lg.visualize_freq_epochs}"
-    )
-    _check(lg.visualize_images > 0, "logging.visualize_images", f"must be positive, got {lg.visualize_images}")
-    if isinstance(lg.dashboard, bool):
-        lg.dashboard = "on" if lg.dashboard else "off"
-    _check(lg.dashboard in ("auto", "on", "off"), "logging.dashboard", f"must be auto, on or off, got {lg.dashboard!r}")
-    _check(
-        x.device in ("auto", "cuda", "cpu") or (x.device.startswith("cuda:") and x.device[5:].isdigit()),
-        "misc.device",
-        f"must be auto, cuda, cuda:N or cpu, got {x.device!r}",
-    )
-    _check(
-        x.compile_mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-        "misc.compile_mode",
-        f"unknown torch.compile mode {x.compile_mode!r}",
-    )
-    _check(x.precision in ("amp", "bf16"), "misc.precision", f"must be amp or bf16, got {x.precision!r}")
-    _check(
-        x.attention in ATTENTION_KERNELS,
-        "misc.attention",
-        f"must be one of {', '.join(ATTENTION_KERNELS)}, got {x.attention!r}",
-    )
 
 
 # -- derived values -------------------------------------------------------------------------------
@@ -396,13 +393,13 @@ class Derived:
 
 def derive(cfg: Config, num_images: int, world_size: int = 1) -> Derived:
     o, s = cfg.optimization, cfg.schedule
-    _check(
+    _require(
         o.batch_size % world_size == 0,
         "optimization.batch_size",
         f"{o.batch_size} is not divisible by the world size {world_size}",
     )
     micro = o.micro_batch_size or o.batch_size // world_size
-    _check(
+    _require(
         o.batch_size % (micro * world_size) == 0,
         "optimization.batch_size",
         f"{o.batch_size} is not divisible by micro_batch_size {micro} x world size {world_size}",
@@ -413,11 +410,11 @@ def derive(cfg: Config, num_images: int, world_size: int = 1) -> Derived:
     else:
         lr = o.base_lr * o.batch_size / 256  # MAE linear scaling rule
         rule = f"lr = base_lr * batch_size / 256 = {o.base_lr:g} * {o.batch_size} / 256 = {lr:g}"
-    _check(o.min_lr <= lr, "optimization.min_lr", f"{o.min_lr:g} is above the peak lr {lr:g} ({rule})")
+    _require(o.min_lr <= lr, "optimization.min_lr", f"{o.min_lr:g} is above the peak lr {lr:g} ({rule})")
     steps = num_images // o.batch_size  # the last partial batch is dropped
     if s.steps_per_epoch is not None:  # a cap; synthetic data has no natural epoch, so it may set any length
         steps = s.steps_per_epoch if cfg.data.backend == "synthetic" else min(steps, s.steps_per_epoch)
-    _check(
+    _require(
         steps > 0,
         "optimization.batch_size",
         f"{o.batch_size} is larger than the data set ({num_images} images in data.data_path "

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 
 from .config import Config, ConfigError
-from .pipelines.dali import AugmentConfig
 from .pipelines.scan import DatasetScanError, format_bad, scan_dataset
 
 
@@ -24,20 +23,7 @@ from .pipelines.scan import DatasetScanError, format_bad, scan_dataset
 class Dataset:
     files: list[str]  # checked image paths ([] for synthetic data)
     num_images: int  # images in the whole data set (all shards)
-    warnings: list[str]
-
-
-def augment_config(cfg: Config) -> AugmentConfig:
-    a = cfg.data.augmentation
-    return AugmentConfig(
-        input_size=cfg.data.input_size,
-        crop_scale=tuple(a.crop_scale),
-        crop_ratio=tuple(a.crop_ratio),
-        hflip_prob=a.hflip_prob,
-        mean=tuple(a.mean),
-        std=tuple(a.std),
-        interpolation=a.interpolation,
-    )
+    warnings: list[str]  # for the user: files left out, the scan's notes (a cache that could not be written)
 
 
 def scan(cfg: Config, progress: bool = True):
@@ -61,7 +47,7 @@ def find_dataset(cfg: Config, progress: bool = True) -> Dataset:
     if cfg.data.backend == "synthetic":
         return Dataset([], cfg.data.synthetic_images, [])
     result = scan(cfg, progress=progress)
-    return Dataset(result.files, len(result.files), [format_bad(result)] if result.bad else [])
+    return Dataset(result.files, len(result.files), ([format_bad(result)] if result.bad else []) + result.notes)
 
 
 def build_loader(
@@ -90,9 +76,9 @@ def build_loader(
             seed=seed + rank,
         )
         return loader, dtype, f"synthetic {d.input_size}px images on {device}"
-    aug = augment_config(cfg)
+    aug = d.augmentation
     if d.backend == "dali":
-        from .pipelines.dali import build_dali_loader, dali_available
+        from .pipelines.dali import DaliLoader, dali_available
 
         if not dali_available():
             raise ConfigError(
@@ -101,10 +87,11 @@ def build_loader(
             )
         device_id = (device.index or 0) if device.type == "cuda" else None
         decoder = "cpu" if d.decoder == "cpu" else "mixed"  # mixed needs a GPU: without one all runs on the CPU
-        loader = build_dali_loader(
+        loader = DaliLoader(
             dataset.files,
             micro_batch,
             aug,
+            input_size=d.input_size,
             seed=seed,
             shard_id=rank,
             num_shards=world_size,
@@ -122,12 +109,13 @@ def build_loader(
             f"{', rest on GPU' if device_id is not None and not loader.gpu_decode else ''}, {d.num_workers} threads"
         )
     else:
-        from .pipelines.pil import build_pil_loader
+        from .pipelines.pil import PilLoader
 
-        loader = build_pil_loader(
+        loader = PilLoader(
             dataset.files,
             micro_batch,
             aug,
+            input_size=d.input_size,
             seed=seed,
             shard_id=rank,
             num_shards=world_size,
@@ -142,7 +130,8 @@ def build_loader(
 
 
 class TimedBatches:
-    """Iterates a loader for one epoch and accumulates the seconds spent waiting for batches."""
+    """Batches of a loader, with the seconds spent waiting for them. start_epoch(e) begins epoch e (or goes
+    on where a resumed loader stands in it); at the end of an epoch next() goes on with the next one."""
 
     def __init__(self, loader: Any):
         self.loader = loader
@@ -155,7 +144,13 @@ class TimedBatches:
 
     def next(self) -> torch.Tensor:
         t0 = time.perf_counter()
-        batch = next(self._it)
+        if self._it is None:
+            self._it = iter(self.loader)
+        try:
+            batch = next(self._it)
+        except StopIteration:  # the epoch is done: iterating again goes on with the next one
+            self._it = iter(self.loader)
+            batch = next(self._it)
         self.wait_s += time.perf_counter() - t0
         return batch
 

@@ -41,12 +41,16 @@ class Snapshot:
 
 
 class NonFiniteLoss(RuntimeError):
-    def __init__(self, step: int, value: float):
+    """The run diverged: a loss, gradient norm or weight became NaN or inf. Nothing of it was saved."""
+
+    def __init__(self, step: int, value: float, what: str = "loss", good_checkpoint: str = ""):
+        good = f"; the newest good checkpoint: {good_checkpoint}" if good_checkpoint else ""
         super().__init__(
-            f"loss became {value} at step {step}: training stopped (lower the lr, "
-            f"enable optimization.gradient_clip, or check the data)"
+            f"{what} became {value} at step {step}: training stopped, nothing of the diverged state was "
+            f"saved{good}. Lower the lr (optimization.lr / base_lr), set optimization.gradient_clip (e.g. 1.0), "
+            f"or check the data"
         )
-        self.step = step
+        self.step, self.value = step, value
 
 
 class Meter:

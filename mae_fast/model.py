@@ -21,7 +21,6 @@ in how the same numbers are computed:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -31,45 +30,12 @@ import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
-
-@dataclass(frozen=True)
-class MAEArch:
-    img_size: int = 224
-    patch_size: int = 16
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    decoder_embed_dim: int = 512
-    decoder_depth: int = 8
-    decoder_num_heads: int = 16
-    mlp_ratio: float = 4.0
-
-
-# The official presets (models_mae.py: mae_vit_*_dec512d8b) and a tiny one for tests.
-PRESETS: dict[str, MAEArch] = {
-    "mae_vit_base_patch16": MAEArch(patch_size=16, embed_dim=768, depth=12, num_heads=12),
-    "mae_vit_large_patch16": MAEArch(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
-    "mae_vit_huge_patch14": MAEArch(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
-    "mae_vit_tiny_patch8": MAEArch(
-        img_size=32,
-        patch_size=8,
-        embed_dim=64,
-        depth=2,
-        num_heads=4,
-        decoder_embed_dim=32,
-        decoder_depth=1,
-        decoder_num_heads=4,
-    ),
-}
-
-
-ATTENTION_KERNELS = ("auto", "flash", "efficient", "cudnn", "math")
+from .presets import PRESETS, MAEArch, arch_for  # noqa: F401 (re-exported: the model's names)
 
 
 def sdpa_backends(attention: str) -> list | None:
-    """An attention choice -> the SDPA kernels to allow (None for auto: PyTorch chooses)."""
-    if attention not in ATTENTION_KERNELS:
-        raise ValueError(f"attention must be one of {ATTENTION_KERNELS}, got {attention!r}")
+    """misc.attention ("auto", "flash", "efficient", "cudnn", "math") -> the SDPA kernels to allow (None for
+    auto: PyTorch chooses)."""
     from torch.nn.attention import SDPBackend
 
     kernels = {
@@ -79,16 +45,6 @@ def sdpa_backends(attention: str) -> list | None:
         "math": SDPBackend.MATH,
     }
     return None if attention == "auto" else [kernels[attention]]
-
-
-def arch_for(model_type: str, img_size: int | None = None) -> MAEArch:
-    """The preset's architecture, at another input size if given."""
-    if model_type not in PRESETS:
-        raise ValueError(f"unknown model.type {model_type!r}; choose one of {sorted(PRESETS)}")
-    arch = PRESETS[model_type]
-    if img_size is not None and img_size != arch.img_size:
-        arch = MAEArch(**{**arch.__dict__, "img_size": img_size})
-    return arch
 
 
 def sincos_pos_embed_2d(dim: int, grid: int, cls_token: bool) -> np.ndarray:
@@ -118,7 +74,7 @@ class MaskedAutoencoderViT(nn.Module):
 
     def __init__(
         self,
-        arch: MAEArch = MAEArch(),
+        arch: MAEArch = PRESETS["mae_vit_base_patch16"],
         norm_pix_loss: bool = False,
         grad_checkpointing: bool = False,
         embed_kept_only: bool = False,

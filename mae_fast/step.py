@@ -1,10 +1,15 @@
 """The training step: autocast forward + loss (compiled), backward, clip, fused AdamW.
 
 Ownership: the step owns one static input buffer (N, 3, H, W) and one noise buffer (N, L);
-callers copy each batch into `step.inputs` (DALI owns its own output until the next batch,
-and a fixed address is what CUDA graphs need). Nothing here reads a value back to the host:
-losses go into a device-side ring of `log_every` slots that `read_metrics()` fetches once per
-log interval (the one host sync of the loop).
+`run(batch)` copies each batch into it (DALI owns its own output until the next batch, and a
+fixed address is what CUDA graphs need). Nothing here reads a value back to the host: each
+step's loss and grad norm go into device-side rings (grown by the step as needed) that
+`read_metrics()` fetches once per log interval, the one host sync of the loop.
+
+A step whose gradient norm is not finite is not applied: the fused AdamW skips the update on the
+device (its found_inf input, as GradScaler uses it), and its inf/nan norm reaches the ring, so
+the loop stops the run at the next read (misc.compile_optimizer's AdamW has no such input: there
+the checkpoint's finite-weights check is what keeps a diverged state out of any save).
 """
 
 from __future__ import annotations
@@ -13,13 +18,16 @@ import contextlib
 import copy
 import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 
 from .config import Config
 from .model import MaskedAutoencoderViT, build_model
+from .optim import build_optimizer
+from .pipelines.common import IMAGENET_MEAN, IMAGENET_STD
 
 
 def model_from_config(cfg: Config) -> MaskedAutoencoderViT:
@@ -34,19 +42,62 @@ def model_from_config(cfg: Config) -> MaskedAutoencoderViT:
     )
 
 
-def step_options(cfg: Config) -> dict[str, Any]:
-    """The TrainStep keyword arguments that the config decides."""
-    a, x = cfg.data.augmentation, cfg.misc
-    return {
-        "mask_ratio": cfg.model.mask_ratio,
-        "gradient_clip": cfg.optimization.gradient_clip,
-        "mean": tuple(a.mean),
-        "std": tuple(a.std),
-        "compile": x.compile,
-        "compile_mode": x.compile_mode,
-        "compile_optimizer": x.compile and x.compile_optimizer,
-        "precision": x.precision,
-    }
+@dataclass(frozen=True)
+class StepOptions:
+    """What the config decides about the step (values checked by the config)."""
+
+    mask_ratio: float = 0.75
+    gradient_clip: float = 0.0  # global-norm clip; 0 = off
+    mean: tuple[float, ...] = IMAGENET_MEAN  # for uint8 batches, normalized inside the graph
+    std: tuple[float, ...] = IMAGENET_STD
+    compile: bool = True
+    compile_mode: str = "default"
+    compile_backend: str | Callable = "inductor"  # tests pass a counting backend
+    compile_optimizer: bool = False  # needs build_optimizer(..., compiled=True)
+    precision: str = "amp"  # amp | bf16
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> StepOptions:
+        a, x = cfg.data.augmentation, cfg.misc
+        return cls(
+            mask_ratio=cfg.model.mask_ratio,
+            gradient_clip=cfg.optimization.gradient_clip,
+            mean=tuple(a.mean),
+            std=tuple(a.std),
+            compile=x.compile,
+            compile_mode=x.compile_mode,
+            compile_optimizer=x.compile and x.compile_optimizer,
+            precision=x.precision,
+        )
+
+
+def build_train_step(
+    cfg: Config,
+    model: MaskedAutoencoderViT,
+    *,
+    device: torch.device,
+    micro_batch: int,
+    accum_steps: int = 1,
+    input_dtype: torch.dtype = torch.float32,
+    lr: float = 0.0,
+    distributed: bool = False,
+) -> TrainStep:
+    """The configured step and its matching optimizer (fused AdamW, or the compiled one), for `model`
+    already on `device`. The one builder train, bench and the tests use."""
+    o, options = cfg.optimization, StepOptions.from_config(cfg)
+    optimizer = build_optimizer(
+        model, lr, o.weight_decay, (o.adam_beta1, o.adam_beta2), device, compiled=options.compile_optimizer
+    )
+    return TrainStep(
+        model,
+        optimizer,
+        micro_batch=micro_batch,
+        accum_steps=accum_steps,
+        device=device,
+        input_dtype=input_dtype,
+        options=options,
+        distributed=distributed,
+    )
 
 
 class _HostEvent:
@@ -66,21 +117,23 @@ class BusyTimer:
     """The time the device spends in the training step, from events around each micro-step's work,
     recorded after its batch has arrived. Compared with the wall time of a log interval it says how
     busy the device was: the rest is waiting for data or for the host. CUDA events on a GPU (no sync:
-    read after the log point's sync), the host clock on the CPU."""
+    read after the log point's sync), the host clock on the CPU. Grows its event pairs as needed."""
 
-    def __init__(self, device: torch.device, windows: int):
-        def event():
-            return torch.cuda.Event(enable_timing=True) if device.type == "cuda" else _HostEvent()
-
-        self.pairs = [(event(), event()) for _ in range(windows)]
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.pairs: list[tuple] = []
         self.n = 0
 
+    def _event(self):
+        return torch.cuda.Event(enable_timing=True) if self.cuda else _HostEvent()
+
     def start(self) -> None:
-        if self.n < len(self.pairs):
-            self.pairs[self.n][0].record()
+        if self.n == len(self.pairs):
+            self.pairs.append((self._event(), self._event()))
+        self.pairs[self.n][0].record()
 
     def stop(self) -> None:
-        if self.n < len(self.pairs):
+        if self.n < len(self.pairs):  # else no window was started
             self.pairs[self.n][1].record()
             self.n += 1
 
@@ -95,25 +148,16 @@ class MAELoss(nn.Module):
     """The part that is compiled (and, with several processes, wrapped by DistributedDataParallel):
     batch -> fp32 (uint8 batches normalized here, fused into the graph) -> autocast MAE forward -> loss."""
 
-    def __init__(
-        self,
-        mae: MaskedAutoencoderViT,
-        mask_ratio: float,
-        amp: bool,
-        uint8: bool,
-        mean: tuple[float, ...],
-        std: tuple[float, ...],
-        device: torch.device,
-    ):
+    def __init__(self, mae: MaskedAutoencoderViT, options: StepOptions, amp: bool, uint8: bool, device: torch.device):
         super().__init__()
         self.mae = mae
-        self.mask_ratio = mask_ratio
+        self.mask_ratio = options.mask_ratio
         self.amp = amp  # bf16 autocast on GPU; fp32 on the CPU
         self.device_type = device.type
         self.uint8 = uint8
         # plain attributes, not buffers: nothing for DDP to broadcast, constants for the compiler
-        self.mean255 = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
-        self.std255 = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+        self.mean255 = torch.tensor(options.mean, device=device).view(1, 3, 1, 1) * 255
+        self.std255 = torch.tensor(options.std, device=device).view(1, 3, 1, 1) * 255
 
     def forward(self, imgs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         # fp16 (DALI) / bf16 (synthetic) batches: the loss target is computed in fp32 and autocast picks
@@ -124,6 +168,12 @@ class MAELoss(nn.Module):
         return loss
 
 
+class Readout(NamedTuple):
+    losses: list[float]  # per optimizer step since the last read
+    gnorms: list[float]
+    busy_s: float  # device seconds in the step since the last read
+
+
 class TrainStep:
     def __init__(
         self,
@@ -132,33 +182,22 @@ class TrainStep:
         *,
         micro_batch: int,
         accum_steps: int,
-        mask_ratio: float,
-        gradient_clip: float,
         device: torch.device,
         input_dtype: torch.dtype = torch.float32,
-        mean: tuple[float, ...] = (0.485, 0.456, 0.406),
-        std: tuple[float, ...] = (0.229, 0.224, 0.225),
-        compile: bool = True,
-        compile_mode: str = "default",
-        compile_backend: str | Callable = "inductor",
-        compile_optimizer: bool = False,
-        precision: str = "amp",
-        log_every: int = 100,
+        options: StepOptions = StepOptions(),
         distributed: bool = False,
     ):
         """distributed=True wraps the loss module in DistributedDataParallel (a process group must exist).
-        compile_optimizer=True compiles the grad norm + clip + AdamW update too (build the optimizer
-        with build_optimizer(..., compiled=True)).
 
         precision "amp": bf16 autocast over the fp32 model (on a GPU; fp32 on the CPU). "bf16": a bf16
         copy of the model runs forward and backward without autocast, so activations stay bf16 end to
         end; after every micro-step its gradients are added into fp32 gradients of `model`, which stays
         the fp32 master that the optimizer updates and checkpoints save, and is copied back into the
-        bf16 copy after each update."""
+        bf16 copy after each update. One process only (DDP would reduce only the copy's gradients)."""
         self.model = model  # uncompiled: checkpoints use its parameter names
         self.optimizer = optimizer
         self.accum_steps = accum_steps
-        self.gradient_clip = gradient_clip
+        self.gradient_clip = options.gradient_clip
         self.device = device
         self.params = [p for p in model.parameters() if p.requires_grad]
 
@@ -166,16 +205,16 @@ class TrainStep:
         self.inputs = torch.zeros(micro_batch, 3, size, size, dtype=input_dtype, device=device)
         self.noise = torch.zeros(micro_batch, model.num_patches, device=device)
 
-        self.log_every = log_every
-        self.loss_ring = torch.zeros(log_every, device=device)  # mean micro-batch loss per step
-        self.gnorm_ring = torch.zeros(log_every, device=device)
+        self.loss_ring = torch.zeros(64, device=device)  # mean micro-batch loss per step; grown when full
+        self.gnorm_ring = torch.zeros(64, device=device)
         self._loss_acc = torch.zeros((), device=device)
         self.slot = 0
+        self.busy = BusyTimer(device)
+        self.fused = bool(optimizer.defaults.get("fused"))  # can skip a non-finite update on the device
 
-        if precision not in ("amp", "bf16"):
-            raise ValueError(f"precision must be amp or bf16, got {precision!r}")
-        self.compute = model  # the module that runs the step
-        if precision == "bf16":
+        self.bf16 = options.precision == "bf16"
+        self.compute = model  # the module that runs the step: the model, or its bf16 copy
+        if self.bf16:
             if distributed:
                 raise ValueError("precision bf16 runs in one process in this version (use amp with several)")
             self.compute = copy.deepcopy(model).to(torch.bfloat16)
@@ -183,11 +222,12 @@ class TrainStep:
                 p.grad = torch.zeros_like(p)  # fp32 accumulators, kept allocated (zeroed in place)
         self._compute_params = [p for p in self.compute.parameters() if p.requires_grad]
 
-        amp = device.type == "cuda" and precision == "amp"
-        module: nn.Module = MAELoss(self.compute, mask_ratio, amp, input_dtype == torch.uint8, mean, std, device)
-        if compile:
-            kw = {"mode": compile_mode} if compile_mode != "default" and compile_backend == "inductor" else {}
-            module = torch.compile(module, fullgraph=True, dynamic=False, backend=compile_backend, **kw)
+        amp = device.type == "cuda" and not self.bf16
+        module: nn.Module = MAELoss(self.compute, options, amp, input_dtype == torch.uint8, device)
+        backend = options.compile_backend
+        if options.compile:
+            kw = {"mode": options.compile_mode} if options.compile_mode != "default" and backend == "inductor" else {}
+            module = torch.compile(module, fullgraph=True, dynamic=False, backend=backend, **kw)
         self.ddp = None
         if distributed:
             # DDP around the compiled module (Dynamo cannot trace DDP's own forward); Dynamo sees it runs inside
@@ -200,31 +240,36 @@ class TrainStep:
             )
         self.loss_fn = module
         self._update = self._clip_and_update
-        if compile_optimizer:
-            if self.optimizer.defaults.get("fused"):
+        if options.compile_optimizer:
+            if self.fused:
                 raise ValueError(
                     "compile_optimizer needs the foreach/capturable AdamW of build_optimizer(compiled=True)"
                 )
-            self._update = torch.compile(self._clip_and_update, backend=compile_backend)
+            self._update = torch.compile(self._clip_and_update, backend=backend)
 
-    def micro_step(self, sync_grads: bool = True, noise: torch.Tensor | None = None) -> None:
-        """Forward and backward of `self.inputs`, accumulating gradients scaled by 1/accum_steps.
+    def run(self, batch: torch.Tensor, *, last_micro: bool = True, noise: torch.Tensor | None = None) -> None:
+        """Forward and backward of one micro-batch, accumulating gradients scaled by 1/accum_steps.
 
-        sync_grads=False skips the DDP gradient all-reduce (micro-steps before the last one).
-        `noise` (N, L) fixes the masking (tests); by default it is drawn from torch's RNG.
+        `batch` (N, 3, H, W) is copied into the static input buffer. last_micro=False skips the DDP
+        gradient all-reduce (micro-steps before the last one of an optimizer step). `noise` (N, L)
+        fixes the masking (tests); by default it is drawn from torch's RNG.
         """
+        self.busy.start()  # the batch has arrived: what follows is the step's own work
+        self.inputs.copy_(batch, non_blocking=True)
         if noise is None:
             torch.rand(self.noise.shape, device=self.device, out=self.noise)
         else:
             self.noise.copy_(noise)
-        ctx = self.ddp.no_sync() if (self.ddp is not None and not sync_grads) else contextlib.nullcontext()
+        ctx = self.ddp.no_sync() if (self.ddp is not None and not last_micro) else contextlib.nullcontext()
         with ctx:
             loss = self.loss_fn(self.inputs, self.noise)
             (loss / self.accum_steps).backward()
-        if self.compute is not self.model:  # bf16: accumulate in fp32
+        if self.bf16:  # accumulate in fp32
             torch._foreach_add_([p.grad for p in self.params], [p.grad for p in self._compute_params])
             self.compute.zero_grad(set_to_none=True)
         self._loss_acc += loss.detach()
+        if not last_micro:
+            self.busy.stop()  # the last micro-step's window closes after the update
 
     def _clip_and_update(self) -> torch.Tensor:
         """Global grad norm (clipped when gradient_clip > 0), then the AdamW update; returns the norm."""
@@ -232,8 +277,10 @@ class TrainStep:
             gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.gradient_clip, foreach=True)
         else:
             gnorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in self.params])))
+        if self.fused:  # a non-finite norm: the fused kernel leaves weights and moments as they were
+            self.optimizer.found_inf = (~torch.isfinite(gnorm)).float()
         self.optimizer.step()
-        if self.compute is not self.model:
+        if self.bf16:
             with torch.no_grad():
                 torch._foreach_copy_(self._compute_params, self.params)  # the updated masters, rounded to bf16
         return gnorm
@@ -243,16 +290,18 @@ class TrainStep:
         for group in self.optimizer.param_groups:
             group["lr"].fill_(lr)  # a 0-D tensor: no recompile, no sync
         gnorm = self._update()
-        self.optimizer.zero_grad(set_to_none=self.compute is self.model)  # bf16: keep the fp32 accumulators
+        self.optimizer.zero_grad(set_to_none=not self.bf16)  # bf16: keep the fp32 accumulators
+        if self.slot == len(self.loss_ring):  # a reader slower than 64 steps: twice the room (no sync)
+            self.loss_ring = torch.cat([self.loss_ring, torch.zeros_like(self.loss_ring)])
+            self.gnorm_ring = torch.cat([self.gnorm_ring, torch.zeros_like(self.gnorm_ring)])
         self.loss_ring[self.slot].copy_(self._loss_acc / self.accum_steps)
         self.gnorm_ring[self.slot].copy_(gnorm)
         self._loss_acc.zero_()
         self.slot += 1
+        self.busy.stop()
 
-    def read_metrics(
-        self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
-    ) -> tuple[list[float], list[float]]:
-        """Losses and grad norms of the steps since the last read. This is a CPU-GPU sync point.
+    def read_metrics(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Readout:
+        """Losses, grad norms and busy time of the steps since the last read. This is a CPU-GPU sync point.
 
         `reduce` combines the (2, n) tensor of losses and norms across processes (a mean over ranks).
         """
@@ -260,10 +309,6 @@ class TrainStep:
         both = torch.stack([self.loss_ring[:n], self.gnorm_ring[:n]])
         if reduce is not None:
             both = reduce(both)
-        losses, gnorms = both.tolist()
+        losses, gnorms = both.tolist()  # the sync: the busy timer's events are done too
         self.slot = 0
-        return losses, gnorms
-
-    @property
-    def ring_full(self) -> bool:
-        return self.slot >= self.log_every
+        return Readout(losses, gnorms, self.busy.take_s())

@@ -17,44 +17,49 @@ was), and take_bad_files() hands it to the train loop to report.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
-INTERPOLATIONS = ("cubic", "linear", "nearest", "lanczos")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # on a 0..1 scale
+IMAGENET_STD = (0.229, 0.224, 0.225)
+Interpolation = Literal["cubic", "linear", "nearest", "lanczos"]
 
 
 @dataclass
-class AugmentConfig:
-    """RandomResizedCrop + horizontal flip + normalize, as in MAE's main_pretrain.py."""
+class Augmentation:
+    """RandomResizedCrop + horizontal flip + normalize, as in MAE's main_pretrain.py.
 
-    input_size: int = 224
-    crop_scale: tuple[float, float] = (0.2, 1.0)  # crop area as a fraction of the image area
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop width / height
+    The config's data.augmentation section (its YAML keys are these fields) and what every loader
+    takes; the output size is the loader's input_size. Checked here, once: a bad value raises
+    ValueError("field: ...") (the config adds its section to the key).
+    """
+
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # crop area as a fraction of the image's
+    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # crop width / height
     hflip_prob: float = 0.5
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet, on a 0..1 scale
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    interpolation: str = "cubic"  # one of INTERPOLATIONS; MAE uses bicubic
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    interpolation: Interpolation = "cubic"  # MAE uses bicubic
 
     def __post_init__(self) -> None:
-        self.crop_scale = tuple(float(x) for x in self.crop_scale)  # YAML gives lists
-        self.crop_ratio = tuple(float(x) for x in self.crop_ratio)
-        self.mean = tuple(float(x) for x in self.mean)
-        self.std = tuple(float(x) for x in self.std)
-        lo, hi = self.crop_scale
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
-        lo, hi = self.crop_ratio
-        if not 0 < lo <= hi:
-            raise ValueError(f"crop_ratio must satisfy 0 < lo <= hi, got {self.crop_ratio}")
+        for key in ("crop_scale", "crop_ratio", "mean", "std"):
+            setattr(self, key, [float(x) for x in getattr(self, key)])  # tuples from Python callers
+        for key, pair in (("crop_scale", self.crop_scale), ("crop_ratio", self.crop_ratio)):
+            if not (len(pair) == 2 and 0 < pair[0] <= pair[1]):
+                raise ValueError(f"{key}: must be [low, high] with 0 < low <= high, got {pair}")
+        if self.crop_scale[1] > 1:
+            raise ValueError(f"crop_scale: area fraction cannot exceed 1, got {self.crop_scale}")
         if not 0 <= self.hflip_prob <= 1:
-            raise ValueError(f"hflip_prob must be in [0, 1], got {self.hflip_prob}")
-        if self.input_size < 1:
-            raise ValueError(f"input_size must be positive, got {self.input_size}")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError(f"mean and std need 3 values, std > 0; got {self.mean}, {self.std}")
-        if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
+            raise ValueError(f"hflip_prob: must be in [0, 1], got {self.hflip_prob}")
+        if len(self.mean) != 3:
+            raise ValueError(f"mean: needs 3 values (RGB), got {self.mean}")
+        if len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"std: needs 3 positive values (RGB), got {self.std}")
+        if self.interpolation not in typing.get_args(Interpolation):
+            raise ValueError(f"interpolation: must be one of {typing.get_args(Interpolation)}, got {self.interpolation!r}")
 
 
 def batches_per_epoch(num_files: int, batch_size: int, num_shards: int) -> int:

@@ -45,13 +45,14 @@ import collections
 import gc
 import warnings
 from collections.abc import Iterator
+from typing import Literal
 
 import numpy as np
 import torch
 
-from .common import AugmentConfig, ShardedFileLoader, derive_seeds, epoch_order
+from .common import Augmentation, ShardedFileLoader, derive_seeds, epoch_order
 
-__all__ = ["AugmentConfig", "DaliLoader", "build_dali_loader", "dali_available"]
+__all__ = ["DaliLoader", "dali_available"]
 
 _DALI_INTERP = {
     "cubic": "INTERP_CUBIC",
@@ -59,7 +60,6 @@ _DALI_INTERP = {
     "nearest": "INTERP_NN",
     "lanczos": "INTERP_LANCZOS3",
 }
-_OUTPUT_DTYPES = ("float16", "uint8")
 # nvJPEG buffer padding from DALI's ImageNet examples: avoids reallocations on large images.
 _DEVICE_MEMORY_PADDING = 211025920
 _HOST_MEMORY_PADDING = 140544512
@@ -133,18 +133,19 @@ class DaliLoader(ShardedFileLoader):
         self,
         files: list[str],
         batch_size: int,
-        aug: AugmentConfig,
+        aug: Augmentation,
         *,
+        input_size: int,
         seed: int,
         shard_id: int = 0,
         num_shards: int = 1,
         device_id: int | None = None,
         num_threads: int = 4,
         prefetch: int = 2,
-        output_dtype: str = "float16",
+        output_dtype: Literal["float16", "uint8"] = "float16",
         hw_decoder_load: float | None = None,
         batches_per_epoch: int | None = None,
-        decoder: str = "mixed",
+        decoder: Literal["mixed", "cpu"] = "mixed",
     ) -> None:
         """A DaliLoader over `files` (paths as given; absolute is safest).
 
@@ -157,14 +158,10 @@ class DaliLoader(ShardedFileLoader):
         length (all full batches): a train loop that consumes fewer batches per
         epoch should pass its count, so the stream runs on without a rebuild.
         """
-        if output_dtype not in _OUTPUT_DTYPES:
-            raise ValueError(f"output_dtype must be one of {_OUTPUT_DTYPES}, got {output_dtype!r}")
-        if decoder not in ("mixed", "cpu"):
-            raise ValueError(f"decoder must be 'mixed' or 'cpu', got {decoder!r}")
         super().__init__(
             files, batch_size, seed=seed, shard_id=shard_id, num_shards=num_shards, batches_per_epoch=batches_per_epoch
         )
-        self.aug = aug
+        self.aug, self.input_size = aug, input_size
         self.device_id = device_id
         self.num_threads, self.prefetch = num_threads, prefetch
         self.output_dtype = output_dtype
@@ -365,8 +362,8 @@ def _define_pipeline(
             images = images.gpu()  # decoded on the CPU threads; resize, flip and normalize on the GPU
         images = fn.resize(
             images,
-            resize_x=aug.input_size,
-            resize_y=aug.input_size,
+            resize_x=loader.input_size,
+            resize_y=loader.input_size,
             interp_type=getattr(types, _DALI_INTERP[aug.interpolation]),
             antialias=True,
         )
@@ -385,5 +382,3 @@ def _define_pipeline(
         pipe.set_outputs(out)
     return pipe
 
-
-build_dali_loader = DaliLoader  # the builder name callers use

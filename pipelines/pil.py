@@ -19,13 +19,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .common import AugmentConfig, ShardedFileLoader, derive_seeds
+from .common import Augmentation, ShardedFileLoader, derive_seeds
 
-__all__ = ["PilLoader", "build_pil_loader", "pil_transform"]
+__all__ = ["PilLoader", "pil_transform"]
 
 
-def pil_transform(aug: AugmentConfig):
-    """The torchvision transform of MAE's main_pretrain.py for `aug`."""
+def pil_transform(aug: Augmentation, input_size: int):
+    """The torchvision transform of MAE's main_pretrain.py for `aug`, to input_size x input_size."""
     from torchvision import transforms
     from torchvision.transforms import InterpolationMode
 
@@ -38,9 +38,9 @@ def pil_transform(aug: AugmentConfig):
     return transforms.Compose(
         [
             transforms.RandomResizedCrop(
-                aug.input_size,
-                scale=aug.crop_scale,
-                ratio=aug.crop_ratio,
+                input_size,
+                scale=tuple(aug.crop_scale),
+                ratio=tuple(aug.crop_ratio),
                 interpolation=interpolation,
             ),
             transforms.RandomHorizontalFlip(aug.hflip_prob),
@@ -100,8 +100,9 @@ class PilLoader(ShardedFileLoader):
         self,
         files: list[str],
         batch_size: int,
-        aug: AugmentConfig,
+        aug: Augmentation,
         *,
+        input_size: int,
         seed: int,
         shard_id: int = 0,
         num_shards: int = 1,
@@ -112,12 +113,12 @@ class PilLoader(ShardedFileLoader):
     ) -> None:
         """A PilLoader over `files`; batches are float32 (N, 3, H, W) moved to `device`.
 
-        batches_per_epoch caps the epoch length, as for build_dali_loader.
+        batches_per_epoch caps the epoch length, as for DaliLoader.
         """
         super().__init__(
             files, batch_size, seed=seed, shard_id=shard_id, num_shards=num_shards, batches_per_epoch=batches_per_epoch
         )
-        self.aug = aug
+        self.aug, self.input_size = aug, input_size
         self.num_workers = num_workers
         self.device = torch.device(device)
         self.pin_memory = pin_memory and self.device.type == "cuda"
@@ -156,7 +157,7 @@ class PilLoader(ShardedFileLoader):
             generator = torch.Generator()
             generator.manual_seed(derive_seeds(self.seed, self.shard_id, count=1)[0])
             self._dataloader = torch.utils.data.DataLoader(
-                _FileDataset(self.files, pil_transform(self.aug)),
+                _FileDataset(self.files, pil_transform(self.aug, self.input_size)),
                 batch_sampler=self._sampler,
                 collate_fn=_collate,
                 num_workers=self.num_workers,
@@ -166,5 +167,3 @@ class PilLoader(ShardedFileLoader):
             )
         return self._dataloader
 
-
-build_pil_loader = PilLoader  # the builder name callers use

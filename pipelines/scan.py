@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import multiprocessing
 import os
 import tempfile
@@ -32,7 +31,6 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-log = logging.getLogger(__name__)
 
 IMAGE_EXTS: tuple[str, ...] = (".jpg", ".jpeg", ".png")  # compared lower-case
 CACHE_NAME = ".mae_fast_scan.json"
@@ -128,8 +126,7 @@ def scan_dataset(
         )
     note = _write_cache(cache_path, payload)
     if note:
-        result.notes.append(note)
-        log.info(note)
+        result.notes.append(note)  # the caller shows it (train: a WARNING line; scan: printed)
     else:
         result.cache_path = cache_path
     return result

@@ -70,7 +70,7 @@ def test_absolute_lr_wins():
         ({"optimization": {"batch_size": 1000, "micro_batch_size": 64}}, "optimization.batch_size", "not divisible"),
         ({"data": {"input_size": 100}}, "data.input_size", "multiple of the patch size 16"),
         ({"data": {"backend": "ffcv"}}, "data.backend", "dali, pil or synthetic"),
-        ({"misc": {"attention": "flash2"}}, "misc.attention", "auto, flash, efficient, cudnn, math"),
+        ({"misc": {"attention": "flash2"}}, "misc.attention", "auto, flash, efficient, cudnn or math"),
         ({"misc": {"precision": "fp16"}}, "misc.precision", "amp or bf16"),
         ({"data": {"augmentation": {"crop_scale": [0.9, 0.2]}}}, "data.augmentation.crop_scale", "low <= high"),
         ({"schedule": {"warmup_epochs": 50, "epochs": 10}}, "schedule.warmup_epochs", "epochs=10"),

@@ -15,7 +15,7 @@ from conftest import broken_huffman_copy, drop_key_bias
 
 from mae_fast.model import build_model
 from mae_fast.optim import build_optimizer
-from mae_fast.step import TrainStep
+from mae_fast.step import StepOptions, TrainStep
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -38,13 +38,9 @@ def make_step(micro, accum, ddp=False, compile=False):
         opt,
         micro_batch=micro,
         accum_steps=accum,
-        mask_ratio=0.75,
-        gradient_clip=1.0,
         device=CPU,
-        compile=compile,
-        compile_backend="aot_eager",
-        log_every=100,
         distributed=ddp,
+        options=StepOptions(mask_ratio=0.75, gradient_clip=1.0, compile=compile, compile_backend="aot_eager"),
     )
 
 
@@ -56,8 +52,7 @@ def _worker(rank: int, store: str, out: str, compile: bool) -> None:
     for imgs, noise in global_batches():
         mine = slice(rank * MICRO * ACCUM, (rank + 1) * MICRO * ACCUM)  # this rank's shard of the global batch
         for i, (x, n) in enumerate(zip(imgs[mine].split(MICRO), noise[mine].split(MICRO))):
-            step.inputs.copy_(x)
-            step.micro_step(sync_grads=i == ACCUM - 1, noise=n)
+            step.run(x, last_micro=i == ACCUM - 1, noise=n)
             if i == 0:
                 first_grads.append(step.model.decoder_pred.weight.grad.clone())
         step.optimizer_step(1e-3)
@@ -78,8 +73,7 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path, compil
     single = make_step(MICRO, WORLD * ACCUM)
     for imgs, noise in global_batches():
         for x, n in zip(imgs.split(MICRO), noise.split(MICRO)):
-            single.inputs.copy_(x)
-            single.micro_step(noise=n)
+            single.run(x, noise=n)
         single.optimizer_step(1e-3)
     for k, v in single.model.state_dict().items():
         assert torch.allclose(drop_key_bias(k, v), drop_key_bias(k, r0["params"][k]), atol=1e-5, rtol=1e-4), k
@@ -145,9 +139,8 @@ def test_torchrun_two_ranks_train_write_once_and_resume(tmp_path):
 
 
 def test_resume_with_another_world_size_is_refused():
-    from mae_fast.checkpoint import CheckpointError
+    from mae_fast.checkpoint import CheckpointError, check_resumable
     from mae_fast.config import config_from_dict, derive
-    from mae_fast.train import check_resumable
 
     cfg = config_from_dict({"optimization": {"batch_size": 64, "micro_batch_size": 8}})
     saved = {"config": cfg.to_dict(), "derived": vars(derive(cfg, 6400, world_size=2))}

@@ -13,13 +13,13 @@ from PIL import Image
 
 pytest.importorskip("nvidia.dali")
 
-from mae_fast.pipelines.common import AugmentConfig, epoch_order  # noqa: E402
-from mae_fast.pipelines.dali import build_dali_loader, dali_available  # noqa: E402
+from mae_fast.pipelines.common import Augmentation, epoch_order  # noqa: E402
+from mae_fast.pipelines.dali import DaliLoader, dali_available  # noqa: E402
 from mae_fast.pipelines.scan import scan_dataset  # noqa: E402
 
 SIZE = 64  # output size for the tests: small, so the CPU pipeline is quick
 THREADS = 2
-AUG = AugmentConfig(input_size=SIZE)
+AUG = Augmentation()
 
 # ---------------------------------------------------------------- data sets
 
@@ -41,7 +41,7 @@ def write_index_images(folder, n: int) -> list[str]:
     return files
 
 
-def decode_indices(batch: torch.Tensor, aug: AugmentConfig = AUG) -> list[int]:
+def decode_indices(batch: torch.Tensor, aug: Augmentation = AUG) -> list[int]:
     """Index of each image of a float16 (N, 3, H, W) batch, after un-normalizing."""
     x = batch.float()
     mean = torch.tensor(aug.mean).view(1, 3, 1, 1) * 255
@@ -84,7 +84,7 @@ def test_dali_available():
 
 
 def test_output_shape_dtype_and_normalized_statistics(photo_files):
-    loader = build_dali_loader(photo_files, 16, AUG, seed=0, num_threads=THREADS)
+    loader = DaliLoader(photo_files, 16, AUG, input_size=SIZE, seed=0, num_threads=THREADS)
     assert len(loader) == 128 // 16
     batches = epoch_batches(loader)
     assert len(batches) == len(loader)
@@ -107,8 +107,10 @@ def test_output_shape_dtype_and_normalized_statistics(photo_files):
 
 def test_uint8_output_is_the_unnormalized_float_output(photo_files):
     files = photo_files[:32]
-    f16 = next(iter(build_dali_loader(files, 8, AUG, seed=3, num_threads=THREADS))).clone()
-    u8 = next(iter(build_dali_loader(files, 8, AUG, seed=3, num_threads=THREADS, output_dtype="uint8"))).clone()
+    f16 = next(iter(DaliLoader(files, 8, AUG, input_size=SIZE, seed=3, num_threads=THREADS))).clone()
+    u8 = next(
+        iter(DaliLoader(files, 8, AUG, input_size=SIZE, seed=3, num_threads=THREADS, output_dtype="uint8"))
+    ).clone()
     assert u8.dtype == torch.uint8 and u8.shape == (8, 3, SIZE, SIZE)
     mean = torch.tensor(AUG.mean).view(1, 3, 1, 1) * 255
     std = torch.tensor(AUG.std).view(1, 3, 1, 1) * 255
@@ -119,7 +121,8 @@ def test_uint8_output_is_the_unnormalized_float_output(photo_files):
 def test_epoch_order_sharding_and_seeds(index_files):
     n, B = len(index_files), 4  # 43 files, 2 shards: 5 batches each, 3 files left out
     shards = [
-        build_dali_loader(index_files, B, AUG, seed=7, shard_id=k, num_shards=2, num_threads=THREADS) for k in range(2)
+        DaliLoader(index_files, B, AUG, input_size=SIZE, seed=7, shard_id=k, num_shards=2, num_threads=THREADS)
+        for k in range(2)
     ]
     assert [len(s) for s in shards] == [5, 5]
     seen = []
@@ -146,9 +149,9 @@ def test_epoch_order_sharding_and_seeds(index_files):
     assert len(union1) == 40
 
     # Same seed: the same batches, bit for bit. Another seed: another order.
-    again = build_dali_loader(index_files, B, AUG, seed=7, shard_id=0, num_shards=2, num_threads=THREADS)
-    other = build_dali_loader(index_files, B, AUG, seed=8, shard_id=0, num_shards=2, num_threads=THREADS)
-    first = build_dali_loader(index_files, B, AUG, seed=7, shard_id=0, num_shards=2, num_threads=THREADS)
+    again = DaliLoader(index_files, B, AUG, input_size=SIZE, seed=7, shard_id=0, num_shards=2, num_threads=THREADS)
+    other = DaliLoader(index_files, B, AUG, input_size=SIZE, seed=8, shard_id=0, num_shards=2, num_threads=THREADS)
+    first = DaliLoader(index_files, B, AUG, input_size=SIZE, seed=7, shard_id=0, num_shards=2, num_threads=THREADS)
     assert same(epoch_batches(again), epoch_batches(first))
     other_order = [i for b in epoch_batches(other) for i in decode_indices(b)]
     assert other_order != first.epoch_order(0).ravel().tolist()
@@ -156,8 +159,8 @@ def test_epoch_order_sharding_and_seeds(index_files):
 
 
 def test_set_epoch_jump_is_reproducible(index_files):
-    a = build_dali_loader(index_files, 4, AUG, seed=1, num_threads=THREADS)
-    b = build_dali_loader(index_files, 4, AUG, seed=1, num_threads=THREADS)
+    a = DaliLoader(index_files, 4, AUG, input_size=SIZE, seed=1, num_threads=THREADS)
+    b = DaliLoader(index_files, 4, AUG, input_size=SIZE, seed=1, num_threads=THREADS)
     next(iter(a))  # a has a pipeline streaming epoch 0; the jump must drop it
     a.set_epoch(5)
     b.set_epoch(5)
@@ -167,15 +170,15 @@ def test_set_epoch_jump_is_reproducible(index_files):
 
 
 def test_capped_epoch_streams_on_without_rebuild(index_files):
-    loader = build_dali_loader(index_files, 4, AUG, seed=3, num_threads=THREADS, batches_per_epoch=2)
+    loader = DaliLoader(index_files, 4, AUG, input_size=SIZE, seed=3, num_threads=THREADS, batches_per_epoch=2)
     assert len(loader) == 2  # 10 full batches, capped
-    assert len(build_dali_loader(index_files, 4, AUG, seed=3, batches_per_epoch=99)) == 10
+    assert len(DaliLoader(index_files, 4, AUG, input_size=SIZE, seed=3, batches_per_epoch=99)) == 10
     e0 = [i for b in epoch_batches(loader) for i in decode_indices(b)]
     pipe = loader._pipe
     loader.set_epoch(1)
     e1 = [i for b in epoch_batches(loader) for i in decode_indices(b)]
     assert loader._pipe is pipe  # the prefetching pipeline ran on into epoch 1
-    full = build_dali_loader(index_files, 4, AUG, seed=3).epoch_order
+    full = DaliLoader(index_files, 4, AUG, input_size=SIZE, seed=3).epoch_order
     assert e0 == full(0)[:2].ravel().tolist() and e1 == full(1)[:2].ravel().tolist()
 
 
@@ -205,8 +208,8 @@ def _crop_geometry(batch: torch.Tensor, W: int, H: int) -> tuple[np.ndarray, np.
 def test_crop_area_and_aspect_ratio_stay_in_range(tmp_path, scale):
     path = str(tmp_path / "gradient.jpg")
     _gradient_image(path)
-    aug = AugmentConfig(input_size=SIZE, crop_scale=scale, hflip_prob=0.0)
-    loader = build_dali_loader([path] * 64, 64, aug, seed=11, num_threads=THREADS, output_dtype="uint8")
+    aug = Augmentation(crop_scale=scale, hflip_prob=0.0)
+    loader = DaliLoader([path] * 64, 64, aug, input_size=SIZE, seed=11, num_threads=THREADS, output_dtype="uint8")
     area, ratio = _crop_geometry(next(iter(loader)), 320, 240)
     lo, hi = scale
     assert area.min() > lo * 0.95 and area.max() < hi * 1.05, (area.min(), area.max())
@@ -220,8 +223,8 @@ def test_flip_mirrors_the_same_crop(photo_files):
     files = photo_files[:16]
 
     def first_batch(p: float) -> torch.Tensor:
-        aug = AugmentConfig(input_size=SIZE, hflip_prob=p)
-        return next(iter(build_dali_loader(files, 16, aug, seed=5, num_threads=THREADS))).clone()
+        aug = Augmentation(hflip_prob=p)
+        return next(iter(DaliLoader(files, 16, aug, input_size=SIZE, seed=5, num_threads=THREADS))).clone()
 
     never, always, half = first_batch(0.0), first_batch(1.0), first_batch(0.5)
     assert torch.equal(always, never.flip(-1))  # same seed: same crops, only mirrored
@@ -234,10 +237,10 @@ def test_flip_mirrors_the_same_crop(photo_files):
 
 def test_dali_and_pil_agree_on_statistics(photo_files):
     pytest.importorskip("torchvision")
-    from mae_fast.pipelines.pil import build_pil_loader
+    from mae_fast.pipelines.pil import PilLoader
 
-    dali = torch.cat(epoch_batches(build_dali_loader(photo_files, 32, AUG, seed=0, num_threads=THREADS)))
-    pil = torch.cat(list(build_pil_loader(photo_files, 32, AUG, seed=0, num_workers=0)))
+    dali = torch.cat(epoch_batches(DaliLoader(photo_files, 32, AUG, input_size=SIZE, seed=0, num_threads=THREADS)))
+    pil = torch.cat(list(PilLoader(photo_files, 32, AUG, input_size=SIZE, seed=0, num_workers=0)))
     assert pil.shape == dali.shape and pil.dtype == torch.float32
     dali = dali.float()
     for stat in (lambda x: x.mean((0, 2, 3)), lambda x: x.std((0, 2, 3))):
@@ -259,7 +262,7 @@ def test_reads_grey_cmyk_png_and_scan_drops_the_bad(tmp_path):
     names = [os.path.basename(f) for f in result.files]
     assert sorted(names) == ["cmyk.jpg", "grey.jpg", "rgb.jpg", "rgba.png"]
 
-    loader = build_dali_loader(result.files, 4, AUG, seed=0, num_threads=THREADS, output_dtype="uint8")
+    loader = DaliLoader(result.files, 4, AUG, input_size=SIZE, seed=0, num_threads=THREADS, output_dtype="uint8")
     (batch,) = epoch_batches(loader)
     assert batch.shape == (4, 3, SIZE, SIZE)
     by_name = {names[i]: batch[k] for k, i in enumerate(loader.epoch_order(0)[0])}
@@ -273,7 +276,7 @@ def test_resume_mid_epoch_gives_identical_batches(photo_files):
     files = photo_files[:64]
 
     def make(seed: int = 2):
-        return build_dali_loader(files, 8, AUG, seed=seed, num_threads=THREADS)
+        return DaliLoader(files, 8, AUG, input_size=SIZE, seed=seed, num_threads=THREADS)
 
     # Uninterrupted: all of epoch 0, then epoch 1.
     ref = make()
@@ -316,13 +319,13 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.gpu
 @needs_cuda
 def test_gpu_mixed_decoding_matches_cpu_pipeline(photo_files):
-    gpu = build_dali_loader(photo_files, 32, AUG, seed=0, device_id=0, num_threads=4, hw_decoder_load=0.7)
+    gpu = DaliLoader(photo_files, 32, AUG, input_size=SIZE, seed=0, device_id=0, num_threads=4, hw_decoder_load=0.7)
     batches = epoch_batches(gpu)
     assert len(batches) == len(gpu) == 4
     assert all(b.device == torch.device("cuda", 0) and b.dtype == torch.float16 for b in batches)
     assert all(b.shape == (32, 3, SIZE, SIZE) for b in batches)
     x = torch.cat(batches).float().cpu()
-    y = torch.cat(epoch_batches(build_dali_loader(photo_files, 32, AUG, seed=0, num_threads=4))).float()
+    y = torch.cat(epoch_batches(DaliLoader(photo_files, 32, AUG, input_size=SIZE, seed=0, num_threads=4))).float()
     assert torch.isfinite(x).all()
     assert torch.allclose(x.mean((0, 2, 3)), y.mean((0, 2, 3)), atol=0.08)
     assert torch.allclose(x.std((0, 2, 3)), y.std((0, 2, 3)), atol=0.08)
@@ -331,12 +334,12 @@ def test_gpu_mixed_decoding_matches_cpu_pipeline(photo_files):
 @pytest.mark.gpu
 @needs_cuda
 def test_gpu_order_resume_and_odd_formats(index_files, photo_files, tmp_path):
-    loader = build_dali_loader(index_files, 4, AUG, seed=7, device_id=0, shard_id=1, num_shards=2)
+    loader = DaliLoader(index_files, 4, AUG, input_size=SIZE, seed=7, device_id=0, shard_id=1, num_shards=2)
     order = [i for b in epoch_batches(loader) for i in decode_indices(b.cpu())]
     assert order == loader.epoch_order(0).ravel().tolist()
 
     def make():
-        return build_dali_loader(photo_files[:64], 8, AUG, seed=2, device_id=0)
+        return DaliLoader(photo_files[:64], 8, AUG, input_size=SIZE, seed=2, device_id=0)
 
     ref = epoch_batches(make())
     run = make()
@@ -354,15 +357,17 @@ def test_gpu_order_resume_and_odd_formats(index_files, photo_files, tmp_path):
     Image.fromarray(rgb).convert("RGBA").save(tmp_path / "rgba.png")
     Image.fromarray(rgb).save(tmp_path / "rgb.jpg")
     files = scan_dataset(str(tmp_path), progress=False).files
-    (batch,) = epoch_batches(build_dali_loader(files, 4, AUG, seed=0, device_id=0, output_dtype="uint8"))
+    (batch,) = epoch_batches(DaliLoader(files, 4, AUG, input_size=SIZE, seed=0, device_id=0, output_dtype="uint8"))
     assert batch.shape == (4, 3, SIZE, SIZE) and batch.dtype == torch.uint8 and batch.is_cuda
 
 
 def test_decoder_choice_is_checked():
-    with pytest.raises(ValueError, match="decoder must be 'mixed' or 'cpu', got 'gpu'"):
-        build_dali_loader(["a.jpg"] * 8, 4, AugmentConfig(input_size=32), seed=0, decoder="gpu")
+    from mae_fast.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match="data.decoder: must be auto, mixed or cpu, got 'gpu'"):
+        config_from_dict({"data": {"decoder": "gpu"}})
     # without a GPU everything runs on the CPU, whatever the decoder setting
-    assert not build_dali_loader(["a.jpg"] * 8, 4, AugmentConfig(input_size=32), seed=0).gpu_decode
+    assert not DaliLoader(["a.jpg"] * 8, 4, Augmentation(), input_size=SIZE, seed=0).gpu_decode
 
 
 def test_undecodable_file_is_left_out_during_training_and_stays_out(tmp_path):
@@ -372,7 +377,7 @@ def test_undecodable_file_is_left_out_during_training_and_stays_out(tmp_path):
     scanned = scan_dataset(str(tmp_path), progress=False)
     assert bad in scanned.files and not scanned.bad  # the cheap scan cannot see it
     files = scanned.files
-    loader = build_dali_loader(files, 4, AUG, seed=0, num_threads=THREADS)
+    loader = DaliLoader(files, 4, AUG, input_size=SIZE, seed=0, num_threads=THREADS)
 
     counts = np.zeros(11, int)
     for batch in epoch_batches(loader):  # 3 full batches: every file once, 005b.jpg included
@@ -390,7 +395,7 @@ def test_undecodable_file_is_left_out_during_training_and_stays_out(tmp_path):
     loader.set_epoch(1)
     assert len(epoch_batches(loader)) == 3 and loader.take_bad_files() == []
     state = json.loads(json.dumps(loader.state()))
-    resumed = build_dali_loader(files, 4, AUG, seed=0, num_threads=THREADS)
+    resumed = DaliLoader(files, 4, AUG, input_size=SIZE, seed=0, num_threads=THREADS)
     resumed.load_state(state)
     resumed.set_epoch(2)
     assert len(epoch_batches(resumed)) == 3 and resumed.take_bad_files() == []

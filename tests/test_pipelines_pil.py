@@ -12,11 +12,11 @@ from PIL import Image
 
 pytest.importorskip("torchvision")
 
-from mae_fast.pipelines.common import AugmentConfig  # noqa: E402
-from mae_fast.pipelines.pil import build_pil_loader, pil_transform  # noqa: E402
+from mae_fast.pipelines.common import Augmentation  # noqa: E402
+from mae_fast.pipelines.pil import PilLoader, pil_transform  # noqa: E402
 
 SIZE = 32
-AUG = AugmentConfig(input_size=SIZE)
+AUG = Augmentation()
 LEVELS = (0, 85, 170, 255)
 
 
@@ -52,7 +52,7 @@ def index_files(tmp_path_factory) -> list[str]:
 def test_transform_is_mae_main_pretrain():
     from torchvision import transforms
 
-    t = pil_transform(AugmentConfig(input_size=48, crop_scale=(0.3, 0.9), hflip_prob=0.25))
+    t = pil_transform(Augmentation(crop_scale=(0.3, 0.9), hflip_prob=0.25), 48)
     crop, flip, to_tensor, norm = t.transforms
     assert isinstance(crop, transforms.RandomResizedCrop) and crop.size == (48, 48)
     assert crop.scale == (0.3, 0.9) and crop.ratio == (3 / 4, 4 / 3)
@@ -64,7 +64,10 @@ def test_transform_is_mae_main_pretrain():
 
 def test_order_shards_and_resume_position(index_files):
     B = 3  # 27 files, 2 shards: 4 batches of 3 each, 3 files left out
-    shards = [build_pil_loader(index_files, B, AUG, seed=4, shard_id=k, num_shards=2, num_workers=0) for k in range(2)]
+    shards = [
+        PilLoader(index_files, B, AUG, input_size=SIZE, seed=4, shard_id=k, num_shards=2, num_workers=0)
+        for k in range(2)
+    ]
     seen = []
     for loader in shards:
         assert len(loader) == 4
@@ -83,7 +86,7 @@ def test_order_shards_and_resume_position(index_files):
     head = [decode_indices(next(it)) for _ in range(2)]
     state = json.loads(json.dumps(loader.state()))
     assert (state["epoch"], state["batch"]) == (1, 2)
-    resumed = build_pil_loader(index_files, B, AUG, seed=4, shard_id=0, num_shards=2, num_workers=0)
+    resumed = PilLoader(index_files, B, AUG, input_size=SIZE, seed=4, shard_id=0, num_shards=2, num_workers=0)
     resumed.load_state(state)
     resumed.set_epoch(1)  # keeps the position
     tail = [decode_indices(b) for b in resumed]
@@ -94,7 +97,7 @@ def test_order_shards_and_resume_position(index_files):
 
 
 def test_workers_and_device(index_files):
-    loader = build_pil_loader(index_files, 9, AUG, seed=0, num_workers=2, device="cpu")
+    loader = PilLoader(index_files, 9, AUG, input_size=SIZE, seed=0, num_workers=2, device="cpu")
     batches = list(loader)
     assert len(batches) == 3 and all(b.device.type == "cpu" for b in batches)
     assert sorted(i for b in batches for i in decode_indices(b)) == list(range(27))
@@ -111,7 +114,7 @@ def test_undecodable_file_is_left_out_and_replaced(tmp_path, workers):
     bad = str(tmp_path / "005b.jpg")
     broken_huffman_copy(files[5], bad)  # the header still parses
     files.insert(6, bad)  # read in its place: 006.jpg, the next file
-    loader = build_pil_loader(files, 4, AUG, seed=0, num_workers=workers)
+    loader = PilLoader(files, 4, AUG, input_size=SIZE, seed=0, num_workers=workers)
     counts = [0] * 11
     for epoch in range(2):
         loader.set_epoch(epoch)

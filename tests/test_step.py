@@ -7,7 +7,7 @@ from conftest import drop_key_bias
 
 from mae_fast.model import build_model
 from mae_fast.optim import build_optimizer, cosine_lr, param_groups
-from mae_fast.step import TrainStep
+from mae_fast.step import StepOptions, TrainStep
 
 CPU = torch.device("cpu")
 
@@ -21,20 +21,15 @@ def make_step(seed=0, micro=8, accum=1, compile=False, backend="inductor", clip=
         opt,
         micro_batch=micro,
         accum_steps=accum,
-        mask_ratio=0.75,
-        gradient_clip=clip,
         device=CPU,
-        compile=compile,
-        compile_backend=backend,
-        log_every=1000,
+        options=StepOptions(mask_ratio=0.75, gradient_clip=clip, compile=compile, compile_backend=backend),
     )
 
 
 def run_steps(step, batches, lrs):
     for lr, micro_batches in zip(lrs, batches):
         for i, b in enumerate(micro_batches):
-            step.inputs.copy_(b)
-            step.micro_step(sync_grads=i == len(micro_batches) - 1)
+            step.run(b, last_micro=i == len(micro_batches) - 1)
         step.optimizer_step(lr)
     return step.read_metrics()[0]
 
@@ -66,8 +61,7 @@ def test_accumulation_of_4x2_equals_batch_of_8():
     for step, chunks in ((one, 1), (four, 4)):
         torch.manual_seed(3)
         for b in big[0].chunk(chunks):
-            step.inputs.copy_(b)
-            step.micro_step()
+            step.run(b)
     for (n, p), q in zip(one.model.named_parameters(), four.model.parameters()):
         if p.requires_grad:
             assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-7), n
@@ -120,24 +114,29 @@ def test_weight_decay_groups():
 
 def test_lr_is_a_shared_tensor():
     step = make_step()
-    step.inputs.normal_()
-    step.micro_step()
+    step.run(torch.randn_like(step.inputs))
     step.optimizer_step(1.234e-3)
     assert all(g["lr"] is step.optimizer.param_groups[0]["lr"] for g in step.optimizer.param_groups)
     assert float(step.optimizer.param_groups[0]["lr"]) == pytest.approx(1.234e-3)
 
 
-def test_non_finite_loss_is_reported_with_its_step():
+def test_non_finite_loss_is_reported_with_its_step_and_its_update_is_not_applied():
     from mae_fast.metrics import Meter, NonFiniteLoss
 
     step = make_step()
-    step.inputs.normal_()
+    images = torch.randn_like(step.inputs)
     for i in range(3):
+        batch = images.clone()
         if i == 1:
-            step.inputs[0, 0, 0, 0] = float("nan")
-        step.micro_step()
+            batch[0, 0, 0, 0] = float("nan")
+        before = [p.detach().clone() for p in step.params]
+        step.run(batch)
         step.optimizer_step(1e-3)
-    losses, gnorms = step.read_metrics()
+        changed = [not torch.equal(a, p) for a, p in zip(before, step.params)]
+        assert all(torch.isfinite(p).all() for p in step.params)
+        assert not any(changed) if i == 1 else any(changed)  # the fused AdamW skipped the non-finite step
+    losses, gnorms, _ = step.read_metrics()
+    assert math.isnan(losses[1]) and not math.isfinite(gnorms[1]) and math.isfinite(gnorms[2])
     meter = Meter(effective_batch=8, steps_per_epoch=10, total_steps=10)
     with pytest.raises(NonFiniteLoss, match="at step 12"):
         meter.update(first_step=10, losses=losses, gnorms=gnorms, lr=1e-3, data_wait_s=0.0)
@@ -161,13 +160,14 @@ def test_compiled_optimizer_equals_fused_adamw():
                 opt,
                 micro_batch=8,
                 accum_steps=1,
-                mask_ratio=0.75,
-                gradient_clip=0.5,
                 device=CPU,
-                compile=False,
-                compile_backend=counter,
-                compile_optimizer=compiled,
-                log_every=1000,
+                options=StepOptions(
+                    mask_ratio=0.75,
+                    gradient_clip=0.5,
+                    compile=False,
+                    compile_backend=counter,
+                    compile_optimizer=compiled,
+                ),
             )
         )
     g = torch.Generator().manual_seed(1)
@@ -195,11 +195,8 @@ def test_compile_optimizer_refuses_the_fused_optimizer():
             build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), CPU),
             micro_batch=2,
             accum_steps=1,
-            mask_ratio=0.75,
-            gradient_clip=0.0,
             device=CPU,
-            compile=False,
-            compile_optimizer=True,
+            options=StepOptions(mask_ratio=0.75, gradient_clip=0.0, compile=False, compile_optimizer=True),
         )
 
 
@@ -253,19 +250,20 @@ def test_resuming_keeps_the_optimizer_kind():
     assert float(back.state[p0]["step"]) == 3
 
 
-def test_busy_timer_sums_its_windows_and_resets():
-    import time
+def test_busy_timer_sums_its_windows_and_resets(monkeypatch):
+    """Only the time inside start/stop windows counts, however many windows a log interval holds."""
+    from mae_fast import step as step_module
 
-    from mae_fast.step import BusyTimer
-
-    busy = BusyTimer(CPU, windows=2)
-    for _ in range(3):  # a third window beyond the capacity is not recorded
-        busy.start()
-        time.sleep(0.02)
-        busy.stop()
-        time.sleep(0.02)  # outside the windows: not counted
-    took = busy.take_s()
-    assert 0.04 <= took < 0.1  # the sleeps outside the windows (0.08 s) are left out
+    clock = iter(range(1000))  # a fake host clock: each reading one second later
+    monkeypatch.setattr(step_module.time, "perf_counter", lambda: float(next(clock)))
+    busy = step_module.BusyTimer(CPU)
+    for _ in range(100):  # more windows than any fixed capacity: the timer grows
+        busy.start()  # reads t
+        busy.stop()  # reads t + 1: one second inside the window
+        next(clock)  # a second outside any window: not counted
+    assert busy.take_s() == 100.0
+    assert busy.take_s() == 0.0
+    busy.stop()  # a stop without a start records nothing
     assert busy.take_s() == 0.0
 
 
@@ -283,12 +281,8 @@ def test_bf16_precision_keeps_fp32_masters_and_trains_like_fp32():
                 opt,
                 micro_batch=4,
                 accum_steps=2,
-                mask_ratio=0.75,
-                gradient_clip=1.0,
                 device=CPU,
-                compile=False,
-                precision=precision,
-                log_every=1000,
+                options=StepOptions(mask_ratio=0.75, gradient_clip=1.0, compile=False, precision=precision),
             )
         )
     g = torch.Generator().manual_seed(1)
@@ -320,19 +314,15 @@ def test_bf16_precision_accumulates_micro_batches_in_fp32():
         build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), CPU),
         micro_batch=2,
         accum_steps=3,
-        mask_ratio=0.75,
-        gradient_clip=0.0,
         device=CPU,
-        compile=False,
-        precision="bf16",
+        options=StepOptions(mask_ratio=0.75, gradient_clip=0.0, compile=False, precision="bf16"),
     )
 
     def bf16_representable(t: torch.Tensor) -> bool:
         return torch.equal(t, t.to(torch.bfloat16).float())
 
     for i in range(3):
-        step.inputs.normal_()
-        step.micro_step()
+        step.run(torch.randn_like(step.inputs))
         assert all(p.grad is None for p in step._compute_params)  # moved out after every micro-step
         if i == 0:
             assert all(bf16_representable(p.grad) for p in step.params)
@@ -351,11 +341,8 @@ def test_bf16_precision_compiles_to_one_graph():
         build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), CPU),
         micro_batch=4,
         accum_steps=1,
-        mask_ratio=0.75,
-        gradient_clip=1.0,
         device=CPU,
-        compile_backend=counter,
-        precision="bf16",
+        options=StepOptions(mask_ratio=0.75, gradient_clip=1.0, compile_backend=counter, precision="bf16"),
     )
     batches = [[torch.randn(4, 3, 32, 32)] for _ in range(3)]
     losses = run_steps(step, batches, [1e-3, 2e-3, 5e-4])
@@ -370,10 +357,7 @@ def test_bf16_precision_is_refused_with_several_processes():
             build_optimizer(model, 1e-3, 0.05, (0.9, 0.95), CPU),
             micro_batch=2,
             accum_steps=1,
-            mask_ratio=0.75,
-            gradient_clip=0.0,
             device=CPU,
-            compile=False,
-            precision="bf16",
             distributed=True,
+            options=StepOptions(mask_ratio=0.75, gradient_clip=0.0, compile=False, precision="bf16"),
         )

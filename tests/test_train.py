@@ -1,21 +1,13 @@
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import broken_huffman_copy
+from helpers import ROOT, Recorder, demo_cfg
 
 from mae_fast.cli import EXIT_DIVERGED, EXIT_USAGE, main
-from mae_fast.config import load_config
 from mae_fast.train import train
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def demo_cfg(tmp_path, *extra):
-    return load_config(
-        ROOT / "configs/demo.yaml",
-        [f"logging.output_dir={tmp_path}/out", f"checkpointing.checkpoint_dir={tmp_path}/ckpt", *extra],
-    )
 
 
 def test_synthetic_train_runs_and_saves_resolved_config(tmp_path):
@@ -28,17 +20,18 @@ def test_synthetic_train_runs_and_saves_resolved_config(tmp_path):
         "logging.print_freq=4",
     )
     lines = []
-    result = train(cfg, log=lines.append)
-    assert result.steps_done == 16 and len(result.losses) == 16
+    rec = Recorder()
+    result = train(cfg, log=lines.append, on_log=rec)
+    assert result.steps_done == 16 and len(rec.losses) == 16
     text = "\n".join(lines)
     assert "lr: 0.001" in text and "accum_steps: 1" in text and "total_steps: 16" in text  # resolved config printed
     assert "img/s" in text and "ms/it" in text and "eta epoch" in text and "smooth" in text
     saved = yaml.safe_load((tmp_path / "out/config.yaml").read_text())
     assert saved["derived"]["steps_per_epoch"] == 8 and saved["model"]["type"] == "mae_vit_tiny_patch8"
     # the snapshots cover every step, in order
-    assert [s.step for s in result.snapshots] == [1, 4, 8, 12, 16]
+    assert [s.step for s in rec.snapshots] == [1, 4, 8, 12, 16]
     # the time in the step and the time waiting for data are disjoint parts of the wall time
-    for snap in result.snapshots[1:]:
+    for snap in rec.snapshots[1:]:
         assert snap.busy_pct is not None and 20 < snap.busy_pct <= 100
         assert snap.busy_pct + snap.data_wait_pct <= 100.5
     assert "busy " in text
@@ -64,7 +57,52 @@ def test_divergence_stops_with_the_step(tmp_path, capsys):
         ]
     )
     assert rc == EXIT_DIVERGED
-    assert "loss became nan at step 2" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "became nan at step 2" in err and "newest good checkpoint: none yet" in err and "gradient_clip" in err
+
+
+def test_a_diverging_step_never_reaches_a_checkpoint(tmp_path, capsys, monkeypatch):
+    """A NaN batch at step 5 (of print_freq 4, a save every 2 steps): the update is not applied, the save at
+    step 6 reads the metrics first and stops the run; every model.pt written holds finite weights."""
+    from mae_fast.checkpoint import load_checkpoint
+    from mae_fast.step import TrainStep
+
+    calls = []
+    run = TrainStep.run
+
+    def poisoned(self, batch, **kw):
+        calls.append(1)
+        return run(self, batch * float("nan") if len(calls) == 5 else batch, **kw)
+
+    monkeypatch.setattr(TrainStep, "run", poisoned)
+    overrides = ["data.backend=synthetic", "data.synthetic_images=256", "misc.compile=false"]
+    overrides += ["logging.print_freq=4", "checkpointing.save_freq_steps=2", "checkpointing.keep_last_n=0"]
+    rc = main(
+        ["train", str(ROOT / "configs/demo.yaml")]
+        + [a for o in overrides for a in ("--set", o)]
+        + ["--set", f"logging.output_dir={tmp_path}/out", "--set", f"checkpointing.checkpoint_dir={tmp_path}/ckpt"]
+    )
+    assert rc == EXIT_DIVERGED
+    err = capsys.readouterr().err
+    assert "loss became nan at step 5" in err and f"newest good checkpoint: {tmp_path}/ckpt/step-4/model.pt" in err
+    saved = sorted(p.parent.name for p in (tmp_path / "ckpt").glob("step-*/model.pt"))
+    assert saved == ["step-2", "step-4"]
+    for name in saved + ["latest.pt"]:
+        path = tmp_path / "ckpt" / name
+        state = load_checkpoint(path / "model.pt" if path.is_dir() else path)["model"]
+        assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()), name
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    """The save-time check (for misc.compile_optimizer's AdamW, which cannot skip a step on the device)."""
+    from mae_fast.checkpoint import check_finite
+    from mae_fast.model import build_model
+
+    model = build_model("mae_vit_tiny_patch8")
+    assert check_finite(model) == []
+    with torch.no_grad():
+        model.blocks[1].mlp.fc1.weight[3, 4] = float("inf")
+    assert check_finite(model) == ["blocks.1.mlp.fc1.weight"]
 
 
 def test_bad_config_exits_with_the_key(tmp_path, capsys):
@@ -94,13 +132,13 @@ def test_bench_step_reports_figures(tmp_path):
     import json
 
     data = json.loads(out.read_text())
-    names = [r["name"] for r in data["results"]]
-    assert names == ["mae-fast", "reference", "compiled reference"]
-    for r in data["results"]:
+    results = data["results"]
+    assert list(results) == ["mae-fast", "reference", "compiled reference"]
+    for r in results.values():
         assert r["img_s"] > 0 and r["ms_per_iter"] > 0 and 0 < r["mfu"] and r["gflop_per_img"] > 0
-    assert data["speedup"] == pytest.approx(data["results"][0]["img_s"] / data["results"][1]["img_s"])
+    assert data["speedup"] == pytest.approx(results["mae-fast"]["img_s"] / results["reference"]["img_s"])
     assert data["speedup_vs_compiled_reference"] == pytest.approx(
-        data["results"][0]["img_s"] / data["results"][2]["img_s"]
+        results["mae-fast"]["img_s"] / results["compiled reference"]["img_s"]
     )
     assert data["env"]["torch"] and data["env"]["matmul_peak_tflops"] > 0
 
@@ -115,10 +153,11 @@ def test_demo_config_trains_on_sample_jpegs_through_dali_and_loss_falls(tmp_path
         "checkpointing.save_freq_epochs=0",
     )
     lines = []
-    result = train(cfg, log=lines.append)
+    rec = Recorder()
+    result = train(cfg, log=lines.append, on_log=rec)
     assert any("DALI, decode on CPU" in line for line in lines)
-    assert result.steps_done == 12 * 8 and len(result.losses) == 96
-    first, last = sum(result.losses[:8]) / 8, sum(result.losses[-8:]) / 8
+    assert result.steps_done == 12 * 8 and len(rec.losses) == 96
+    first, last = sum(rec.losses[:8]) / 8, sum(rec.losses[-8:]) / 8
     assert last < 0.8 * first, (first, last)
     # the demo saves a reconstruction grid of 4 fixed images every 10 epochs
     from PIL import Image
@@ -151,7 +190,8 @@ def test_folder_with_bad_files_trains_and_reports_them(tmp_path):
         "data.input_size=32",
     )
     lines = []
-    result = train(cfg, log=lines.append)
+    rec = Recorder()
+    result = train(cfg, log=lines.append, on_log=rec)
     warning = next(line for line in lines if line.startswith("WARNING"))
     assert "2 of 36" in warning and "truncated.jpg" in warning and "notes.jpg" in warning
     assert result.derived.num_images == 34 and result.steps_done == 2 * 3
@@ -202,7 +242,8 @@ def test_bf16_precision_run_saves_fp32_checkpoints(tmp_path):
         "schedule.warmup_epochs=0",
         "misc.precision=bf16",
     )
-    result = train(cfg, log=lambda line: None)
-    assert result.steps_done == 8 and all(v == v for v in result.losses)
+    rec = Recorder()
+    result = train(cfg, log=lambda line: None, on_log=rec)
+    assert result.steps_done == 8 and all(v == v for v in rec.losses)
     ckpt = torch.load(tmp_path / "ckpt/final.pt", weights_only=True)
     assert all(v.dtype == torch.float32 for v in ckpt["model"].values())
