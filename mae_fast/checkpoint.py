@@ -213,6 +213,59 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return obj
 
 
+class RunFolderError(ValueError):
+    """A run's folder cannot be written, or another run holds it (exit code 2: nothing was touched yet)."""
+
+
+class RunLock:
+    """An exclusive lock on a run's folder for the life of the run (rank 0): a second run on the same
+    checkpoint_dir or output_dir is refused at start, naming the holder.
+
+    flock() on FOLDER/.mae-fast.lock: the kernel drops it when the holding process dies (SIGKILL
+    included), so a killed run never blocks the next start, on this host or through a file system
+    that supports locks (NFSv4, Lustre with flock). The file's text (host, pid, start time) is only
+    there to name the holder. A shared file system without lock support could leave a stale lock:
+    delete the file once no run uses the folder.
+    """
+
+    NAME = ".mae-fast.lock"
+
+    def __init__(self, folder: str | Path, key: str):
+        self.path, self.key = Path(folder) / self.NAME, key
+        self._fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        import fcntl
+        import socket
+
+        try:  # also the check, before any work, that the folder can be written
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise RunFolderError(f"{self.key}: cannot write to {self.path.parent} ({e.strerror or e})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 500).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunFolderError(
+                f"{self.key}: {self.path.parent} is in use by another run ({holder}); wait for it to end, or give this run "
+                f"its own checkpointing.checkpoint_dir / logging.output_dir (if no such run exists, delete "
+                f"{self.path})"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(
+            fd, f"host {socket.gethostname()}, pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}".encode()
+        )
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases the lock; the file stays (its text is the last holder's)
+            self._fd = None
+
+
 class CheckpointManager:
     """Writes the numbered directories, latest.pt and final.pt; rotates keep_last_n."""
 

@@ -94,6 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["timm", "torchscript", "exported"], default="timm")
     p.add_argument("--out", required=True, help="e.g. encoder.safetensors, encoder.ts.pt, encoder.pt2")
 
+    p = sub.add_parser("eval", help="kNN (and linear-probe) accuracy of a checkpoint's frozen encoder")
+    p.add_argument("checkpoint", help="a mae-fast checkpoint, an official MAE one, or a timm export (.safetensors)")
+    p.add_argument("--train", required=True, metavar="DIR", help="labelled images, DIR/<class>/*.JPEG: the kNN bank")
+    p.add_argument("--val", required=True, metavar="DIR", help="labelled images; its classes must be in --train's")
+    p.add_argument("--k", type=int, default=20, help="neighbours that vote (weighted by exp(similarity / 0.07))")
+    p.add_argument("--linear", action="store_true", help="also train a linear probe on the cached features")
+    p.add_argument("--max-train", type=int, default=0, metavar="N", help="a uniform random N train images (0: all)")
+    p.add_argument("--batch", type=int, default=128, help="images per forward pass")
+    p.add_argument("--workers", type=int, default=4, help="DALI threads")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, default=0, help="of the train subsample and the linear probe")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the results, checkpoint step and versions here")
+
     p = sub.add_parser("make-sample-data", help="write a small ImageNet-like JPEG folder from real photos")
     p.add_argument("out_dir")
     p.add_argument("--n", type=int, default=256)
@@ -102,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .checkpoint import CheckpointError
+    from .checkpoint import CheckpointError, RunFolderError
     from .metrics import NonFiniteLoss
     from .pipelines.scan import DatasetScanError
 
@@ -111,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         DatasetScanError: EXIT_USAGE,
         NonFiniteLoss: EXIT_DIVERGED,
         CheckpointError: EXIT_ERROR,
+        RunFolderError: EXIT_USAGE,
     }
     try:
         return _run(args)
@@ -235,6 +249,22 @@ def _run(args: argparse.Namespace) -> int:
             print(
                 f"wrote {args.out}: torch.export.load(path).module()(images) -> features (N, D); checked against eager"
             )
+    elif args.command == "eval":
+        from .evaluate import evaluate_checkpoint
+
+        evaluate_checkpoint(
+            args.checkpoint,
+            args.train,
+            args.val,
+            k=args.k,
+            linear=args.linear,
+            max_train=args.max_train,
+            device=args.device,
+            batch_size=args.batch,
+            num_threads=args.workers,
+            seed=args.seed,
+            json_path=args.json,
+        )
     elif args.command == "make-sample-data":
         from .pipelines.sample_data import make_sample_data
 

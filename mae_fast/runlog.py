@@ -31,6 +31,7 @@ class RunLog:
         self.echo = echo
         self.log_path: Path | None = None
         self._file = self._jsonl = self._tb = None
+        self.dashboard: Dashboard | None = None
         if output_dir is not None:
             out = Path(output_dir)
             out.mkdir(parents=True, exist_ok=True)
@@ -43,7 +44,10 @@ class RunLog:
 
                     self._tb = SummaryWriter(str(out / "tensorboard"))
                 except ImportError:
-                    self.info("tensorboard is not installed: TensorBoard scalars are off (pip install tensorboard)")
+                    self.info(
+                        "WARNING: logging.tensorboard is on but tensorboard is not installed: no TensorBoard "
+                        "scalars (pip install tensorboard)"
+                    )
         live = dashboard == "on" or (dashboard == "auto" and echo is None and self.stream.isatty())
         self.dashboard = Dashboard(info or RunInfo("run", "", "", "")) if live and info is not None else None
         if self.dashboard:

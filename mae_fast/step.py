@@ -123,6 +123,7 @@ class BusyTimer:
         self.cuda = device.type == "cuda"
         self.pairs: list[tuple] = []
         self.n = 0
+        self.open = False  # a window was started and not yet stopped
 
     def _event(self):
         return torch.cuda.Event(enable_timing=True) if self.cuda else _HostEvent()
@@ -131,11 +132,12 @@ class BusyTimer:
         if self.n == len(self.pairs):
             self.pairs.append((self._event(), self._event()))
         self.pairs[self.n][0].record()
+        self.open = True
 
     def stop(self) -> None:
-        if self.n < len(self.pairs):  # else no window was started
+        if self.open:
             self.pairs[self.n][1].record()
-            self.n += 1
+            self.n, self.open = self.n + 1, False
 
     def take_s(self) -> float:
         """Seconds in the windows since the last call; call after a sync (the events must have completed)."""

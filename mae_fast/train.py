@@ -9,6 +9,7 @@ deadlock on them.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import time
@@ -21,6 +22,7 @@ import torch
 from .checkpoint import (
     CheckpointError,
     CheckpointManager,
+    RunLock,
     check_finite,
     check_resumable,
     load_checkpoint,
@@ -28,7 +30,17 @@ from .checkpoint import (
     set_rng_state,
     training_state,
 )
-from .config import Config, ConfigError, Derived, derive, format_config, lr_warnings, resolved, save_config
+from .config import (
+    CheckpointingConfig,
+    Config,
+    ConfigError,
+    Derived,
+    derive,
+    format_config,
+    lr_warnings,
+    resolved,
+    save_config,
+)
 from .dashboard import RunInfo
 from .data import Dataset, TimedBatches, build_loader, find_dataset
 from .distributed import Dist, any_rank, broadcast, gather, init_distributed, mean, shutdown
@@ -81,6 +93,16 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
+def checkpoints_due(step: int, steps_per_epoch: int, ck: CheckpointingConfig) -> list[str]:
+    """The checkpoints to write after optimizer step `step` (steps done): step-N every save_freq_steps, epoch-N
+    at the end of every save_freq_epochs-th epoch."""
+    names = [f"step-{step}"] if ck.save_freq_steps and step % ck.save_freq_steps == 0 else []
+    epoch, rest = divmod(step, steps_per_epoch)
+    if rest == 0 and ck.save_freq_epochs and epoch % ck.save_freq_epochs == 0:
+        names.append(f"epoch-{epoch}")
+    return names
+
+
 OnLog = Callable[[Snapshot, list[float]], None]  # called at each log point: the snapshot and its steps' losses
 
 
@@ -95,34 +117,50 @@ def train(
     """
     d = init_distributed(cfg.misc.device)
     try:
-        seed_everything(cfg.misc.seed)  # the same initial weights on every rank
-        device = setup_device(cfg.misc.device, d.local_rank, d.world_size)
-        if cfg.misc.precision == "bf16" and d.enabled:
-            raise ConfigError("misc.precision: bf16 runs in one process in this version; use amp with several")
-        # data first: a bad data_path stops the run before any model is built;
-        # rank 0 scans and every rank trains on its exact file list (the shards must partition one list)
-        dataset = broadcast(d, find_dataset(cfg) if d.is_main else None)
-        derived = derive(cfg, dataset.num_images, d.world_size)
-        micro, per_epoch = derived.micro_batch_size, derived.steps_per_epoch * derived.accum_steps
-        loader, input_dtype, data_desc = build_loader(
-            cfg, dataset, micro, per_epoch, device, rank=d.rank, world_size=d.world_size
-        )
-        out = _run_log(cfg, d, derived, device, data_desc, log)
-        try:
-            # from here on, SIGTERM/SIGINT end the run with a checkpoint
-            for w in dataset.warnings + lr_warnings(cfg):
-                out.info(f"WARNING: {w}")
-            out.info(f"data: {data_desc}" + (f"; one shard per rank, {d.world_size} ranks" if d.enabled else ""))
-            out.info(format_config(cfg, derived))
-            with StopFlag() as stop, train_stream(device, cfg.misc.high_priority_stream):
-                trainer = Trainer(cfg, d, device, dataset, derived, TimedBatches(loader), input_dtype, out, stop)
-                trainer.on_log = on_log
-                return trainer.fit(max_steps)
-        finally:
-            out.close()
-            loader.close()
+        with _locks(cfg, d):
+            return _train(cfg, d, log, max_steps, on_log)
     finally:
         shutdown(d)
+
+
+def _locks(cfg: Config, d: Dist) -> contextlib.ExitStack:
+    """Rank 0 holds the run's folders for the whole run (one run per checkpoint_dir and output_dir)."""
+    stack = contextlib.ExitStack()
+    if d.is_main:
+        ck, out = Path(cfg.checkpointing.checkpoint_dir), Path(cfg.logging.output_dir)
+        stack.enter_context(RunLock(ck, "checkpointing.checkpoint_dir"))
+        if out.resolve() != ck.resolve():
+            stack.enter_context(RunLock(out, "logging.output_dir"))
+    return stack
+
+
+def _train(cfg: Config, d: Dist, log: Callable | None, max_steps: int | None, on_log: OnLog | None) -> TrainResult:
+    seed_everything(cfg.misc.seed)  # the same initial weights on every rank
+    device = setup_device(cfg.misc.device, d.local_rank, d.world_size)
+    if cfg.misc.precision == "bf16" and d.enabled:
+        raise ConfigError("misc.precision: bf16 runs in one process in this version; use amp with several")
+    # data first: a bad data_path stops the run before any model is built;
+    # rank 0 scans and every rank trains on its exact file list (the shards must partition one list)
+    dataset = broadcast(d, find_dataset(cfg) if d.is_main else None)
+    derived = derive(cfg, dataset.num_images, d.world_size)
+    micro, per_epoch = derived.micro_batch_size, derived.steps_per_epoch * derived.accum_steps
+    loader, input_dtype, data_desc = build_loader(
+        cfg, dataset, micro, per_epoch, device, rank=d.rank, world_size=d.world_size
+    )
+    out = _run_log(cfg, d, derived, device, data_desc, log)
+    try:
+        # from here on, SIGTERM/SIGINT end the run with a checkpoint
+        for w in dataset.warnings + lr_warnings(cfg):
+            out.info(f"WARNING: {w}")
+        out.info(f"data: {data_desc}" + (f"; one shard per rank, {d.world_size} ranks" if d.enabled else ""))
+        out.info(format_config(cfg, derived))
+        with StopFlag() as stop, train_stream(device, cfg.misc.high_priority_stream):
+            trainer = Trainer(cfg, d, device, dataset, derived, TimedBatches(loader), input_dtype, out, stop)
+            trainer.on_log = on_log
+            return trainer.fit(max_steps)
+    finally:
+        out.close()
+        loader.close()
 
 
 def _run_log(
@@ -260,7 +298,7 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------------
 
     def fit(self, max_steps: int | None) -> TrainResult:
-        dv, ck, lg = self.derived, self.cfg.checkpointing, self.cfg.logging
+        dv, ck, print_freq = self.derived, self.cfg.checkpointing, self.cfg.logging.print_freq
         start, spe = self.step, dv.steps_per_epoch
         end = dv.total_steps if max_steps is None else min(dv.total_steps, start + max_steps)
         self.t0 = time.perf_counter()
@@ -269,14 +307,14 @@ class Trainer:
             if self.step == start or self.step % spe == 0:
                 self.batches.start_epoch(self.step // spe)
             self.train_step()
-            log_point = self.step == start + 1 or self.step % lg.print_freq == 0 or self.step == end
+            log_point = self.step == start + 1 or self.step % print_freq == 0 or self.step == end
             if log_point:
                 self.log(first=self.step == start + 1)
                 self.share_bad_files()
-            if ck.save_freq_steps and self.step % ck.save_freq_steps == 0:
-                self.save(f"step-{self.step}")
+            for name in checkpoints_due(self.step, spe, ck):
+                self.save(name)
             if self.step % spe == 0:
-                self.end_epoch(self.step // spe)
+                self.visualize(self.step // spe)
             stopping = self.stop_requested(log_point)
         return self.finish(stopping, end)
 
@@ -364,11 +402,9 @@ class Trainer:
     def good_checkpoint(self) -> str:
         return self.result.last_checkpoint or "none yet"
 
-    def end_epoch(self, done_epochs: int) -> None:
-        """The epoch-N checkpoint and the reconstruction grid, when due."""
-        ck, lg = self.cfg.checkpointing, self.cfg.logging
-        if ck.save_freq_epochs and done_epochs % ck.save_freq_epochs == 0:
-            self.save(f"epoch-{done_epochs}")
+    def visualize(self, done_epochs: int) -> None:
+        """The reconstruction grid at the end of an epoch, when due: fixed images and masks, rank 0 only."""
+        lg = self.cfg.logging
         if (
             self.d.is_main
             and lg.visualize_freq_epochs

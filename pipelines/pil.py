@@ -45,7 +45,7 @@ def pil_transform(aug: Augmentation, input_size: int):
             ),
             transforms.RandomHorizontalFlip(aug.hflip_prob),
             transforms.ToTensor(),
-            transforms.Normalize(mean=aug.mean, std=aug.std),
+            transforms.Normalize(mean=tuple(aug.mean), std=tuple(aug.std)),
         ]
     )
 
@@ -166,4 +166,3 @@ class PilLoader(ShardedFileLoader):
                 generator=generator,
             )
         return self._dataloader
-

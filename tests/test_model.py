@@ -133,11 +133,14 @@ def test_official_parameter_names_and_shapes():
     assert sd["patch_embed.proj.weight"].shape == (768, 3, 16, 16)
     assert sd["decoder_pred.weight"].shape == (16 * 16 * 3, 512)
     assert sum(p.numel() for p in model.parameters()) == 111_907_840  # the official ViT-B MAE with its decoder
-    # a state dict with exactly the official names loads strictly, and reproduces the loss for the same noise
+    # a state dict with exactly the official names loads strictly into a differently initialized model,
+    # and then reproduces the loss for the same noise (which differed before)
+    torch.manual_seed(123)
     other = build_model("mae_vit_base_patch16")
-    other.load_state_dict({k: v.clone() for k, v in sd.items()}, strict=True)
     imgs, noise = torch.randn(1, 3, 224, 224), torch.rand(1, 196)
     with torch.no_grad():
+        assert not torch.equal(model(imgs, 0.75, noise)[0], other(imgs, 0.75, noise)[0])
+        other.load_state_dict({k: v.clone() for k, v in sd.items()}, strict=True)
         assert torch.equal(model(imgs, 0.75, noise)[0], other(imgs, 0.75, noise)[0])
 
 

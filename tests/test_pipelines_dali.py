@@ -79,8 +79,12 @@ def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 # ---------------------------------------------------------------- tests
 
 
-def test_dali_available():
+def test_dali_available_says_whether_dali_imports(monkeypatch):
+    import sys
+
     assert dali_available()
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # an import of it now raises ImportError
+    assert not dali_available()
 
 
 def test_output_shape_dtype_and_normalized_statistics(photo_files):

@@ -59,7 +59,7 @@ def test_transform_is_mae_main_pretrain():
     assert crop.interpolation == transforms.InterpolationMode.BICUBIC
     assert isinstance(flip, transforms.RandomHorizontalFlip) and flip.p == 0.25
     assert isinstance(to_tensor, transforms.ToTensor)
-    assert isinstance(norm, transforms.Normalize) and tuple(norm.std) == AUG.std
+    assert isinstance(norm, transforms.Normalize) and list(norm.std) == AUG.std
 
 
 def test_order_shards_and_resume_position(index_files):

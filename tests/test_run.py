@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -186,7 +187,8 @@ def test_keep_last_n_and_checkpoint_contents(tmp_path, sample_dir):
     # one state per step on disk: the end of the run is step-18, epoch-3 and final.pt, one file linked thrice
     assert os.path.samefile(ck / "final.pt", ck / "epoch-3/model.pt")
     assert os.path.samefile(ck / "final.pt", ck / "step-18/model.pt")
-    assert not [p.name for p in ck.rglob(".*")]  # no temporary files or links left behind
+    # no temporary files or links left behind (the run's lock file stays: its text names the last holder)
+    assert [p.name for p in ck.rglob(".*")] == [".mae-fast.lock"]
     saved = json.loads((ck / "epoch-3/config.json").read_text())
     assert saved["optimization"]["batch_size"] == 16 and saved["derived"]["accum_steps"] == 2
     assert load_config(ck / "epoch-3/config.json") == cfg  # the saved resolved config runs as it is
@@ -331,3 +333,79 @@ def test_non_terminal_output_prints_plain_lines(tmp_path):
     assert lines[0].startswith("epoch 3 [20/50] step 120/500 loss 0.6100") and "5,123.4 img/s" in lines[0]
     assert lines[1] == "checkpoint saved: ckpt/x.pt"
     assert json.loads((tmp_path / "metrics.jsonl").read_text())["samples_per_s"] == 5123.4
+
+
+def test_checkpoint_cadence():
+    from mae_fast.config import CheckpointingConfig
+    from mae_fast.train import checkpoints_due
+
+    ck = CheckpointingConfig(save_freq_steps=4, save_freq_epochs=2)
+    due = {step: checkpoints_due(step, 3, ck) for step in range(1, 13)}
+    assert {s: n for s, n in due.items() if n} == {
+        4: ["step-4"],
+        6: ["epoch-2"],
+        8: ["step-8"],
+        12: ["step-12", "epoch-4"],
+    }
+    assert not any(checkpoints_due(s, 3, CheckpointingConfig(save_freq_steps=0, save_freq_epochs=0)) for s in range(20))
+
+
+def test_checkpoint_manager_rotates_links_the_same_step_and_writes_final(tmp_path):
+    from mae_fast.checkpoint import CheckpointManager
+
+    ckpts = CheckpointManager(tmp_path, keep_last_n=2)
+    log = tmp_path / "run.log"
+    log.write_text("log so far\n")
+    for step in (1, 2, 3):
+        ckpts.save({"step": step}, f"step-{step}", {"k": step}, log)
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-2", "step-3"]  # the oldest rotated out
+    assert load_checkpoint(ckpts.latest)["step"] == 3 and (tmp_path / "step-3/run.log").read_text() == "log so far\n"
+    # the same step under another name is one file (a hard link), not a second write
+    again = ckpts.save(tmp_path / "step-3/model.pt", "epoch-1", {"k": 3}, None)
+    assert os.path.samefile(again, tmp_path / "step-3/model.pt") and os.path.samefile(ckpts.latest, again)
+    final = ckpts.save_final(again)
+    assert final == tmp_path / "final.pt" and os.path.samefile(final, ckpts.latest)
+    ckpts.save({"step": 4}, "epoch-2", {}, None)
+    ckpts.save({"step": 5}, "epoch-3", {}, None)
+    assert sorted(p.name for p in tmp_path.glob("epoch-*")) == ["epoch-2", "epoch-3"]  # kinds rotate apart
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-2", "step-3"]
+    assert load_checkpoint(final)["step"] == 3  # final.pt kept its own link when latest moved on
+
+
+def test_one_run_per_folder_and_a_killed_holder_does_not_block(tmp_path, capsys):
+    """A second run on a locked checkpoint folder is refused at start (exit 2, the holder named) and does not
+    touch the folder; once the holder is killed (SIGKILL: no clean-up), the next start goes through."""
+    from mae_fast.cli import EXIT_USAGE, main
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from mae_fast.checkpoint import RunLock\n"
+         f"with RunLock({str(tmp_path / 'ckpt')!r}, 'x'):\n    print('held', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+    args = ["train", str(ROOT / "configs/demo.yaml"), "--max-steps", "2"]
+    for o in ("data.backend=synthetic", "data.synthetic_images=64", "misc.compile=false",
+              f"logging.output_dir={tmp_path}/out", f"checkpointing.checkpoint_dir={tmp_path}/ckpt"):  # fmt: skip
+        args += ["--set", o]
+    try:
+        assert main(args) == EXIT_USAGE
+        err = capsys.readouterr().err
+        assert f"is in use by another run (host {socket.gethostname()}, pid {holder.pid}, started" in err
+        assert "Traceback" not in err and not (tmp_path / "out").exists()  # refused before any work
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(args) == 0
+
+
+def test_an_unwritable_checkpoint_folder_is_refused_before_any_work(tmp_path, capsys):
+    from mae_fast.cli import EXIT_USAGE, main
+
+    (tmp_path / "a-file").write_text("")  # a folder under a file cannot be made, even by root
+    bad = tmp_path / "a-file" / "ckpt"
+    args = ["train", str(ROOT / "configs/demo.yaml"), "--set", f"checkpointing.checkpoint_dir={bad}"]
+    args += ["--set", f"logging.output_dir={tmp_path}/out"]
+    assert main(args) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"error: checkpointing.checkpoint_dir: cannot write to {bad} (Not a directory)" in err
+    assert not (tmp_path / "out").exists()

@@ -19,6 +19,7 @@ pytest.importorskip("nvidia.dali")
 
 from mae_fast.cli import main  # noqa: E402
 from mae_fast.pipelines import shards as shards_module  # noqa: E402
+from mae_fast.pipelines.common import Augmentation  # noqa: E402
 from mae_fast.pipelines.dali import DaliLoader  # noqa: E402
 from mae_fast.pipelines.scan import DatasetScanError, scan_dataset  # noqa: E402
 from mae_fast.pipelines.shard_loader import ShardLoader, bench_shards_vs_folder  # noqa: E402
@@ -325,17 +326,27 @@ def test_undecodable_sample_in_a_shard_is_left_out_reported_and_stays_out(tmp_pa
 
 
 def test_statistics_match_pil_and_the_folder_loader(photos):
+    """The whole image (crop area 1, no flip) of every photo, through shards, the folder loader and PIL: the
+    same images once each, so the sorted per-image means agree (exactly for the two DALI paths)."""
     pytest.importorskip("torchvision")
     from mae_fast.pipelines.pil import PilLoader
 
     files, shard_set = photos
-    x = torch.cat(epoch_batches(loader(shard_set, 16, seed=0))).float()
+    whole = Augmentation(crop_scale=[1.0, 1.0], crop_ratio=[0.5, 2.0], hflip_prob=0.0)
+    kw = {"input_size": SIZE, "seed": 0}
+    shards = ShardLoader(shard_set, 16, whole, num_threads=THREADS, **kw)
+    x = torch.cat(epoch_batches(shards)).float()
     assert x.shape == (48, 3, SIZE, SIZE) and torch.isfinite(x).all()
-    folder = torch.cat(epoch_batches(DaliLoader(files, 16, AUG, input_size=SIZE, seed=0, num_threads=THREADS)))
-    pil = torch.cat(list(PilLoader(files, 16, AUG, input_size=SIZE, seed=0, num_workers=0)))
-    for other in (folder.float(), pil):
-        for stat in (lambda t: t.mean((0, 2, 3)), lambda t: t.std((0, 2, 3))):
-            assert torch.allclose(stat(x), stat(other), atol=0.08), (stat(x), stat(other))
+    folder = torch.cat(epoch_batches(DaliLoader(files, 16, whole, num_threads=THREADS, **kw))).float()
+    pil = torch.cat(list(PilLoader(files, 16, whole, num_workers=0, **kw)))
+
+    def per_image(t):
+        return t.mean((1, 2, 3)).sort().values
+
+    assert torch.allclose(per_image(x), per_image(folder), atol=2e-3)
+    assert torch.allclose(per_image(x), per_image(pil), atol=0.05)  # PIL's resize differs slightly
+    for stat in (lambda t: t.mean((0, 2, 3)), lambda t: t.std((0, 2, 3))):
+        assert torch.allclose(stat(x), stat(pil), atol=0.05), (stat(x), stat(pil))
 
 
 def test_bench_shards_vs_folder_reports_rates(photos):

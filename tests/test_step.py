@@ -361,3 +361,25 @@ def test_bf16_precision_is_refused_with_several_processes():
             distributed=True,
             options=StepOptions(mask_ratio=0.75, gradient_clip=0.0, compile=False, precision="bf16"),
         )
+
+
+@pytest.mark.parametrize(
+    "switch",
+    [
+        ["model.embed_kept_only=true"],
+        ["misc.compile=true", "misc.compile_optimizer=true"],
+        ["misc.attention=math"],
+        ["misc.precision=bf16"],
+        ["model.grad_checkpointing=true"],
+        ["misc.high_priority_stream=true"],
+    ],
+    ids=lambda s: s[-1],
+)
+def test_every_performance_switch_trains_as_the_plain_step(switch):
+    """Each switch (bench-step --variant) against the plain step, same weights, batches and masks, on the CPU
+    (eager unless the switch needs the compiler); the GPU version is in test_gpu.py."""
+    from helpers import config_step_losses, tiny_step_config
+
+    plain = config_step_losses(tiny_step_config("misc.compile=false"), CPU)
+    switched = config_step_losses(tiny_step_config("misc.compile=false", *switch), CPU)
+    assert all(math.isfinite(v) for v in switched) and switched == pytest.approx(plain, rel=3e-2)
