@@ -47,6 +47,41 @@ def make_sample_data(out_dir: str, n: int = 256, num_classes: int = 4, seed: int
     return out_dir
 
 
+def make_labelled_sample(out_dir: str, n_train: int = 480, n_val: int = 240, seed: int = 0) -> str:
+    """Write a labelled pair out_dir/train/<photo>/ and out_dir/val/<photo>/ of JPEGs (about 500x375); return
+    out_dir.
+
+    The class of an image is the photograph its crop comes from (image i of a split: photo i % photos, so the
+    classes are balanced), which a learned encoder can tell apart: kNN and linear-probe accuracy then measure
+    something. Train and val images are drawn from separate random streams (seed, split, i), so no val
+    image is a train image. Idempotent and atomic, as make_sample_data.
+    """
+    if n_train < 1 or n_val < 1:
+        raise ValueError(f"need n_train >= 1 and n_val >= 1, got n_train={n_train}, n_val={n_val}")
+    photos = _load_photos()
+    # class names: the photographs' names, unless one failed to load (then which one is not known)
+    names = list(_PHOTOS) if len(photos) == len(_PHOTOS) else [f"photo_{k}" for k in range(len(photos))]
+    jobs = []  # (path, photo index, rng key)
+    for code, (split, n) in enumerate((("train", n_train), ("val", n_val)), start=1):
+        for i in range(n):
+            c = i % len(photos)
+            path = os.path.join(out_dir, split, names[c], f"img_{i:06d}.JPEG")
+            if not os.path.exists(path):
+                jobs.append((path, c, (seed, code, i)))
+    for path in {os.path.dirname(p) for p, _, _ in jobs}:
+        os.makedirs(path, exist_ok=True)
+
+    def write(job: tuple[str, int, tuple[int, int, int]]) -> None:
+        path, c, key = job
+        img = _sample_image([photos[c]], np.random.default_rng(key))
+        img.save(path + ".tmp", format="JPEG", quality=95)
+        os.replace(path + ".tmp", path)
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        list(pool.map(write, jobs))
+    return out_dir
+
+
 def _load_photos() -> list[Image.Image]:
     import skimage.data
 

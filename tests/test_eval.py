@@ -1,0 +1,315 @@
+"""Evaluation: the DALI eval pipeline, DINO's weighted kNN, MAE's linear probe, the labelled folders, checkpoint
+formats, the collective the train loop calls (one and two ranks) and `mae-fast eval`."""
+
+import argparse
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from conftest import broken_huffman_copy
+from PIL import Image
+
+from mae_fast.cli import main
+from mae_fast.config import ConfigError, config_from_dict
+from mae_fast.distributed import Dist
+from mae_fast.evaluate import (
+    EvalDataError,
+    evaluate,
+    evaluate_in_training,
+    extract_features,
+    knn_classify,
+    knn_scores,
+    linear_probe,
+    load_encoder,
+    prepare_eval_sets,
+    run_eval,
+    scan_labelled,
+    subsample,
+)
+from mae_fast.export import encoder_state_dict, export_timm
+from mae_fast.model import build_model
+from mae_fast.pipelines.eval_pipeline import EvalLoader
+
+CPU = torch.device("cpu")
+COLOURS = {"blue": (30, 60, 220), "green": (40, 200, 60), "red": (220, 40, 30), "white": (235, 235, 235)}
+
+
+def colour_folder(root, per_class, seed, classes=None, misfile=False):
+    """root/<class>/img_j.jpg: solid-colour images of their class's colour, a few brightness levels apart (a
+    trivially separable set). misfile=True: image j of colour c goes into folder (c + j) % C instead, so every
+    folder holds each colour equally often (labels that carry no signal)."""
+    rng = np.random.default_rng(seed)
+    names = classes or sorted(COLOURS)
+    for c, name in enumerate(names):
+        for j in range(per_class):
+            folder = names[(c + j) % len(names)] if misfile else name
+            rgb = np.clip(np.array(COLOURS[name]) + rng.integers(-12, 13), 0, 255)
+            size = (int(rng.integers(36, 60)), int(rng.integers(36, 60)))
+            path = root / folder / f"{name}_{j}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((size[1], size[0], 3), rgb, dtype=np.uint8)).save(path, quality=95)
+    return str(root)
+
+
+def smooth_image(w, h, seed):
+    """Sinusoidal colour bands: content a resize must really resample (unlike a solid colour)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w] / max(w, h)
+    bands = [np.sin(2 * np.pi * (rng.uniform(1, 4) * x + rng.uniform(1, 4) * y + rng.uniform())) for _ in range(3)]
+    return (127.5 + 120 * np.stack(bands, -1)).astype(np.uint8)
+
+
+@pytest.fixture
+def colours(tmp_path):
+    return colour_folder(tmp_path / "train", 6, seed=1), colour_folder(tmp_path / "val", 4, seed=2)
+
+
+# ---------------------------------------------------------------- the pipeline
+
+
+def test_eval_loader_gives_every_file_once_in_order(tmp_path):
+    files = []
+    for i in range(11):  # grey level 20 * i encodes the index; sizes and orientations vary
+        w, h = (60, 40 + 3 * i) if i % 2 else (40 + 3 * i, 60)
+        files.append(str(tmp_path / f"{i}.jpg"))
+        Image.fromarray(np.full((h, w, 3), 20 * i, dtype=np.uint8)).save(files[-1], quality=95)
+    loader = EvalLoader(files, 4, input_size=32, mean=(0, 0, 0), std=(1, 1, 1), output_dtype="float32", decoder="cpu")
+    assert len(loader) == 3
+    for _ in range(2):  # each pass starts again from the first file
+        batches = [b.clone() for b in loader]
+        assert [tuple(b.shape) for b in batches] == [(4, 3, 32, 32), (4, 3, 32, 32), (3, 3, 32, 32)]
+        index = (torch.cat(batches).mean(dim=(1, 2, 3)) * 255 / 20).round().long()
+        assert index.tolist() == list(range(11))
+
+
+def test_eval_transform_is_resize_shorter_side_then_centre_crop(tmp_path):
+    # input 56: shorter side to round(56 / 0.875) = 64, then the centre 56 x 56 (margins chosen even)
+    files, want = [], []
+    mean, std = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
+    for i, (w, h) in enumerate([(192, 128), (128, 256)]):
+        files.append(str(tmp_path / f"{i}.png"))
+        img = Image.fromarray(smooth_image(w, h, i))
+        img.save(files[-1])
+        s = 64 / min(w, h)
+        img = img.resize((round(w * s), round(h * s)), Image.BICUBIC)
+        left, top = (img.width - 56) // 2, (img.height - 56) // 2
+        x = np.asarray(img.crop((left, top, left + 56, top + 56)), dtype=np.float32) / 255
+        want.append(torch.from_numpy((x - np.array(mean)) / np.array(std)).permute(2, 0, 1).float())
+    (got,) = list(EvalLoader(files, 8, input_size=56, mean=mean, std=std, output_dtype="float32", decoder="cpu"))
+    err = (got - torch.stack(want)).abs()
+    assert err.max() < 0.07 and err.mean() < 0.02  # within about one grey level of PIL's bicubic
+
+
+# ---------------------------------------------------------------- kNN and the probe
+
+
+def brute_force_knn(train, train_labels, val, num_classes, k, T):
+    """DINO's weighted vote, one val feature at a time, straight from the formula."""
+    out = torch.zeros(len(val), num_classes, dtype=torch.float64)
+    train = train / train.norm(dim=1, keepdim=True)
+    for i, v in enumerate(val):
+        sim = train @ (v / v.norm())
+        for j in sorted(range(len(train)), key=lambda j: -sim[j].item())[:k]:
+            out[i, train_labels[j]] += torch.exp(sim[j] / T)
+    return out
+
+
+def test_knn_matches_a_brute_force_reference():
+    g = torch.Generator().manual_seed(0)
+    train, val = torch.randn(60, 12, generator=g, dtype=torch.float64), torch.randn(25, 12, generator=g).double()
+    train_labels, val_labels = torch.randint(0, 5, (60,), generator=g), torch.randint(0, 5, (25,), generator=g)
+    train[:, :5] += 2 * F.one_hot(train_labels, 5)  # some signal, so accuracies are not all zero
+    val[:, :5] += 2 * F.one_hot(val_labels, 5)
+    want = brute_force_knn(train, train_labels, val, 5, k=7, T=0.07)
+    for chunk in (None, 1, 4):  # chunked over val rows or not: the same votes
+        got = knn_scores(train, train_labels, val, 5, k=7, temperature=0.07, chunk=chunk)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    pred = want.argsort(dim=1, descending=True)
+    top1 = 100 * (pred[:, 0] == val_labels).double().mean().item()
+    top5 = 100 * (pred[:, :5] == val_labels[:, None]).any(1).double().mean().item()
+    assert knn_classify(train, train_labels, val, val_labels, 5, k=7, chunk=3) == pytest.approx((top1, top5))
+    assert 0 < top1 < 100
+    # fp32 features: the same votes to fp32 precision; a k beyond the bank is capped at the bank
+    torch.testing.assert_close(
+        knn_scores(train.float(), train_labels, val.float(), 5, k=7).double(), want, rtol=1e-4, atol=0
+    )
+    torch.testing.assert_close(
+        knn_scores(train, train_labels, val, 5, k=1000), knn_scores(train, train_labels, val, 5, k=60)
+    )
+
+
+def clusters(n, num_classes, dim, seed):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % num_classes
+    centres = torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(99)) * 2
+    return centres[labels] + torch.randn(n, dim, generator=g) * 1.5 + 5.0, labels  # offset: BN must centre it
+
+
+def test_linear_probe_beats_chance_and_is_deterministic():
+    train, train_labels = clusters(200, 4, 16, seed=0)
+    val, val_labels = clusters(100, 4, 16, seed=1)
+    rng = torch.get_rng_state()
+    first = linear_probe(train, train_labels, val, val_labels, 4, seed=3, epochs=30)
+    assert torch.equal(torch.get_rng_state(), rng)  # the global stream is untouched
+    assert first[0] > 90 and first[1] == 100  # chance is 25%
+    assert linear_probe(train, train_labels, val, val_labels, 4, seed=3, epochs=30) == first
+    # shuffled train labels: nothing to learn
+    shuffled = train_labels[torch.randperm(200, generator=torch.Generator().manual_seed(5))]
+    assert linear_probe(train, shuffled, val, val_labels, 4, seed=3, epochs=30)[0] < 50
+
+
+def test_subsample_is_uniform_seeded_and_sorted():
+    a = subsample(100, 30, seed=1)
+    assert len(set(a.tolist())) == 30 and list(a) == sorted(a) and a.max() < 100
+    assert np.array_equal(a, subsample(100, 30, seed=1)) and not np.array_equal(a, subsample(100, 30, seed=2))
+    assert np.array_equal(subsample(10, 0, seed=1), np.arange(10)) and len(subsample(10, 50, seed=1)) == 10
+
+
+# ---------------------------------------------------------------- labelled folders
+
+
+def test_labels_stay_aligned_with_their_images(tmp_path, colours, tiny_model):
+    train, val = colours
+    result = evaluate(tiny_model, train, val, k=3, linear=True, batch_size=5)  # batches cut across classes
+    assert result.knn_top1 == 100.0 and result.linear_top1 == 100.0
+    assert (result.num_train, result.num_val, result.num_classes, result.feature_dim) == (24, 16, 4, 64)
+    # the same images with their val labels shuffled: each folder holds every colour once per 4 images
+    misfiled = colour_folder(tmp_path / "misfiled", 4, seed=2, misfile=True)
+    assert evaluate(tiny_model, train, misfiled, k=3, batch_size=5).knn_top1 == pytest.approx(25.0)
+
+
+def test_val_classes_must_be_a_subset_of_train(tmp_path, colours, tiny_model, capsys):
+    train, _ = colours
+    some = colour_folder(tmp_path / "some", 3, seed=3, classes=["red", "white"])  # a subset: mapped by name
+    sets = scan_labelled(train, some)
+    assert sets.classes == ["blue", "green", "red", "white"] and sorted(set(sets.val_labels)) == [2, 3]
+    assert evaluate(tiny_model, train, some, k=3).knn_top1 == 100.0
+    extra = tmp_path / "extra"
+    colour_folder(extra, 2, seed=4)
+    (extra / "zebra").mkdir()
+    Image.new("RGB", (40, 40), (128, 0, 128)).save(extra / "zebra" / "z.jpg")
+    with pytest.raises(EvalDataError, match="zebra") as e:
+        scan_labelled(train, str(extra))
+    assert isinstance(e.value, ConfigError)
+    assert main(["eval", "unused.pt", "--train", train, "--val", str(extra)]) == 2  # checked before any loading
+    assert "zebra" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_formats_give_the_same_features(tmp_path, colours, tiny_model):
+    train, _ = colours
+    files = scan_labelled(train, train).train_files[::3]
+    cfg = config_from_dict({"model": {"type": "mae_vit_tiny_patch8"}, "data": {"input_size": 32}})
+    sd = tiny_model.state_dict()
+    paths = {
+        "mae-fast": tmp_path / "final.pt",
+        "official": tmp_path / "official.pth",
+        "official-encoder": tmp_path / "encoder.pth",
+        "timm-export": tmp_path / "encoder.safetensors",
+    }
+    torch.save({"format": "mae-fast", "model": sd, "config": cfg.to_dict(), "step": 10}, paths["mae-fast"])
+    torch.save({"model": sd, "args": argparse.Namespace(model="mae_vit_tiny_patch8")}, paths["official"])
+    torch.save({"model": encoder_state_dict(tiny_model)}, paths["official-encoder"])
+    export_timm(tiny_model, "mae_vit_tiny_patch8", paths["timm-export"])
+    want = extract_features(tiny_model, files)
+    for source, path in paths.items():
+        loaded = load_encoder(path)
+        assert (loaded.source, loaded.model_type, loaded.model.arch.img_size) == (source, "mae_vit_tiny_patch8", 32)
+        assert loaded.step == (10 if source == "mae-fast" else None)
+        torch.testing.assert_close(extract_features(loaded.model, files), want, rtol=0, atol=1e-6)
+    assert extract_features(tiny_model, files, batch_size=2).shape == (len(files), 64)
+
+
+def test_eval_command_prints_and_writes_json(tmp_path, colours, tiny_model, capsys):
+    train, val = colours
+    cfg = config_from_dict({"model": {"type": "mae_vit_tiny_patch8"}, "data": {"input_size": 32}})
+    ckpt = tmp_path / "final.pt"
+    torch.save({"format": "mae-fast", "model": tiny_model.state_dict(), "config": cfg.to_dict(), "step": 10}, ckpt)
+    out = tmp_path / "eval.json"
+    args = ["eval", str(ckpt), "--train", train, "--val", val, "--k", "3", "--linear", "--max-train", "20"]
+    assert main([*args, "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "kNN (k=3" in printed and "linear probe" in printed and "20 train / 16 val images, 4 classes" in printed
+    record = json.loads(out.read_text())
+    assert record["checkpoint"] == str(ckpt) and record["step"] == 10 and record["source"] == "mae-fast"
+    assert record["knn_top1"] == 100.0 and record["linear_top1"] is not None and record["feature_dim"] == 64
+    assert (record["num_train"], record["num_val"], record["num_classes"]) == (20, 16, 4)
+    assert {"torch", "dali", "mae_fast"} <= set(record["versions"]) and record["seconds"] > 0
+
+
+# ---------------------------------------------------------------- during training
+
+
+def test_evaluate_in_training_one_process(colours, tiny_model):
+    train, val = colours
+    sets = prepare_eval_sets(train, val, max_train=16, seed=0)
+    assert len(sets.train_files) == 16 and "uniform random 16 of 24" in sets.notes[0]
+    tiny_model.train()
+    rng = torch.get_rng_state()
+    options = dict(input_size=32, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), k=3, batch_size=7)
+    out = evaluate_in_training(tiny_model, sets, dist=Dist(), device=CPU, linear_probe=True, **options)
+    assert set(out) == {"knn_top1", "knn_top5", "linear_top1", "linear_top5", "eval_s"}
+    assert tiny_model.training and torch.equal(torch.get_rng_state(), rng)
+    assert out["knn_top1"] == 100.0 and out["eval_s"] > 0
+    assert set(evaluate_in_training(tiny_model, sets, dist=Dist(), device=CPU, **options)) == {
+        "knn_top1",
+        "knn_top5",
+        "eval_s",
+    }
+
+
+def _rank(rank, world, store, train, val, bad_val, results):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    d = Dist(rank, rank, world)
+    torch.manual_seed(0)
+    model = build_model("mae_vit_tiny_patch8")
+    options = dict(input_size=32, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), k=3, batch_size=4)
+    sets = prepare_eval_sets(train, val, dist=d)
+    out = evaluate_in_training(model, sets, dist=d, device=CPU, linear_probe=True, **options)
+    try:  # an undecodable val file in rank 1's block: every rank raises, none waits forever
+        evaluate_in_training(model, prepare_eval_sets(train, bad_val, dist=d), dist=d, device=CPU, **options)
+        error = None
+    except RuntimeError as e:
+        error = str(e)
+    torch.save({"out": out, "error": error}, f"{results}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_evaluate_in_training_on_two_ranks_equals_one_process(tmp_path, colours, tiny_model):
+    train, val = colours
+    bad_val = tmp_path / "bad_val"
+    colour_folder(bad_val, 3, seed=5)
+    broken_huffman_copy(bad_val / "white" / "white_2.jpg", bad_val / "white" / "zz_broken.jpg")  # the last file
+    mp.spawn(_rank, args=(2, str(tmp_path / "store"), train, val, str(bad_val), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    timing = {"eval_s"}  # each rank's own wall time
+    assert {k: v for k, v in r0["out"].items() if k not in timing} == {
+        k: v for k, v in r1["out"].items() if k not in timing
+    }  # rank 0's numbers on both ranks
+    single = run_eval(tiny_model, scan_labelled(train, val), device=CPU, k=3, linear=True, batch_size=4)
+    assert (r0["out"]["knn_top1"], r0["out"]["knn_top5"]) == (single.knn_top1, single.knn_top5)
+    assert r0["out"]["linear_top1"] == pytest.approx(single.linear_top1, abs=100 / 16 + 1e-9)  # one image at most
+    assert r0["error"] and r0["error"] == r1["error"] and "rank 1" in r0["error"] and "zz_broken" in r0["error"]
+
+
+def test_labelled_sample_pair(tmp_path):
+    pytest.importorskip("skimage")
+    from mae_fast.pipelines.sample_data import make_labelled_sample
+
+    out = make_labelled_sample(str(tmp_path / "s"), n_train=12, n_val=6, seed=0)
+    sets = scan_labelled(f"{out}/train", f"{out}/val")
+    assert len(sets.classes) == 6 and "astronaut" in sets.classes  # a class per photograph
+    assert sorted(sets.train_labels) == sorted(list(range(6)) * 2) and sorted(sets.val_labels) == list(range(6))
+    train_bytes = {open(f, "rb").read() for f in sets.train_files}
+    assert not any(open(f, "rb").read() in train_bytes for f in sets.val_files)  # val images are not train images
+    mtimes = [os.stat(f).st_mtime_ns for f in sets.val_files]
+    make_labelled_sample(out, n_train=12, n_val=6, seed=0)  # idempotent: nothing rewritten
+    assert [os.stat(f).st_mtime_ns for f in sets.val_files] == mtimes
