@@ -193,6 +193,8 @@ def test_val_classes_must_be_a_subset_of_train(tmp_path, colours, tiny_model, ca
     colour_folder(extra, 2, seed=4)
     (extra / "zebra").mkdir()
     Image.new("RGB", (40, 40), (128, 0, 128)).save(extra / "zebra" / "z.jpg")
+    with pytest.raises(EvalDataError, match="no class subfolders"):
+        scan_labelled(str(extra / "zebra"), train)  # a flat folder has no labels
     with pytest.raises(EvalDataError, match="zebra") as e:
         scan_labelled(train, str(extra))
     assert isinstance(e.value, ConfigError)
