@@ -129,7 +129,8 @@ def test_torchrun_two_ranks_train_write_once_and_resume(tmp_path):
     assert ckpt["derived"]["world_size"] == 2 and len(ckpt["data"]) == 2
     assert ckpt["data"][0]["shard_id"] == 0 and ckpt["data"][1]["shard_id"] == 1
     assert ckpt["data"][0]["substitutes"] == ckpt["data"][1]["substitutes"] != []
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch-1", "epoch-2", "final.pt", "latest.pt"]
+    names = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert names == [".mae-fast.lock", "epoch-1", "epoch-2", "final.pt", "latest.pt"]  # the lock: rank 0's
 
     again = torchrun(tmp_path, tmp_path / "out2", "--set", "schedule.epochs=3", "--set", "misc.auto_resume=true")
     assert again.returncode == 0, again.stdout + again.stderr

@@ -215,7 +215,7 @@ def test_missing_data_path_stops_before_the_model(tmp_path, capsys):
     assert rc == EXIT_USAGE
     err = capsys.readouterr().err
     assert "data.data_path" in err and f"{tmp_path}/nope" in err
-    assert not (tmp_path / "out").exists()  # nothing was started
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [".mae-fast.lock"]  # nothing was started
 
 
 def test_missing_dali_is_a_clear_error(monkeypatch):
