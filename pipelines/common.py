@@ -59,7 +59,9 @@ class Augmentation:
         if len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError(f"std: needs 3 positive values (RGB), got {self.std}")
         if self.interpolation not in typing.get_args(Interpolation):
-            raise ValueError(f"interpolation: must be one of {typing.get_args(Interpolation)}, got {self.interpolation!r}")
+            raise ValueError(
+                f"interpolation: must be one of {typing.get_args(Interpolation)}, got {self.interpolation!r}"
+            )
 
 
 def batches_per_epoch(num_files: int, batch_size: int, num_shards: int) -> int:

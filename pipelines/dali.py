@@ -381,4 +381,3 @@ def _define_pipeline(
             )
         pipe.set_outputs(out)
     return pipe
-

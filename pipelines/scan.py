@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-
 IMAGE_EXTS: tuple[str, ...] = (".jpg", ".jpeg", ".png")  # compared lower-case
 CACHE_NAME = ".mae_fast_scan.json"
 CACHE_VERSION = 1
