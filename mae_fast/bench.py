@@ -66,11 +66,14 @@ def measure_matmul_flops(device: torch.device) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
-def time_steps(run_step: Callable[[], None], steps: int, warmup: int, device: torch.device) -> float:
-    """Seconds per step after `warmup` untimed steps (compilation happens there)."""
+def time_steps(
+    run_step: Callable[[], None], steps: int, warmup: int, device: torch.device, start: Callable = lambda: None
+) -> float:
+    """Seconds per step after `warmup` untimed steps (compilation happens there); start() runs as the clock starts."""
     for _ in range(warmup):
         run_step()
     sync(device)
+    start()
     t = time.perf_counter()
     for _ in range(steps):
         run_step()
@@ -189,15 +192,8 @@ def bench_step(
 
 def _loop(batches: TimedBatches, run: Callable[[torch.Tensor], None], steps: int, warmup: int, device) -> tuple:
     """`steps` timed calls of run(next batch) after `warmup` untimed ones -> (seconds, seconds waiting for data)."""
-    for _ in range(warmup):
-        run(batches.next())
-    sync(device)
-    batches.take_wait()
-    t = time.perf_counter()
-    for _ in range(steps):
-        run(batches.next())
-    sync(device)
-    return time.perf_counter() - t, batches.take_wait()
+    per_step = time_steps(lambda: run(batches.next()), steps, warmup, device, start=batches.take_wait)
+    return per_step * steps, batches.take_wait()
 
 
 def bench_loader(cfg: Config, *, backend: str = "both", batches: int = 50, warmup: int = 5, log: Log = print) -> dict:

@@ -137,11 +137,11 @@ def training_state(
 
 def check_finite(model: torch.nn.Module) -> list[str]:
     """Names of the parameters and buffers holding a NaN or inf: one fused reduction, then a sync."""
-    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
-    sums = torch.stack(torch._foreach_norm(tensors, 1))  # a NaN or inf anywhere makes its L1 norm non-finite
+    named = [(n, t) for n, t in model.state_dict().items() if t.is_floating_point()]
+    sums = torch.stack(torch._foreach_norm([t for _, t in named], 1))  # a NaN or inf makes its L1 norm non-finite
     if bool(torch.isfinite(sums).all()):
         return []
-    names = [n for n, t in model.state_dict().items() if t.is_floating_point()]
+    names = [n for n, _ in named]
     return [n for n, ok in zip(names, torch.isfinite(sums).tolist()) if not ok]
 
 

@@ -38,6 +38,7 @@ from .checkpoint import CheckpointError
 from .config import ConfigError
 from .distributed import Dist, broadcast, gather
 from .model import MaskedAutoencoderViT
+from .runtime import resolve_device
 from .weights import infer_arch, load_mae
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -687,14 +688,6 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available")
-    return torch.device(name)
-
-
 def evaluate_checkpoint(
     checkpoint: str,
     train_dir: str,
@@ -716,7 +709,7 @@ def evaluate_checkpoint(
         raise ConfigError(f"--k must be at least 1, got {k}")
     if max_train < 0:
         raise ConfigError(f"--max-train must be >= 0 (0: all), got {max_train}")
-    dev = resolve_device(device)
+    dev = resolve_device(device, key="--device")
     sets = scan_labelled(train_dir, val_dir, max_train=max_train, seed=seed, cache_dir=cache_dir)  # errors first
     loaded = load_encoder(checkpoint)
     for note in loaded.notes + sets.notes:

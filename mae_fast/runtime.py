@@ -12,11 +12,11 @@ import torch
 from .config import ConfigError
 
 
-def resolve_device(name: str, local_rank: int = 0, world_size: int = 1) -> torch.device:
-    """misc.device -> the device of this process (under torchrun, the GPU of its LOCAL_RANK)."""
+def resolve_device(name: str, local_rank: int = 0, world_size: int = 1, key: str = "misc.device") -> torch.device:
+    """misc.device (or the option `key`) -> the device of this process (under torchrun, the GPU of its LOCAL_RANK)."""
     if name.startswith("cuda:") and world_size > 1:
         raise ConfigError(
-            f"misc.device: {name!r} would put every rank on one GPU; under torchrun use 'auto' or "
+            f"{key}: {name!r} would put every rank on one GPU; under torchrun use 'auto' or "
             f"'cuda' (each rank takes the GPU of its LOCAL_RANK)"
         )
     if name == "auto":
@@ -24,7 +24,7 @@ def resolve_device(name: str, local_rank: int = 0, world_size: int = 1) -> torch
     if name == "cuda" and torch.cuda.is_available():
         return torch.device("cuda", local_rank)
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"misc.device: {name!r} but no CUDA device is visible; use 'auto' or 'cpu'")
+        raise ConfigError(f"{key}: {name!r} but no CUDA device is visible; use 'auto' or 'cpu'")
     return torch.device(name)
 
 

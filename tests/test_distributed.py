@@ -79,9 +79,12 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path, compil
         assert torch.allclose(drop_key_bias(k, v), drop_key_bias(k, r0["params"][k]), atol=1e-5, rtol=1e-4), k
 
 
-def torchrun(tmp_path, out, *extra):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    args = [
+TORCHRUN_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def torchrun_args(tmp_path, out, *extra):
+    """`mae-fast train` on the demo config under torchrun, 2 CPU ranks, the data in tmp_path/data."""
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -107,7 +110,11 @@ def torchrun(tmp_path, out, *extra):
         "checkpointing.save_freq_epochs=1",
         *extra,
     ]
-    return subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180)
+
+
+def torchrun(tmp_path, out, *extra):
+    args = torchrun_args(tmp_path, out, *extra)
+    return subprocess.run(args, capture_output=True, text=True, env=TORCHRUN_ENV, cwd=tmp_path, timeout=180)
 
 
 @pytest.mark.slow
@@ -157,37 +164,13 @@ def test_a_failing_rank_brings_the_job_down(tmp_path):
     from mae_fast.pipelines.sample_data import make_sample_data
 
     make_sample_data(str(tmp_path / "data"), n=64)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    extra = ["--set", "schedule.epochs=100000", "--set", "checkpointing.save_freq_epochs=0"]
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "mae_fast",
-            "train",
-            str(ROOT / "configs/demo.yaml"),
-            "--set",
-            f"data.data_path={tmp_path}/data",
-            "--set",
-            "data.input_size=32",
-            "--set",
-            "misc.compile=false",
-            "--set",
-            f"logging.output_dir={tmp_path}/out",
-            "--set",
-            "schedule.epochs=100000",
-            "--set",
-            f"checkpointing.checkpoint_dir={tmp_path}/ckpt",
-            "--set",
-            "checkpointing.save_freq_epochs=0",
-        ],
+        torchrun_args(tmp_path, tmp_path / "out", *extra),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=env,
+        env=TORCHRUN_ENV,
         cwd=tmp_path,
     )
     try:
