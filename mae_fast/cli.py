@@ -1,17 +1,20 @@
-"""`mae-fast` command line: train, bench, bench-step, bench-loader, scan, make-sample-data, visualize, export."""
+"""`mae-fast` command line: one parser and one function per command (train, bench*, scan, make-shards,
+make-sample-data, visualize, export, eval); errors meant for the user print one `error:` line and exit 1 or 2."""
 
 from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import sys
 
 from .config import ConfigError, load_config
 
 # Exit codes: 0 done; 1 error in the run (a checkpoint that cannot be read or written included);
-# 2 bad config, data path or arguments; 3 training diverged (non-finite loss);
-# 4 stopped by SIGTERM/SIGINT after saving a checkpoint (run again with misc.auto_resume to continue).
-EXIT_ERROR, EXIT_USAGE, EXIT_DIVERGED, EXIT_PREEMPTED = 1, 2, 3, 4
+# 2 bad config, data path, arguments, or a run folder in use; 3 training diverged (non-finite loss);
+# 4 stopped by SIGTERM/SIGINT after saving a checkpoint (the message says how to continue);
+# 130 interrupted again (a second Ctrl-C) before the checkpoint was written: nothing saved.
+EXIT_ERROR, EXIT_USAGE, EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
@@ -29,10 +32,18 @@ def _add_config(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mae-fast", description="Fast MAE pretraining with DALI and torch.compile")
     sub = parser.add_subparsers(dest="command", required=True)
+    _training_commands(sub)
+    _data_commands(sub)
+    _model_commands(sub)
+    return parser
 
+
+def _training_commands(sub) -> None:
+    """train and the benchmark harness"""
     p = sub.add_parser("train", help="pretrain an MAE as the config says")
     _add_config(p)
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (> 0)")
+    p.set_defaults(run=_train)
 
     p = sub.add_parser("bench-step", help="time the training step on synthetic data")
     _add_config(p)
@@ -50,12 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(repeatable), e.g. --variant misc.attention=cudnn --variant model.embed_kept_only=true",
     )
     p.add_argument("--json", default=None, help="write the results here")
+    p.set_defaults(run=_bench_step)
 
     p = sub.add_parser("bench", help="the whole harness: loaders, step and end to end, each with its baseline")
     _add_config(p)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batches", type=int, default=40)
     p.add_argument("--out-dir", default="benchmarks/results", help="JSON results go here ('' for none)")
+    p.set_defaults(run=_bench)
 
     p = sub.add_parser("bench-loader", help="time the data loaders (DALI and/or PIL) on the config's data")
     _add_config(p)
@@ -63,11 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--json", default=None)
+    p.set_defaults(run=_bench_loader)
 
+
+def _data_commands(sub) -> None:
+    """data folders and shards"""
     p = sub.add_parser("scan", help="list and check the images of a data folder (cached)")
     p.add_argument("data_path")
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--cache-dir", default=None, help="cache the file list here (default: in DATA_PATH)")
+    p.set_defaults(run=_scan)
 
     p = sub.add_parser("make-shards", help="convert an image folder into WebDataset tar shards with DALI indexes")
     p.add_argument("src", help="ImageNet-style (SRC/<class>/*.JPEG) or flat image folder")
@@ -75,7 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size-mb", type=float, default=512, help="tar size per shard, at most (MiB)")
     p.add_argument("--workers", type=int, default=8, help="threads that check and write")
     p.add_argument("--cache-dir", default=None, help="the scan's cache (default: in SRC)")
+    p.set_defaults(run=_make_shards)
 
+    p = sub.add_parser("make-sample-data", help="write a small ImageNet-like JPEG folder from real photos")
+    p.add_argument("out_dir")
+    p.add_argument("--n", type=int, default=256)
+
+    p.set_defaults(run=_make_sample_data)
+
+
+def _model_commands(sub) -> None:
+    """what a checkpoint holds: reconstructions, exports, evaluation"""
     p = sub.add_parser("visualize", help="reconstruction grid (original | masked | reconstruction | pasted) as PNG")
     p.add_argument("checkpoint", help="a mae-fast checkpoint (model.pt, latest.pt, final.pt) or an official MAE one")
     p.add_argument("--images", nargs="+", required=True, help="image files, one row each")
@@ -88,11 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="was the model trained with norm_pix_loss? auto: from a mae-fast checkpoint's config, else off",
     )
+    p.set_defaults(run=_visualize)
 
     p = sub.add_parser("export", help="export the encoder: timm safetensors, TorchScript or torch.export")
     p.add_argument("checkpoint")
     p.add_argument("--format", choices=["timm", "torchscript", "exported"], default="timm")
     p.add_argument("--out", required=True, help="e.g. encoder.safetensors, encoder.ts.pt, encoder.pt2")
+    p.set_defaults(run=_export)
 
     p = sub.add_parser("eval", help="kNN (and linear-probe) accuracy of a checkpoint's frozen encoder")
     p.add_argument("checkpoint", help="a mae-fast checkpoint, an official MAE one, or a timm export (.safetensors)")
@@ -106,11 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0, help="of the train subsample and the linear probe")
     p.add_argument("--json", default=None, metavar="PATH", help="write the results, checkpoint step and versions here")
-
-    p = sub.add_parser("make-sample-data", help="write a small ImageNet-like JPEG folder from real photos")
-    p.add_argument("out_dir")
-    p.add_argument("--n", type=int, default=256)
-    return parser
+    p.set_defaults(run=_eval)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,148 +153,179 @@ def main(argv: list[str] | None = None) -> int:
         RunFolderError: EXIT_USAGE,
     }
     try:
-        return _run(args)
+        return args.run(args)
     except tuple(codes) as e:  # errors with a message for the user: no traceback
         print(f"error: {e}", file=sys.stderr)
         return next(code for kind, code in codes.items() if isinstance(e, kind))
+    except KeyboardInterrupt:  # a second Ctrl-C while the first one's checkpoint was being written, or any Ctrl-C
+        print("interrupted: stopped at once, without saving (the newest checkpoint is latest.pt)", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
-def _run(args: argparse.Namespace) -> int:
-    if args.command == "train":
-        from .train import train
+def _train(args: argparse.Namespace) -> int:
+    from .train import train
 
-        if args.max_steps is not None and args.max_steps < 1:
-            raise ConfigError(f"--max-steps must be positive, got {args.max_steps}")
-        result = train(load_config(args.config, args.overrides), max_steps=args.max_steps)
-        if result.preempted:
-            return EXIT_PREEMPTED
-    elif args.command == "bench-step":
-        from .bench import bench_step, write_json
-        from .config import config_from_dict
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ConfigError(f"--max-steps must be positive, got {args.max_steps}")
+    result = train(load_config(args.config, args.overrides), max_steps=args.max_steps)
+    if not result.preempted:
+        return 0
+    if result.last_checkpoint:  # rank 0: the exact command that continues from the checkpoint just written
+        kept = [o for o in args.overrides if not o.startswith(("misc.resume=", "misc.auto_resume="))]
+        again = ["mae-fast", "train", args.config, *(a for o in kept for a in ("--set", o))]
+        again += ["--set", f"misc.resume={result.last_checkpoint}"]
+        print(f"stopped at step {result.steps_done}, saved; continue with:\n  {shlex.join(again)}", file=sys.stderr)
+    return EXIT_PREEMPTED
 
-        cfg = load_config(args.config, args.overrides)
-        # overrides split at commas outside brackets: data.augmentation.crop_scale=[0.3,1.0] stays whole
-        variants = [
-            (v, config_from_dict(cfg.to_dict(), [o.strip() for o in re.split(r",(?![^\[]*\])", v)]))
-            for v in args.variant
-        ]
-        write_json(
-            bench_step(
-                cfg,
-                steps=args.steps,
-                warmup=args.warmup,
-                compare=args.compare,
-                batch=args.batch,
-                profile=args.profile,
-                variants=variants,
-            ),
-            args.json,
-        )
-    elif args.command == "bench":
-        from .bench import bench_all
 
-        bench_all(
-            load_config(args.config, args.overrides),
+def _bench_step(args: argparse.Namespace) -> int:
+    from .bench import bench_step, write_json
+    from .config import config_from_dict
+
+    cfg = load_config(args.config, args.overrides)
+    # overrides split at commas outside brackets: data.augmentation.crop_scale=[0.3,1.0] stays whole
+    variants = [
+        (v, config_from_dict(cfg.to_dict(), [o.strip() for o in re.split(r",(?![^\[]*\])", v)])) for v in args.variant
+    ]
+    write_json(
+        bench_step(
+            cfg,
             steps=args.steps,
-            batches=args.batches,
-            out_dir=args.out_dir or None,
-        )
-    elif args.command == "bench-loader":
-        from .bench import bench_loader, write_json
+            warmup=args.warmup,
+            compare=args.compare,
+            batch=args.batch,
+            profile=args.profile,
+            variants=variants,
+        ),
+        args.json,
+    )
+    return 0
 
-        write_json(
-            bench_loader(
-                load_config(args.config, args.overrides), backend=args.backend, batches=args.batches, warmup=args.warmup
-            ),
-            args.json,
-        )
-    elif args.command == "scan":
-        from .pipelines.scan import DatasetScanError, format_bad, scan_dataset
-        from .pipelines.shards import format_problems, is_shard_path, scan_shards
 
-        if is_shard_path(args.data_path):  # a folder of shards: counted from the indexes, each tar checked
-            found = scan_shards(args.data_path, workers=args.workers)
-            classes = f" in {len(found.classes)} classes" if found.classes else ""
-            print(f"{found.samples} samples{classes} in {len(found.tars)} shards under {args.data_path}")
-            if found.bad:
-                print(f"{len(found.bad)} source files were left out by make-shards (listed in its manifest.json)")
-            if found.problems:
-                raise DatasetScanError(format_problems(found.problems, len(found.tars)))
-        else:
-            result = scan_dataset(args.data_path, cache_dir=args.cache_dir, num_workers=args.workers)
-            print(f"{len(result.files)} images in {len(result.classes) or 1} classes under {args.data_path}")
-            if result.bad:
-                print(format_bad(result))
-    elif args.command == "make-shards":
-        from .pipelines.shards import make_shards
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import bench_all
 
-        if not args.shard_size_mb > 0 or args.workers < 1:
-            raise ConfigError(f"need --shard-size-mb > 0 and --workers >= 1, got {args.shard_size_mb}, {args.workers}")
-        report = make_shards(
-            args.src,
-            args.dst,
-            shard_bytes=int(args.shard_size_mb * 2**20),
-            workers=args.workers,
-            cache_dir=args.cache_dir,
-        )
-        kept = f", {report.shards - report.written} of them already complete" if report.written < report.shards else ""
-        print(
-            f"{report.samples} samples in {report.shards} shards ({report.bytes / 2**20:,.1f} MiB) in {report.dst}{kept}"
-        )
-        if report.bad:
-            shown = ", ".join(f"{path} ({why})" for path, why in report.bad[:5])
-            more = f", and {len(report.bad) - 5} more" if len(report.bad) > 5 else ""
-            print(f"{len(report.bad)} files left out by the scan (listed in manifest.json): {shown}{more}")
-    elif args.command == "visualize":
-        from .visualize import visualize_files
-        from .weights import load_mae
+    bench_all(
+        load_config(args.config, args.overrides),
+        steps=args.steps,
+        batches=args.batches,
+        out_dir=args.out_dir or None,
+    )
+    return 0
 
-        if not 0 < args.mask_ratio < 1:
-            raise ConfigError(f"--mask-ratio must be in (0, 1), got {args.mask_ratio}")
-        loaded = load_mae(args.checkpoint, None if args.norm_pix == "auto" else args.norm_pix == "on")
-        print("\n".join(loaded.notes))
-        try:
-            out = visualize_files(loaded.model, args.images, args.out, args.mask_ratio, args.seed)
-        except ValueError as e:
-            raise ConfigError(f"--images: {e}") from None
-        print(f"wrote {out} ({len(args.images)} rows: original | masked | reconstruction | reconstruction + visible)")
-    elif args.command == "export":
-        from .export import export_program, export_timm, export_torchscript
-        from .weights import load_mae
 
-        loaded = load_mae(args.checkpoint)
-        print("\n".join(loaded.notes))
-        if args.format == "timm":
-            how = export_timm(loaded.model, loaded.model_type, args.out)
-            print(f"wrote {args.out}; load it with\n  import timm\n  model = {how}")
-        elif args.format == "torchscript":
-            export_torchscript(loaded.model, args.out)
-            print(f"wrote {args.out}: torch.jit.load(path)(images (N,3,H,W)) -> features (N, D); checked against eager")
-        else:
-            export_program(loaded.model, args.out)
-            print(
-                f"wrote {args.out}: torch.export.load(path).module()(images) -> features (N, D); checked against eager"
-            )
-    elif args.command == "eval":
-        from .evaluate import evaluate_checkpoint
+def _bench_loader(args: argparse.Namespace) -> int:
+    from .bench import bench_loader, write_json
 
-        evaluate_checkpoint(
-            args.checkpoint,
-            args.train,
-            args.val,
-            k=args.k,
-            linear=args.linear,
-            max_train=args.max_train,
-            device=args.device,
-            batch_size=args.batch,
-            num_threads=args.workers,
-            seed=args.seed,
-            json_path=args.json,
-        )
-    elif args.command == "make-sample-data":
-        from .pipelines.sample_data import make_sample_data
+    write_json(
+        bench_loader(
+            load_config(args.config, args.overrides), backend=args.backend, batches=args.batches, warmup=args.warmup
+        ),
+        args.json,
+    )
+    return 0
 
-        print(f"sample data in {make_sample_data(args.out_dir, n=args.n)}")
+
+def _scan(args: argparse.Namespace) -> int:
+    from .pipelines.scan import DatasetScanError, format_bad, scan_dataset
+    from .pipelines.shards import format_problems, is_shard_path, scan_shards
+
+    if is_shard_path(args.data_path):  # a folder of shards: counted from the indexes, each tar checked
+        found = scan_shards(args.data_path, workers=args.workers)
+        classes = f" in {len(found.classes)} classes" if found.classes else ""
+        print(f"{found.samples} samples{classes} in {len(found.tars)} shards under {args.data_path}")
+        if found.bad:
+            print(f"{len(found.bad)} source files were left out by make-shards (listed in its manifest.json)")
+        if found.problems:
+            raise DatasetScanError(format_problems(found.problems, len(found.tars)))
+    else:
+        result = scan_dataset(args.data_path, cache_dir=args.cache_dir, num_workers=args.workers)
+        print(f"{len(result.files)} images in {len(result.classes) or 1} classes under {args.data_path}")
+        if result.bad:
+            print(format_bad(result))
+    return 0
+
+
+def _make_shards(args: argparse.Namespace) -> int:
+    from .pipelines.shards import make_shards
+
+    if not args.shard_size_mb > 0 or args.workers < 1:
+        raise ConfigError(f"need --shard-size-mb > 0 and --workers >= 1, got {args.shard_size_mb}, {args.workers}")
+    report = make_shards(
+        args.src,
+        args.dst,
+        shard_bytes=int(args.shard_size_mb * 2**20),
+        workers=args.workers,
+        cache_dir=args.cache_dir,
+    )
+    kept = f", {report.shards - report.written} of them already complete" if report.written < report.shards else ""
+    print(f"{report.samples} samples in {report.shards} shards ({report.bytes / 2**20:,.1f} MiB) in {report.dst}{kept}")
+    if report.bad:
+        shown = ", ".join(f"{path} ({why})" for path, why in report.bad[:5])
+        more = f", and {len(report.bad) - 5} more" if len(report.bad) > 5 else ""
+        print(f"{len(report.bad)} files left out by the scan (listed in manifest.json): {shown}{more}")
+    return 0
+
+
+def _visualize(args: argparse.Namespace) -> int:
+    from .visualize import visualize_files
+    from .weights import load_mae
+
+    if not 0 < args.mask_ratio < 1:
+        raise ConfigError(f"--mask-ratio must be in (0, 1), got {args.mask_ratio}")
+    loaded = load_mae(args.checkpoint, None if args.norm_pix == "auto" else args.norm_pix == "on")
+    print("\n".join(loaded.notes))
+    try:
+        out = visualize_files(loaded.model, args.images, args.out, args.mask_ratio, args.seed)
+    except ValueError as e:
+        raise ConfigError(f"--images: {e}") from None
+    print(f"wrote {out} ({len(args.images)} rows: original | masked | reconstruction | reconstruction + visible)")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_program, export_timm, export_torchscript
+    from .weights import load_mae
+
+    loaded = load_mae(args.checkpoint)
+    print("\n".join(loaded.notes))
+    if args.format == "timm":
+        how = export_timm(loaded.model, loaded.model_type, args.out)
+        print(f"wrote {args.out}; load it with\n  import timm\n  model = {how}")
+    elif args.format == "torchscript":
+        export_torchscript(loaded.model, args.out)
+        print(f"wrote {args.out}: torch.jit.load(path)(images (N,3,H,W)) -> features (N, D); checked against eager")
+    else:
+        export_program(loaded.model, args.out)
+        print(f"wrote {args.out}: torch.export.load(path).module()(images) -> features (N, D); checked against eager")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_checkpoint
+
+    evaluate_checkpoint(
+        args.checkpoint,
+        args.train,
+        args.val,
+        k=args.k,
+        linear=args.linear,
+        max_train=args.max_train,
+        device=args.device,
+        batch_size=args.batch,
+        num_threads=args.workers,
+        seed=args.seed,
+        json_path=args.json,
+    )
+    return 0
+
+
+def _make_sample_data(args: argparse.Namespace) -> int:
+    if args.n < 1:
+        raise ConfigError(f"--n must be positive, got {args.n}")
+    from .pipelines.sample_data import make_sample_data
+
+    print(f"sample data in {make_sample_data(args.out_dir, n=args.n)}")
     return 0
 
 

@@ -434,7 +434,8 @@ class Trainer:
         return at_log_point and any_rank(self.d, self.stop.signal is not None, self.device)
 
     def finish(self, stopping: bool, end: int) -> TrainResult:
-        """The last read, then final.pt at the end of the schedule, or a step-N checkpoint when stopped."""
+        """The last read, then final.pt at the end of the schedule, or a step-N checkpoint when stopped early
+        (a signal, or --max-steps: a smoke run leaves a checkpoint to visualize or export), then a summary."""
         self.log()
         r = self.result
         if self.step >= self.derived.total_steps:  # done, even if a stop request came during the last steps
@@ -444,9 +445,24 @@ class Trainer:
             self.out.status(f"received {sig}: saving a checkpoint at step {self.step}")
             self.save(f"step-{self.step}")
             r.preempted = True
+        elif self.step > r.start_step:  # --max-steps
+            self.save(f"step-{self.step}")
         r.steps_done, r.seconds = self.step, time.perf_counter() - self.t0
-        self.out.info(
-            f"{'stopped' if r.preempted else 'done'}: step {self.step}/{self.derived.total_steps}, "
-            f"{self.step - r.start_step} steps in {r.seconds:.1f}s"
-        )
+        self.out.info(self.summary())
         return r
+
+    def summary(self) -> str:
+        """The end of the run in a few lines: what was done, and where everything is."""
+        r, lg = self.result, self.cfg.logging
+        steps = self.step - r.start_step
+        rate = steps * self.derived.effective_batch / r.seconds if r.seconds > 0 else 0.0
+        lines = [
+            f"{'stopped' if r.preempted else 'done'}: step {self.step}/{self.derived.total_steps}, {steps} steps in "
+            f"{r.seconds:.1f}s ({rate:,.1f} img/s with compilation), final loss {r.final_loss:.4f}",
+            f"  checkpoint:      {r.last_checkpoint or 'none written'}",
+            f"  log:             {r.log_path}",
+            f"  metrics:         {Path(lg.output_dir) / 'metrics.jsonl'}",
+        ]
+        if lg.visualize_freq_epochs:
+            lines.append(f"  reconstructions: {Path(lg.output_dir) / 'reconstructions'}")
+        return "\n".join(lines)

@@ -144,6 +144,9 @@ def test_sigterm_saves_and_exits_with_code_4(tmp_path, sample_dir):
     assert (tmp_path / f"ckpt/step-{step}/config.json").exists()
     assert list((tmp_path / f"ckpt/step-{step}").glob("mae_pretrain_*.log"))
     assert 3 <= step < 200 * 6
+    assert (
+        "continue with:\n  mae-fast train " in log and f"--set misc.resume={tmp_path}/ckpt/step-{step}/model.pt" in log
+    )
     # and it resumes from there
     again = spawn(
         run_args(
@@ -409,3 +412,24 @@ def test_an_unwritable_checkpoint_folder_is_refused_before_any_work(tmp_path, ca
     err = capsys.readouterr().err
     assert f"error: checkpointing.checkpoint_dir: cannot write to {bad} (Not a directory)" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_second_ctrl_c_exits_130_without_a_traceback(tmp_path, capsys, monkeypatch):
+    """The first SIGINT asks for a checkpoint; a second one ends the process at once: exit 130, one line."""
+    import mae_fast.train
+    from mae_fast.cli import EXIT_INTERRUPTED, main
+    from mae_fast.train import StopFlag
+
+    with StopFlag() as stop:
+        stop._handle(signal.SIGINT, None)
+        assert stop.signal == signal.SIGINT  # the first: finish the step, save, exit 4
+        with pytest.raises(KeyboardInterrupt):
+            stop._handle(signal.SIGINT, None)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mae_fast.train, "train", interrupted)
+    assert main(["train", str(ROOT / "configs/demo.yaml")]) == EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted: stopped at once, without saving") and "Traceback" not in err

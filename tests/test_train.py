@@ -247,3 +247,17 @@ def test_bf16_precision_run_saves_fp32_checkpoints(tmp_path):
     assert result.steps_done == 8 and all(v == v for v in rec.losses)
     ckpt = torch.load(tmp_path / "ckpt/final.pt", weights_only=True)
     assert all(v.dtype == torch.float32 for v in ckpt["model"].values())
+
+
+def test_max_steps_leaves_a_checkpoint_and_the_run_ends_with_a_summary(tmp_path):
+    from mae_fast.weights import load_mae
+
+    cfg = demo_cfg(tmp_path, "data.backend=synthetic", "data.synthetic_images=256", "misc.compile=false")
+    lines = []
+    result = train(cfg, log=lines.append, max_steps=3)
+    assert result.steps_done == 3 and result.last_checkpoint == f"{tmp_path}/ckpt/step-3/model.pt"
+    assert load_mae(result.last_checkpoint).model_type == "mae_vit_tiny_patch8"  # visualize/export can use it
+    summary = lines[-1]
+    assert summary.startswith("done: step 3/240, 3 steps in ") and f"final loss {result.final_loss:.4f}" in summary
+    assert f"checkpoint:      {tmp_path}/ckpt/step-3/model.pt" in summary
+    assert f"metrics:         {tmp_path}/out/metrics.jsonl" in summary and "reconstructions:" in summary
