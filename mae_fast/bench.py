@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, derive
-from .data import TimedBatches, build_loader, find_dataset
+from .config import Config, ConfigError, derive
+from .data import TimedBatches, build_loader, data_format, find_dataset
 from .model import arch_for, model_flops_per_image
 from .peers import compiled_reference_step, reference_step
 from .runtime import device_name, seed_everything, setup_device, sync
@@ -196,35 +196,87 @@ def _loop(batches: TimedBatches, run: Callable[[torch.Tensor], None], steps: int
     return per_step * steps, batches.take_wait()
 
 
-def bench_loader(cfg: Config, *, backend: str = "both", batches: int = 50, warmup: int = 5, log: Log = print) -> dict:
-    """img/s and ms per batch of the DALI and/or PIL loaders over the config's data, same run, same data."""
+def _mean_image_bytes(dataset, limit: int = 2000) -> float:
+    """Mean encoded image size: exact for shards (their index), from up to `limit` files spread over a folder."""
+    if dataset.shards is not None:
+        return float(dataset.shards.sizes.mean())
+    files = dataset.files[:: max(1, len(dataset.files) // limit)]
+    return statistics.fmean(os.path.getsize(f) for f in files) if files else 0.0
+
+
+def bench_loader(
+    cfg: Config,
+    *,
+    backend: str = "both",
+    batches: int = 50,
+    warmup: int = 5,
+    shards: str | None = None,
+    folder: str | None = None,
+    log: Log = print,
+) -> dict:
+    """img/s, MB/s (encoded image bytes) and ms per batch of the DALI and/or PIL loaders over the config's data,
+    same run, same data. `shards` (data.data_path a folder) or `folder` (data.data_path shards): the same images
+    in the other format, read by DALI too, for the shards / folder ratio; PIL reads the folder only."""
+    if shards and folder:
+        raise ConfigError("--shards and --folder: give one, the other format is data.data_path")
     device = setup_device(cfg.misc.device)
-    dataset = find_dataset(cfg)
-    for w in dataset.warnings:
-        log(f"WARNING: {w}")
+    paths = {data_format(cfg): cfg.data.data_path}  # format -> folder
+    other, other_format = shards or folder, "shards" if shards else "folder"
+    if other:
+        if other_format in paths:
+            flag = "--folder" if shards else "--shards"
+            raise ConfigError(
+                f"--{other_format}: data.data_path {cfg.data.data_path} is {other_format} already; use {flag} DIR"
+            )
+        paths[other_format] = other
+    datasets = {
+        fmt: find_dataset(replace(cfg, data=replace(cfg.data, data_path=path, format=fmt, backend="dali")))
+        for fmt, path in paths.items()
+    }
+    for ds in datasets.values():
+        for w in ds.warnings:
+            log(f"WARNING: {w}")
+    names = ["dali", "pil"] if backend == "both" else [backend]
+    runs = [(name, "folder") for name in names if "folder" in datasets]
+    runs += [("dali", "shards")] if "shards" in datasets and "dali" in names else []
+    if "shards" in datasets and ("dali", "shards") not in runs:
+        raise ConfigError("--backend pil: shards are read by DALI only; use --backend dali or both")
+    if "pil" in names and "folder" not in datasets:
+        log("pil: reads image files, not shards: left out (--folder DIR adds the folder)")
+    if len({ds.num_images for ds in datasets.values()}) > 1:
+        log(f"WARNING: not the same images: {', '.join(f'{f} {ds.num_images}' for f, ds in datasets.items())}")
     batch = cfg.optimization.micro_batch_size or cfg.optimization.batch_size
-    if dataset.num_images < batch:
-        raise ValueError(f"data.data_path: {dataset.num_images} images, fewer than one batch of {batch}")
-    per_epoch = dataset.num_images // batch
+    num_images = min(ds.num_images for ds in datasets.values())
+    if num_images < batch:
+        raise ValueError(f"data.data_path: {num_images} images, fewer than one batch of {batch}")
+    per_epoch = num_images // batch
     results: dict[str, dict] = {}
-    for name in ["dali", "pil"] if backend == "both" else [backend]:
-        run_cfg = replace(cfg, data=replace(cfg.data, backend=name))
+    for name, fmt in runs:
+        key = "shards" if fmt == "shards" else name
+        dataset = datasets[fmt]
+        run_cfg = replace(cfg, data=replace(cfg.data, backend=name, data_path=paths[fmt]))
         loader, _, desc = build_loader(run_cfg, dataset, batch, per_epoch, device)
-        log(f"{name}: {desc}, batch {batch}, {cfg.data.input_size}px")
+        log(f"{key}: {desc}, batch {batch}, {cfg.data.input_size}px")
         timed = TimedBatches(loader)
         sec, _ = _loop(timed, lambda images: None, batches, warmup, device)  # after the workers warmed up
         sec /= batches
         b = timed.next()
-        results[name] = {
+        mean_bytes = _mean_image_bytes(dataset)
+        results[key] = {
             "backend": name,
+            "format": fmt,
             "img_s": batch / sec,
+            "MB_s": batch / sec * mean_bytes / 1e6,
+            "mean_image_kb": mean_bytes / 1e3,
             "ms_per_batch": 1000 * sec,
             "batch": batch,
             "workers": cfg.data.num_workers,
             "output_device": str(b.device),
             "dtype": str(b.dtype),
         }
-        log(f"{name:>5}: {batch / sec:,.1f} img/s  {1000 * sec:.1f} ms/batch")
+        if fmt == "shards":
+            results[key]["reads"] = loader.read_stats.as_dict()  # opens, read calls, bytes (whole blocks)
+        log(f"{key:>6}: {batch / sec:,.1f} img/s  {results[key]['MB_s']:,.1f} MB/s  {1000 * sec:.1f} ms/batch")
         loader.close()
         del loader, timed, b
     out = {
@@ -232,13 +284,17 @@ def bench_loader(cfg: Config, *, backend: str = "both", batches: int = 50, warmu
         "env": {
             **env_info(device),
             "input_size": cfg.data.input_size,
-            "num_images": dataset.num_images,
+            "num_images": num_images,
             "data_path": cfg.data.data_path,
+            **({f"{other_format}_path": other} if other else {}),
         },
     }
-    if len(results) == 2:
+    if "dali" in results and "pil" in results:
         out["ratio_dali_over_pil"] = results["dali"]["img_s"] / results["pil"]["img_s"]
         log(f"DALI / PIL: {out['ratio_dali_over_pil']:.2f}x")
+    if "dali" in results and "shards" in results:
+        out["ratio_shards_over_folder"] = results["shards"]["img_s"] / results["dali"]["img_s"]
+        log(f"shards / folder (DALI): {out['ratio_shards_over_folder']:.2f}x")
     return out
 
 
@@ -356,8 +412,8 @@ def summary_table(out: dict) -> str:
         "| what | img/s | ms/iter or batch | MFU | data wait | busy | peak mem |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for r in out["loader"].values():
-        rows.append(f"| loader {r['backend']} | {r['img_s']:,.0f} | {r['ms_per_batch']:.1f} | | | | |")
+    for name, r in out["loader"].items():
+        rows.append(f"| loader {name} | {r['img_s']:,.0f} | {r['ms_per_batch']:.1f} | | | | |")
     for r in out["step"].values():
         mem = f"{r['peak_mem_gb']:.1f} GB" if r.get("peak_mem_gb") else ""
         rows.append(

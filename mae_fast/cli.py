@@ -73,6 +73,8 @@ def _training_commands(sub) -> None:
     p = sub.add_parser("bench-loader", help="time the data loaders (DALI and/or PIL) on the config's data")
     _add_config(p)
     p.add_argument("--backend", choices=["dali", "pil", "both"], default="both")
+    p.add_argument("--shards", default=None, metavar="DIR", help="also time DALI over these shards of the same images")
+    p.add_argument("--folder", default=None, metavar="DIR", help="(data_path shards) also time the image folder")
     p.add_argument("--batches", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--json", default=None)
@@ -219,7 +221,12 @@ def _bench_loader(args: argparse.Namespace) -> int:
 
     write_json(
         bench_loader(
-            load_config(args.config, args.overrides), backend=args.backend, batches=args.batches, warmup=args.warmup
+            load_config(args.config, args.overrides),
+            backend=args.backend,
+            batches=args.batches,
+            warmup=args.warmup,
+            shards=args.shards,
+            folder=args.folder,
         ),
         args.json,
     )

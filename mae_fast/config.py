@@ -1,7 +1,7 @@
 """Typed run configuration: YAML (or the seed guide's JSON) -> dataclasses, strictly checked.
 
 Sections and key names follow the seed guide (model, optimization, schedule, data,
-checkpointing, logging, misc). Each section checks its own values in __post_init__, next to
+checkpointing, logging, misc), plus evaluation. Each section checks its own values in __post_init__, next to
 their fields; choices are Literal types, checked generically. Every error names the dotted
 key; a misspelt key also names the closest valid one. Nothing here imports torch or touches
 the GPU or the data.
@@ -105,6 +105,9 @@ class ScheduleConfig:
 @dataclass
 class DataConfig:
     data_path: str = "./data/imagenet/train"
+    # folder: image files (ImageNet-style or flat) | shards: WebDataset tars from make-shards (DALI only)
+    # auto: shards when data_path holds a manifest.json or *.tar files (shards.is_shard_path), else folder
+    format: Literal["auto", "folder", "shards"] = "auto"
     backend: Literal["dali", "pil", "synthetic"] = "dali"
     input_size: int = 224
     num_workers: int = 10  # DALI threads, or PIL DataLoader workers
@@ -116,6 +119,7 @@ class DataConfig:
     synthetic_images: int = 1281167  # images per epoch with backend synthetic (ImageNet-1k's train size)
     make_sample: bool = False  # create a sample data set at data_path when it is missing (demo)
     scan_cache_dir: str = ""  # where the checked file list is cached; "" = in data_path itself
+    shuffle_buffer: int = 8192  # shards: samples shuffled together per rank; ~2 x this x mean JPEG size of memory
     augmentation: Augmentation = field(default_factory=Augmentation)  # pipelines.common: checked there
 
     def __post_init__(self) -> None:
@@ -125,6 +129,7 @@ class DataConfig:
         _check(self.prefetch >= 1, "prefetch", f"must be >= 1, got {self.prefetch}")
         _check(load is None or 0 <= load <= 1, "hw_decoder_load", f"must be in [0, 1], got {load}")
         _check(self.synthetic_images > 0, "synthetic_images", f"must be positive, got {self.synthetic_images}")
+        _check(self.shuffle_buffer > 0, "shuffle_buffer", f"must be positive, got {self.shuffle_buffer}")
 
 
 @dataclass
@@ -160,6 +165,42 @@ class LoggingConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """kNN (and linear-probe) accuracy of the frozen encoder during pretraining (evaluate.py): a trend monitor.
+
+    Off when train_path is "". With data.make_sample, a missing DIR/train + DIR/val pair is written as the
+    labelled sample set first (the demo's)."""
+
+    train_path: str = ""  # labelled images, DIR/<class>/*.JPEG: the kNN bank (and the probe's train set)
+    val_path: str = ""  # labelled images; its classes must be among train_path's
+    freq_epochs: int = 10  # evaluate at the end of every N-th epoch, and at the end of the run; 0 = at the end only
+    max_train_images: int = 10000  # a uniform random subset of train_path as the bank (seeded); 0 = all
+    k: int = 20  # neighbours that vote, weighted by exp(similarity / 0.07) (DINO)
+    linear_probe: bool = False  # also train MAE's linear probe (BN + Linear) on the cached features
+    batch_size: int = 128  # images per forward pass
+
+    def __post_init__(self) -> None:
+        _check(
+            bool(self.train_path) or not self.val_path,
+            "train_path",
+            f"is empty but evaluation.val_path is {_excerpt(self.val_path)}: set both, or neither (evaluation off)",
+        )
+        _check(
+            bool(self.val_path) or not self.train_path,
+            "val_path",
+            f"is empty but evaluation.train_path is {_excerpt(self.train_path)}: set both, or neither (evaluation off)",
+        )
+        for key in ("freq_epochs", "max_train_images"):
+            _check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+        _check(self.k >= 1, "k", f"must be at least 1, got {self.k}")
+        _check(self.batch_size >= 1, "batch_size", f"must be positive, got {self.batch_size}")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.train_path)
+
+
+@dataclass
 class MiscConfig:
     seed: int = 0
     device: str = "auto"  # auto | cuda | cuda:N | cpu
@@ -188,6 +229,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpointing: CheckpointingConfig = field(default_factory=CheckpointingConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     misc: MiscConfig = field(default_factory=MiscConfig)
 
     def __post_init__(self) -> None:  # the checks across sections

@@ -2,7 +2,7 @@
 
 `train()` sets the run up and hands it to a Trainer, whose `fit()` is the loop: each iteration is
 one optimizer step, then the side jobs that are due, in a fixed order that every rank follows
-(log, share undecodable files, save, end of epoch, stop). The collectives among them (marked
+(log, share undecodable files, evaluate, save, end of epoch, stop). The collectives among them (marked
 "a collective") are reached by every rank at the same steps, so several processes cannot
 deadlock on them.
 """
@@ -42,8 +42,9 @@ from .config import (
     save_config,
 )
 from .dashboard import RunInfo
-from .data import Dataset, TimedBatches, build_loader, find_dataset
+from .data import Dataset, TimedBatches, build_loader, check_same_source, find_dataset, sample_images
 from .distributed import Dist, any_rank, broadcast, gather, init_distributed, mean, shutdown
+from .evaluate import EvalSets, evaluate_in_training, prepare_eval_sets
 from .metrics import Meter, NonFiniteLoss, Snapshot, peak_bf16_flops
 from .model import model_flops_per_image
 from .optim import cosine_lr, load_optimizer_state
@@ -66,6 +67,7 @@ class TrainResult:
     seconds: float = 0.0  # wall time of the loop (compilation included)
     last_checkpoint: str = ""  # the newest model.pt / final.pt written ("" if none, or not rank 0)
     log_path: str = ""
+    evaluations: list[dict] = field(default_factory=list)  # each evaluation's numbers, with its step and epoch
 
 
 class StopFlag:
@@ -142,6 +144,7 @@ def _train(cfg: Config, d: Dist, log: Callable | None, max_steps: int | None, on
     # data first: a bad data_path stops the run before any model is built;
     # rank 0 scans and every rank trains on its exact file list (the shards must partition one list)
     dataset = broadcast(d, find_dataset(cfg) if d.is_main else None)
+    eval_sets = eval_sets_of(cfg, d)  # so do bad evaluation folders (a collective; None when evaluation is off)
     derived = derive(cfg, dataset.num_images, d.world_size)
     micro, per_epoch = derived.micro_batch_size, derived.steps_per_epoch * derived.accum_steps
     loader, input_dtype, data_desc = build_loader(
@@ -155,12 +158,32 @@ def _train(cfg: Config, d: Dist, log: Callable | None, max_steps: int | None, on
         out.info(f"data: {data_desc}" + (f"; one shard per rank, {d.world_size} ranks" if d.enabled else ""))
         out.info(format_config(cfg, derived))
         with StopFlag() as stop, train_stream(device, cfg.misc.high_priority_stream):
-            trainer = Trainer(cfg, d, device, dataset, derived, TimedBatches(loader), input_dtype, out, stop)
+            trainer = Trainer(
+                cfg, d, device, dataset, derived, TimedBatches(loader), input_dtype, out, stop, eval_sets=eval_sets
+            )
             trainer.on_log = on_log
             return trainer.fit(max_steps)
     finally:
         out.close()
         loader.close()
+
+
+def eval_sets_of(cfg: Config, d: Dist) -> EvalSets | None:
+    """The labelled images of evaluation.*, scanned once by rank 0 and the same on every rank (a collective);
+    None when evaluation is off. Errors name the config key (exit 2) and are raised on every rank."""
+    e = cfg.evaluation
+    if not e.enabled:
+        return None
+    return prepare_eval_sets(
+        e.train_path,
+        e.val_path,
+        max_train=e.max_train_images,
+        seed=cfg.misc.seed,
+        cache_dir=cfg.data.scan_cache_dir or None,
+        dist=d,
+        names=("evaluation.train_path", "evaluation.val_path"),
+        make_sample=cfg.data.make_sample,
+    )
 
 
 def _run_log(
@@ -195,6 +218,7 @@ class Trainer:
         input_dtype: torch.dtype,
         out: RunLog,
         stop: StopFlag,
+        eval_sets: EvalSets | None = None,
     ):
         self.cfg, self.d, self.device, self.derived = cfg, d, device, derived
         self.batches, self.out, self.stop = batches, out, stop
@@ -235,8 +259,19 @@ class Trainer:
             f"{'compiled' if cfg.misc.compile else 'eager'}; {flops / derived.effective_batch / 1e9:.3g} GFLOP per image"
         )
         n = cfg.logging.visualize_images
-        self.vis_files = dataset.files[:: max(1, len(dataset.files) // n)][:n]  # fixed images, spread over the set
+        self.vis_files = sample_images(dataset, n) if d.is_main and cfg.logging.visualize_freq_epochs else []
         self.on_log: OnLog | None = None
+        self.eval_sets = eval_sets
+        if eval_sets is not None:
+            e = cfg.evaluation
+            when = f"every {e.freq_epochs} epochs and at the end" if e.freq_epochs else "at the end of the run"
+            out.info(
+                f"evaluation: kNN (k={e.k}){' and linear probe' if e.linear_probe else ''} of the frozen encoder, "
+                f"{len(eval_sets.train_files)} train / {len(eval_sets.val_files)} val images in "
+                f"{eval_sets.num_classes} classes, {when}"
+            )
+            for note in eval_sets.notes:
+                out.info(f"evaluation: {note}")
 
     def lr_at(self, step: int) -> float:
         o, dv = self.cfg.optimization, self.derived
@@ -260,6 +295,7 @@ class Trainer:
                 f"position to resume); to start from its weights, set misc.init_weights: {path}"
             )
         notes = check_resumable(ckpt, self.cfg, self.derived, path)
+        check_same_source(ckpt, self.loader, path)  # a folder run's checkpoint in a shard run, or the reverse
         try:
             self.model.load_state_dict(ckpt["model"], strict=True)
             load_optimizer_state(self.step_fn.optimizer, ckpt["optimizer"])  # misc.compile_optimizer may differ
@@ -311,6 +347,8 @@ class Trainer:
             if log_point:
                 self.log(first=self.step == start + 1)
                 self.share_bad_files()
+            if self.evaluation_due():
+                self.evaluate()
             for name in checkpoints_due(self.step, spe, ck):
                 self.save(name)
             if self.step % spe == 0:
@@ -426,6 +464,46 @@ class Trainer:
             )
             self.out.info(f"reconstructions: {png}")
             self.meter.restart_clock()
+
+    def evaluation_due(self) -> bool:
+        """At the end of every evaluation.freq_epochs-th epoch and at the end of the schedule; the same on every rank."""
+        epoch, rest = divmod(self.step, self.derived.steps_per_epoch)
+        if self.eval_sets is None or rest:
+            return False
+        freq = self.cfg.evaluation.freq_epochs
+        return self.step == self.derived.total_steps or bool(freq and epoch % freq == 0)
+
+    def evaluate(self) -> None:
+        """kNN (and the linear probe) of the frozen encoder, a collective of every rank, before the epoch's
+        checkpoints (the final numbers are in the log before final.pt). The metrics are read first and the
+        clock restarted after, so no training interval holds evaluation time; the uncompiled model is used,
+        and the training RNG streams are left as they were (a resumed run gives the same losses).
+        A failure is raised on every rank alike: all of them go on training, without evaluation."""
+        self.log()
+        e, a = self.cfg.evaluation, self.cfg.data.augmentation
+        epoch = self.step // self.derived.steps_per_epoch
+        try:
+            results = evaluate_in_training(
+                self.model,
+                self.eval_sets,
+                dist=self.d,
+                device=self.device,
+                input_size=self.cfg.data.input_size,
+                mean=tuple(a.mean),
+                std=tuple(a.std),
+                k=e.k,
+                linear_probe=e.linear_probe,
+                batch_size=e.batch_size,
+                num_threads=max(1, self.cfg.data.num_workers),
+                seed=self.cfg.misc.seed,
+            )
+        except RuntimeError as err:
+            self.out.info(f"WARNING: evaluation at epoch {epoch} failed ({err}); training goes on without evaluation")
+            self.eval_sets = None
+        else:
+            self.result.evaluations.append({"step": self.step, "epoch": epoch, **results})
+            self.out.evaluation(self.step, epoch, results)
+        self.meter.restart_clock()  # the evaluation's time is not training throughput (eval_s has it)
 
     def stop_requested(self, at_log_point: bool) -> bool:
         """One process: after every step; several: at log points, where all ranks agree on it (a collective)."""

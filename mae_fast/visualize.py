@@ -4,6 +4,7 @@ statistics of the original's own patches, so it shows an image, not noise."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +17,14 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def load_image(path: str | Path, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """Resize the shorter side to `size` (bicubic), centre-crop, normalize -> (3, size, size)."""
+def load_image(path: str | Path | bytes, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """Resize the shorter side to `size` (bicubic), centre-crop, normalize -> (3, size, size).
+    `path`: an image file, or an encoded image's bytes (a shard sample)."""
     try:
-        img = Image.open(path).convert("RGB")
+        img = Image.open(io.BytesIO(path) if isinstance(path, bytes) else path).convert("RGB")
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from None
+        what = f"({len(path)} bytes)" if isinstance(path, bytes) else path
+        raise ValueError(f"cannot read image {what}: {e}") from None
     w, h = img.size
     scale = size / min(w, h)
     img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
@@ -75,7 +78,7 @@ def save_grid(panels: list[torch.Tensor], path: str | Path, mean=IMAGENET_MEAN, 
 
 def visualize_files(
     model: MaskedAutoencoderViT,
-    files: list[str],
+    files: list[str | bytes],
     out: str | Path,
     mask_ratio: float = 0.75,
     seed: int = 0,
@@ -83,6 +86,6 @@ def visualize_files(
     mean=IMAGENET_MEAN,
     std=IMAGENET_STD,
 ) -> Path:
-    """The grid for image files, normalized with the model's training mean/std."""
+    """The grid for image files (or encoded images' bytes), normalized with the model's training mean/std."""
     imgs = torch.stack([load_image(f, model.arch.img_size, mean, std) for f in files]).to(device)
     return save_grid(reconstruct(model, imgs, mask_ratio, seed), out, mean, std)
