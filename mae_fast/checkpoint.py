@@ -188,13 +188,35 @@ def save_torch(path: Path, obj: dict) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
+_SIGNATURES = {b"\xff\xd8\xff": "a JPEG image", b"\x89PNG": "a PNG image", b"\x1f\x8b": "gzip data"}
+
+
+def _why_unreadable(path: Path, error: Exception) -> str:
+    """Why torch.load refused `path`, in words (not torch's advice to load with weights_only=False, which would let
+    the file run code)."""
+    head = path.read_bytes()[:8] if path.stat().st_size else b""
+    if not head:
+        return "the file is empty (0 bytes; a write that never finished?)"
+    for magic, what in _SIGNATURES.items():
+        if head.startswith(magic):
+            return f"the file is {what}, not a PyTorch checkpoint"
+    if "weights_only" in str(error) and head.startswith(b"PK"):
+        return "it holds Python objects other than tensors and plain values, which a safe load refuses"
+    if not head.startswith((b"PK", b"\x80")):
+        return f"the file is not a PyTorch checkpoint (it starts with {head.hex(' ')})"
+    first = next((line for line in str(error).splitlines() if line.strip()), "")
+    return f"the file is truncated or damaged ({type(error).__name__}{': ' + first[:200] if first else ''})"
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """torch.load with weights_only=True; clear errors for a missing file or a file that is no checkpoint.
 
     The one extra type allowed is argparse.Namespace, which facebookresearch/mae checkpoints carry as "args".
     """
     path = Path(path)
-    if path.is_dir() and (path / "model.pt").is_file():
+    if path.is_dir():
+        if not (path / "model.pt").is_file():
+            raise CheckpointError(f"checkpoint {str(path)!r} is a folder without a model.pt")
         path = path / "model.pt"
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
@@ -202,7 +224,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # unpickling errors, truncated zip, a foreign pickle with code
-        raise CheckpointError(f"{path} is not a readable checkpoint: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint: {_why_unreadable(path, e)}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} is not a checkpoint (it holds a {type(obj).__name__})")
     if obj.get("format") == "mae-fast" and int(obj.get("version", 1)) > FORMAT_VERSION:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import reprlib
 import types
 import typing
@@ -125,8 +126,13 @@ class DataConfig:
     def __post_init__(self) -> None:
         load = self.hw_decoder_load
         _check(self.input_size > 0, "input_size", f"must be positive, got {self.input_size}")
-        _check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
-        _check(self.prefetch >= 1, "prefetch", f"must be >= 1, got {self.prefetch}")
+        most = max(64, 4 * (os.cpu_count() or 1))  # 4 threads a core, and any config's 16 or 32 everywhere
+        _check(
+            0 <= self.num_workers <= most,
+            "num_workers",
+            f"must be in [0, {most}] (this machine has {os.cpu_count()} CPU cores), got {self.num_workers}",
+        )
+        _check(1 <= self.prefetch <= 32, "prefetch", f"must be in [1, 32] batches, got {self.prefetch}")
         _check(load is None or 0 <= load <= 1, "hw_decoder_load", f"must be in [0, 1], got {load}")
         _check(self.synthetic_images > 0, "synthetic_images", f"must be positive, got {self.synthetic_images}")
         _check(self.shuffle_buffer > 0, "shuffle_buffer", f"must be positive, got {self.shuffle_buffer}")
@@ -216,6 +222,7 @@ class MiscConfig:
     run_name: str = ""
 
     def __post_init__(self) -> None:
+        _check(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32 - 1] (numpy's and DALI's range), got {self.seed}")
         d = self.device
         ok = d in ("auto", "cuda", "cpu") or (d.startswith("cuda:") and d[5:].isdigit())
         _check(ok, "device", f"must be auto, cuda, cuda:N or cpu, got {_excerpt(d)}")

@@ -58,11 +58,19 @@ def load_mae(path: str | Path, norm_pix_loss: bool | None = None) -> LoadedWeigh
     notes = []
     has_decoder = any(k.startswith("decoder_") for k in sd)
     if has_decoder:
-        model.load_state_dict(sd, strict=True)
+        try:
+            model.load_state_dict(sd, strict=True)
+        except RuntimeError as e:  # a missing or extra key, a tensor of another shape
+            problems = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+            raise CheckpointError(f"{path}: the weights do not fit {name}: {'; '.join(problems)[:400]}") from None
         source = "mae-fast" if config else "official"
     else:
         # the official pretrain checkpoints hold the encoder only (plus no mask token)
-        missing, unexpected = model.load_state_dict(sd, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(sd, strict=False)
+        except RuntimeError as e:  # a tensor of another shape
+            problems = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+            raise CheckpointError(f"{path}: the weights do not fit {name}: {'; '.join(problems)[:400]}") from None
         if unexpected or any(not (k.startswith("decoder_") or k == "mask_token") for k in missing):
             raise CheckpointError(
                 f"{path}: encoder weights do not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}"

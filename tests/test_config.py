@@ -76,6 +76,11 @@ def test_absolute_lr_wins():
         ({"schedule": {"warmup_epochs": 50, "epochs": 10}}, "schedule.warmup_epochs", "epochs=10"),
         ({"optimization": {"lr": "inf"}}, "optimization.lr", "expected a finite number"),
         ({"misc": {"device": "cuda:x"}}, "misc.device", "cuda:N"),
+        ({"misc": {"seed": -1}}, "misc.seed", "[0, 2**32 - 1]"),
+        ({"misc": {"seed": 2**32}}, "misc.seed", "[0, 2**32 - 1]"),
+        ({"misc": {"seed": "1e23"}}, "misc.seed", "expected an integer"),
+        ({"data": {"num_workers": 100000}}, "data.num_workers", "CPU cores"),
+        ({"data": {"prefetch": 100000}}, "data.prefetch", "[1, 32]"),
     ],
 )
 def test_config_errors_name_the_key(data, key, fragment):

@@ -166,6 +166,7 @@ def test_official_weights_as_init_and_refused_as_resume(tmp_path):
     base = [
         f"logging.output_dir={tmp_path}/out",
         f"checkpointing.checkpoint_dir={tmp_path}/ck",
+        "evaluation=null",
         "data.backend=synthetic",
         "data.synthetic_images=64",
         "misc.compile=false",
@@ -214,3 +215,21 @@ def test_error_cases(tmp_path, capsys):
     # the CLI turns these into a message and exit code 1
     assert main(["export", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_weights_that_do_not_fit_are_a_clear_error(tmp_path, capsys):
+    """A checkpoint that loads but has a tensor of another shape, or a missing key: one error line, exit 1."""
+    from mae_fast.cli import EXIT_ERROR, main
+
+    sd = build_model("mae_vit_tiny_patch8").state_dict()
+    bad_shape = {**sd, "decoder_pred.weight": torch.zeros(5, 32)}
+    missing = {k: v for k, v in sd.items() if k != "blocks.1.mlp.fc2.weight"}
+    for name, state in (("shape.pt", bad_shape), ("missing.pt", missing)):
+        torch.save({"model": state}, tmp_path / name)
+        for command in (["visualize", str(tmp_path / name), "--images", "x.jpg"],
+                        ["export", str(tmp_path / name), "--out", str(tmp_path / "e.safetensors")]):  # fmt: skip
+            assert main(command) == EXIT_ERROR
+            err = capsys.readouterr().err
+            assert err.startswith(f"error: {tmp_path / name}: the weights do not fit mae_vit_tiny_patch8") and (
+                "decoder_pred.weight" in err or "blocks.1.mlp.fc2.weight" in err
+            ), err

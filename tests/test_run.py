@@ -31,8 +31,10 @@ def sample_dir(tmp_path_factory):
 
 
 def run_args(tmp, data, out, *extra):
-    """A tiny DALI (CPU) run: 96 images, batch 16 as 2 x 8 accumulation -> 6 steps per epoch."""
+    """A tiny DALI (CPU) run: 96 images, batch 16 as 2 x 8 accumulation -> 6 steps per epoch; no evaluation."""
     return [
+        "--set",
+        "evaluation=null",
         "--set",
         f"data.data_path={data}",
         "--set",
@@ -387,7 +389,7 @@ def test_one_run_per_folder_and_a_killed_holder_does_not_block(tmp_path, capsys)
     )  # fmt: skip
     assert holder.stdout.readline().strip() == "held"
     args = ["train", str(ROOT / "configs/demo.yaml"), "--max-steps", "2"]
-    for o in ("data.backend=synthetic", "data.synthetic_images=64", "misc.compile=false",
+    for o in ("evaluation=null", "data.backend=synthetic", "data.synthetic_images=64", "misc.compile=false",
               f"logging.output_dir={tmp_path}/out", f"checkpointing.checkpoint_dir={tmp_path}/ckpt"):  # fmt: skip
         args += ["--set", o]
     try:
@@ -433,3 +435,25 @@ def test_a_second_ctrl_c_exits_130_without_a_traceback(tmp_path, capsys, monkeyp
     assert main(["train", str(ROOT / "configs/demo.yaml")]) == EXIT_INTERRUPTED
     err = capsys.readouterr().err
     assert err.startswith("interrupted: stopped at once, without saving") and "Traceback" not in err
+
+
+def test_unreadable_checkpoints_say_what_they_are(tmp_path):
+    """Each refusal names the file and says what is wrong with it (never torch's weights_only=False advice)."""
+    from PIL import Image
+
+    (tmp_path / "empty.pt").write_bytes(b"")
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.jpg")
+    torch.save({"model": {"w": torch.zeros(64)}}, tmp_path / "ok.pt")
+    data = (tmp_path / "ok.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "folder").mkdir()
+    expected = {
+        "empty.pt": "the file is empty (0 bytes",
+        "photo.jpg": "the file is a JPEG image, not a PyTorch checkpoint",
+        "cut.pt": "the file is truncated or damaged",
+        "folder": "is a folder without a model.pt",
+    }
+    for name, why in expected.items():
+        with pytest.raises(CheckpointError) as e:
+            load_checkpoint(tmp_path / name)
+        assert name in str(e.value) and why in str(e.value) and "weights_only" not in str(e.value), name
