@@ -31,14 +31,27 @@ class Dataset:
     shards: ShardSet | None = None
 
 
+SAMPLE_FOLDER = "sample"  # the one folder name data.make_sample writes into
+
+
 def scan(cfg: Config, progress: bool = True):
     """List and check the images under data.data_path (creating the sample set first if configured)."""
     d = cfg.data
     path = Path(d.data_path)
     if d.make_sample and not path.exists():
+        if path.name != SAMPLE_FOLDER:  # a mistyped data_path must not quietly fill with sample photos
+            raise DatasetScanError(
+                f"data.data_path: {path} does not exist (data.make_sample creates the sample set only in a folder "
+                f"named {SAMPLE_FOLDER!r}, such as ./data/{SAMPLE_FOLDER})"
+            )
         from .pipelines.sample_data import make_sample_data
 
         make_sample_data(str(path))
+    if (path / "train").is_dir() and (path / "val").is_dir():  # the official --data_path is this root
+        raise DatasetScanError(
+            f"data.data_path: {path} holds train/ and val/ (an ImageNet root): pretraining would read both as two "
+            f"classes; set data.data_path: {path / 'train'}"
+        )
     try:
         return scan_dataset(
             str(path), cache_dir=d.scan_cache_dir or None, num_workers=max(4, d.num_workers), progress=progress

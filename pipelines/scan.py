@@ -86,12 +86,12 @@ def scan_dataset(
     if not os.path.isdir(root):
         raise DatasetScanError(f"dataset path is not a directory: {root}")
 
-    classes, entries = _list_images(root)  # entries: (relpath, label, size, mtime_ns)
+    classes, entries, skipped = _list_images(root)  # entries: (relpath, label, size, mtime_ns)
     if not entries:
         raise DatasetScanError(
             f"no image files ({', '.join(IMAGE_EXTS)}) found in {root} (expected root/<class>/*.JPEG or root/*.jpg)"
         )
-    fingerprint = _fingerprint(classes, entries)
+    fingerprint = _fingerprint(classes, entries + [(rel, -1, 0, 0) for rel, _ in skipped])
     cache_path = _cache_path(root, cache_dir)
 
     cached = _read_cache(cache_path, root, fingerprint)
@@ -102,7 +102,7 @@ def scan_dataset(
 
     relpaths = [e[0] for e in entries]
     reasons = _check_all(root, relpaths, num_workers, progress)
-    files, labels, bad = [], [], []
+    files, labels, bad = [], [], list(skipped)  # unreadable entries are reported with the files that fail
     for (rel, label, _, _), reason in zip(entries, reasons, strict=True):
         if reason is None:
             files.append(rel)
@@ -149,24 +149,48 @@ def _is_image_name(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTS)
 
 
-def _walk(folder: str, rel: str, out: list[tuple[str, int, int]]) -> None:
-    """Append (relpath, size, mtime_ns) of the image files under `folder`, recursively."""
+def _walk(folder: str, rel: str, out: list, skipped: list, seen: set) -> None:
+    """Append (relpath, size, mtime_ns) of the image files under `folder`, recursively; (relpath, reason) of what
+    cannot be read to `skipped`: a broken link, a link loop, a name that is not UTF-8. `seen`: (dev, inode) of
+    the folders walked, so a link back up the tree is walked once."""
     with os.scandir(folder) as it:
         subdirs = []
         for entry in it:
             if entry.name.startswith("."):
                 continue
+            shown = f"{rel}{_printable(entry.name)}"
+            try:
+                entry.name.encode()
+            except UnicodeEncodeError:
+                if entry.is_dir() or _is_image_name(entry.name):
+                    skipped.append((shown, "its name is not valid UTF-8"))
+                continue
             if entry.is_dir():
                 subdirs.append(entry.name)
-            elif _is_image_name(entry.name) and entry.is_file():
-                st = entry.stat()
-                out.append((f"{rel}{entry.name}", st.st_size, st.st_mtime_ns))
+            elif _is_image_name(entry.name):
+                if entry.is_file():
+                    st = entry.stat()
+                    out.append((f"{rel}{entry.name}", st.st_size, st.st_mtime_ns))
+                elif entry.is_symlink():
+                    skipped.append((shown, "broken symbolic link"))
     for name in subdirs:
-        _walk(os.path.join(folder, name), f"{rel}{name}/", out)
+        path = os.path.join(folder, name)
+        st = os.stat(path)
+        if (st.st_dev, st.st_ino) in seen:
+            skipped.append((f"{rel}{name}/", "symbolic-link loop (a folder already walked)"))
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        _walk(path, f"{rel}{name}/", out, skipped, seen)
 
 
-def _list_images(root: str) -> tuple[list[str], list[tuple[str, int, int, int]]]:
-    """Return (classes, [(relpath, label, size, mtime_ns)]) sorted by (label, relpath).
+def _printable(name: str) -> str:
+    """A file name as text, whatever bytes it holds (undecodable bytes shown as \\xNN)."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def _list_images(root: str) -> tuple[list[str], list[tuple[str, int, int, int]], list[tuple[str, str]]]:
+    """Return (classes, [(relpath, label, size, mtime_ns)] sorted by (label, relpath), [(relpath, reason)] of
+    entries that cannot be read).
 
     Subfolders holding images are classes; if there are none, the folder is flat
     (so a flat folder may also hold, say, a cache folder).
@@ -175,23 +199,39 @@ def _list_images(root: str) -> tuple[list[str], list[tuple[str, int, int, int]]]
         subdirs = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
     classes: list[str] = []
     entries: list[tuple[str, int, int, int]] = []
+    skipped: list[tuple[str, str]] = []
+    seen = {(os.stat(root).st_dev, os.stat(root).st_ino)}
     for name in subdirs:
         found: list[tuple[str, int, int]] = []
-        _walk(os.path.join(root, name), f"{name}/", found)
+        _walk(os.path.join(root, name), f"{name}/", found, skipped, seen)
         if not found:
             continue  # an empty or non-image subfolder is not a class
         label = len(classes)
         classes.append(name)
         entries.extend((rel, label, size, mtime) for rel, size, mtime in sorted(found))
     if classes:
-        return classes, entries
-    found = []
+        return classes, entries, skipped
+    found, skipped = [], []  # flat: only the top level's files count
+    _walk_files(root, found, skipped)
+    return ["."], [(rel, 0, size, mtime) for rel, size, mtime in sorted(found)], skipped
+
+
+def _walk_files(root: str, out: list, skipped: list) -> None:
+    """The image files at the top level of a flat folder (subfolders are not walked)."""
     with os.scandir(root) as it:
         for entry in it:
-            if _is_image_name(entry.name) and entry.is_file():
+            if entry.name.startswith(".") or not _is_image_name(entry.name):
+                continue
+            try:
+                entry.name.encode()
+            except UnicodeEncodeError:
+                skipped.append((_printable(entry.name), "its name is not valid UTF-8"))
+                continue
+            if entry.is_file():
                 st = entry.stat()
-                found.append((entry.name, st.st_size, st.st_mtime_ns))
-    return ["."], [(rel, 0, size, mtime) for rel, size, mtime in sorted(found)]
+                out.append((entry.name, st.st_size, st.st_mtime_ns))
+            elif entry.is_symlink():
+                skipped.append((entry.name, "broken symbolic link"))
 
 
 def _fingerprint(classes: list[str], entries: list[tuple[str, int, int, int]]) -> str:

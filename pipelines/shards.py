@@ -517,7 +517,7 @@ def make_shards(
         raise ValueError(f"need shard_bytes >= 1 and workers >= 1, got {shard_bytes}, {workers}")
     scanned = scan_dataset(src, cache_dir=cache_dir, num_workers=workers, progress=progress)
     root = scanned.root
-    classes, entries = _list_images(root)  # the scan's listing again: its fingerprint and the sizes
+    classes, entries, _ = _list_images(root)  # the scan's listing again: its fingerprint and the sizes
     settings = {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,

@@ -210,3 +210,26 @@ def test_progress_bar_and_worker_processes_give_the_same_result(tmp_path, monkey
     quiet = scan_dataset(str(tmp_path), num_workers=1, progress=False, cache_dir=str(tmp_path / "c2"))
     assert len(with_bar.files) == 12 and len(with_bar.bad) == 1
     assert (with_bar.files, with_bar.bad) == (quiet.files, quiet.bad)
+
+
+def test_link_loops_broken_links_and_undecodable_names_are_left_out_and_reported(tmp_path):
+    """None of these stops the scan: each is reported with the bad files, the rest of the set is usable."""
+    import os
+
+    from PIL import Image
+
+    root = tmp_path / "data"
+    (root / "cat").mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (16, 16), (i, 0, 0)).save(root / "cat" / f"{i}.jpg")
+    os.symlink(root, root / "cat" / "loop")  # a folder link back up the tree
+    os.symlink(root / "cat" / "gone.jpg", root / "cat" / "broken.jpg")  # points at nothing
+    bad_name = os.fsdecode(b"caf\xe9.jpg")  # Latin-1 bytes: not UTF-8
+    Image.new("RGB", (16, 16)).save(os.path.join(os.fsencode(root / "cat"), b"caf\xe9.jpg"))
+    result = scan_dataset(str(root), progress=False)
+    assert [os.path.basename(f) for f in result.files] == ["0.jpg", "1.jpg", "2.jpg"] and result.classes == ["cat"]
+    reasons = {os.path.relpath(p, root): why for p, why in result.bad}
+    assert reasons["cat/loop"].startswith("symbolic-link loop")
+    assert reasons["cat/broken.jpg"] == "broken symbolic link"
+    assert reasons["cat/caf\\xe9.jpg"] == "its name is not valid UTF-8" and bad_name not in reasons
+    assert scan_dataset(str(root), progress=False).bad == result.bad  # the cache keeps them

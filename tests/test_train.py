@@ -43,6 +43,8 @@ def test_divergence_stops_with_the_step(tmp_path, capsys):
             "train",
             str(ROOT / "configs/demo.yaml"),
             "--set",
+            "evaluation=null",
+            "--set",
             "data.backend=synthetic",
             "--set",
             "data.synthetic_images=256",
@@ -75,7 +77,7 @@ def test_a_diverging_step_never_reaches_a_checkpoint(tmp_path, capsys, monkeypat
         return run(self, batch * float("nan") if len(calls) == 5 else batch, **kw)
 
     monkeypatch.setattr(TrainStep, "run", poisoned)
-    overrides = ["data.backend=synthetic", "data.synthetic_images=256", "misc.compile=false"]
+    overrides = ["evaluation=null", "data.backend=synthetic", "data.synthetic_images=256", "misc.compile=false"]
     overrides += ["logging.print_freq=4", "checkpointing.save_freq_steps=2", "checkpointing.keep_last_n=0"]
     rc = main(
         ["train", str(ROOT / "configs/demo.yaml")]
@@ -261,3 +263,17 @@ def test_max_steps_leaves_a_checkpoint_and_the_run_ends_with_a_summary(tmp_path)
     assert summary.startswith("done: step 3/240, 3 steps in ") and f"final loss {result.final_loss:.4f}" in summary
     assert f"checkpoint:      {tmp_path}/ckpt/step-3/model.pt" in summary
     assert f"metrics:         {tmp_path}/out/metrics.jsonl" in summary and "reconstructions:" in summary
+
+
+def test_make_sample_writes_only_its_own_folder_and_an_imagenet_root_is_refused(tmp_path, capsys):
+    base = ["train", str(ROOT / "configs/demo.yaml"), "--set", f"logging.output_dir={tmp_path}/out"]
+    base += ["--set", f"checkpointing.checkpoint_dir={tmp_path}/ckpt"]
+    assert main(base + ["--set", f"data.data_path={tmp_path}/data/smaple"]) == EXIT_USAGE  # a typo
+    err = capsys.readouterr().err
+    assert f"{tmp_path}/data/smaple does not exist (data.make_sample creates the sample set only in a folder" in err
+    assert not (tmp_path / "data").exists()
+    (tmp_path / "imagenet/train/n01").mkdir(parents=True)
+    (tmp_path / "imagenet/val/n01").mkdir(parents=True)
+    assert main(base + ["--set", f"data.data_path={tmp_path}/imagenet"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "holds train/ and val/ (an ImageNet root)" in err and f"data.data_path: {tmp_path}/imagenet/train" in err
