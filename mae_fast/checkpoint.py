@@ -52,6 +52,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Any) -> None:
     """Call write(file_object) on a temporary file beside `path`, fsync it, then rename over `path`.
 
@@ -61,6 +67,7 @@ def atomic_write(path: Path, write: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600: give it the mode a plain open() would
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -350,6 +357,23 @@ class CheckpointManager:
             if d.is_dir() and d.name[len(kind) + 1 :].isdigit() and (d / "model.pt").exists()
         ]
         return sorted(dirs, key=lambda d: int(d.name[len(kind) + 1 :]))
+
+    def clean_stale(self) -> list[str]:
+        """Remove what a killed run or a full disk left behind: temporary files of unfinished writes, and
+        numbered folders without a model.pt. Call it holding the folder's RunLock. Returns what was removed."""
+        if not self.root.is_dir():
+            return []
+        removed = []
+        for folder in [self.root, *(d for d in self.root.iterdir() if d.is_dir())]:
+            for tmp in [*folder.glob(".*.tmp"), *folder.glob(".*.link")]:
+                tmp.unlink(missing_ok=True)
+                removed.append(str(tmp))
+        for d in self.root.glob("*-*"):
+            kind, _, n = d.name.partition("-")
+            if kind in ("epoch", "step") and n.isdigit() and d.is_dir() and not (d / "model.pt").exists():
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(f"{d}/")
+        return removed
 
     def _rotate(self) -> None:
         """Keep the newest keep_last_n epoch-N and, separately, step-N directories."""

@@ -239,6 +239,9 @@ class Trainer:
             distributed=d.enabled,
         )
         self.ckpts = CheckpointManager(cfg.checkpointing.checkpoint_dir, cfg.checkpointing.keep_last_n)
+        if d.is_main:  # rank 0 holds the folder's lock: nothing else writes there
+            for path in self.ckpts.clean_stale():
+                out.info(f"removed {path}, left by an interrupted write")
         self.result = TrainResult(derived, log_path=str(out.log_path or ""))
         self.saved: tuple[int, Path | None] = (-1, None)  # (step, path) of the newest model.pt (path: rank 0)
         resumed = self.resume()

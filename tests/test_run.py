@@ -457,3 +457,24 @@ def test_unreadable_checkpoints_say_what_they_are(tmp_path):
         with pytest.raises(CheckpointError) as e:
             load_checkpoint(tmp_path / name)
         assert name in str(e.value) and why in str(e.value) and "weights_only" not in str(e.value), name
+
+
+def test_stale_writes_are_cleaned_and_files_follow_the_umask(tmp_path):
+    from mae_fast.checkpoint import CheckpointManager
+
+    ckpts = CheckpointManager(tmp_path, keep_last_n=0)
+    ckpts.save({"step": 1}, "step-1", {}, None)
+    (tmp_path / ".latest.pt.abc.tmp").write_bytes(b"half")  # a write killed midway
+    (tmp_path / "step-1" / ".model.pt.x.tmp").write_bytes(b"half")
+    (tmp_path / "step-2").mkdir()  # a full disk before its model.pt
+    (tmp_path / "step-2" / "config.json").write_text("{}")
+    removed = ckpts.clean_stale()
+    assert sorted(Path(p).name for p in removed) == [".latest.pt.abc.tmp", ".model.pt.x.tmp", "step-2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.pt", "step-1"] and ckpts.numbered("step")
+    old = os.umask(0o027)  # a group that may read, others nothing
+    try:
+        ckpts.save({"step": 3}, "step-3", {}, None)
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "step-3/model.pt", tmp_path / "step-3/config.json"):
+        assert path.stat().st_mode & 0o777 == 0o640, path
