@@ -1,9 +1,11 @@
 """Where a run's messages and metrics go: the console (live dashboard on a terminal, plain lines
 otherwise), the complete log file mae_pretrain_YYYYMMDD_HHMMSS.log (flushed as written),
-metrics.jsonl (one record per log interval) and TensorBoard scalars when it is installed."""
+metrics.jsonl (one record per log interval, and one with "kind": "eval" per evaluation) and
+TensorBoard scalars when it is installed."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -61,10 +63,23 @@ class RunLog:
         else:
             print(message, file=self.stream, flush=True)
 
+    def _write(self, attr: str, text: str) -> None:
+        """Append to the log file ("_file") or metrics.jsonl ("_jsonl"). A file that cannot be written (a full disk)
+        is reported once and dropped: training goes on, checkpoints keep their own error handling."""
+        f = getattr(self, attr)
+        if f is None:
+            return
+        try:
+            f.write(text)
+        except OSError as e:
+            setattr(self, attr, None)
+            self._console(
+                f"WARNING: cannot write {f.name} ({e.strerror or e}); it is not written from here on, training goes on"
+            )
+
     def _to_file(self, message: str) -> None:
-        if self._file is not None:
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            self._file.write("".join(f"[{stamp}] {line}\n" for line in message.splitlines() or [""]))
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        self._write("_file", "".join(f"[{stamp}] {line}\n" for line in message.splitlines() or [""]))
 
     def info(self, message: str) -> None:
         self._to_file(message)
@@ -73,8 +88,7 @@ class RunLog:
     def metrics(self, snap: Snapshot) -> None:
         line = format_line(snap)
         self._to_file(line)
-        if self._jsonl is not None:
-            self._jsonl.write(json.dumps({"time": time.time(), **snap.record()}) + "\n")
+        self._write("_jsonl", json.dumps({"time": time.time(), **snap.record()}) + "\n")
         if self._tb is not None:
             for key in (
                 "loss",
@@ -91,6 +105,20 @@ class RunLog:
             self.dashboard.update(snap)
         else:
             self._console(line)
+
+    def evaluation(self, step: int, epoch: int, results: dict[str, float]) -> None:
+        """One evaluation (evaluate.evaluate_in_training's numbers, percent, and eval_s) after `step` optimizer
+        steps, `epoch` epochs done: a log line, a metrics.jsonl record {"kind": "eval", ...}, eval/* scalars."""
+        line = format_eval(epoch, results)
+        self._to_file(line)
+        self._console(line)  # rare and worth seeing: printed with the dashboard too
+        record = {"time": time.time(), "step": step, "epoch": epoch, **results, "kind": "eval"}
+        self._write("_jsonl", json.dumps(record) + "\n")
+        if self._tb is not None:
+            for key, value in results.items():
+                self._tb.add_scalar(f"eval/{key}", value, step)
+        if self.dashboard is not None:
+            self.dashboard.update(evaluation=(epoch, results["knn_top1"]))
 
     def checkpoint_saved(self, path: str) -> None:
         self._to_file(f"checkpoint saved: {path}")
@@ -113,7 +141,16 @@ class RunLog:
             self.dashboard = None
         for f in (self._file, self._jsonl):
             if f is not None:
-                f.close()
+                with contextlib.suppress(OSError):  # a full disk: reported when writing
+                    f.close()
         if self._tb is not None:
             self._tb.close()
         self._file = self._jsonl = self._tb = None
+
+
+def format_eval(epoch: int, r: dict[str, float]) -> str:
+    """eval epoch 10: knn top-1 93.3% top-5 100.0% (linear top-1 97.1% top-5 100.0%) in 1.4 s"""
+    line = f"eval epoch {epoch}: knn top-1 {r['knn_top1']:.1f}% top-5 {r['knn_top5']:.1f}%"
+    if r.get("linear_top1") is not None:
+        line += f" (linear top-1 {r['linear_top1']:.1f}% top-5 {r['linear_top5']:.1f}%)"
+    return line + f" in {r['eval_s']:.1f} s"

@@ -478,3 +478,28 @@ def test_stale_writes_are_cleaned_and_files_follow_the_umask(tmp_path):
         os.umask(old)
     for path in (tmp_path / "step-3/model.pt", tmp_path / "step-3/config.json"):
         assert path.stat().st_mode & 0o777 == 0o640, path
+
+
+def test_a_full_disk_under_output_dir_is_reported_once_and_training_goes_on(tmp_path):
+    import errno
+
+    class FullDisk:
+        name = str(tmp_path / "out/metrics.jsonl")
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    lines = []
+    log = RunLog(tmp_path / "out", echo=lines.append)
+    log._jsonl = FullDisk()
+    log.metrics(snapshot(step=1))
+    log.metrics(snapshot(step=2))
+    log.info("still logging")
+    log.close()
+    warnings = [x for x in lines if x.startswith("WARNING: cannot write")]
+    assert warnings == [f"WARNING: cannot write {tmp_path}/out/metrics.jsonl (No space left on device); it is not "
+                        "written from here on, training goes on"]  # fmt: skip
+    assert "still logging" in lines and "step 2" in next(iter(tmp_path.glob("out/*.log"))).read_text()
