@@ -4,9 +4,11 @@ make-sample-data, visualize, export, eval); errors meant for the user print one 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shlex
 import sys
+from pathlib import Path
 
 from .config import ConfigError, load_config
 
@@ -291,9 +293,17 @@ def _visualize(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from .checkpoint import CheckpointError
     from .export import export_program, export_timm, export_torchscript
     from .weights import load_mae
 
+    folder = Path(args.out).parent
+    try:  # before the model is loaded: a path that cannot be written is known at once
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as e:
+        raise CheckpointError(f"--out {args.out}: cannot write ({e.strerror or e})") from None
     loaded = load_mae(args.checkpoint)
     print("\n".join(loaded.notes))
     if args.format == "timm":

@@ -64,8 +64,10 @@ def _check(name: str, got: torch.Tensor, want: torch.Tensor, atol: float = 1e-4)
 
 
 def export_timm(mae: MaskedAutoencoderViT, model_type: str, out: str | Path) -> str:
-    """Write safetensors loadable by timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": out},
-    num_classes=0); load it back in timm and compare features before returning the load instructions."""
+    """Write safetensors loadable by timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": out,
+    "num_classes": 0}, num_classes=N): the file has no classifier, and saying so in the overlay makes timm give the
+    model a fresh N-class head for fine-tuning (N=0: features only) instead of looking for one in the file. Loads it
+    back in timm and compares features before returning the load instructions."""
     import timm
     from safetensors.torch import save_file
 
@@ -78,7 +80,7 @@ def export_timm(mae: MaskedAutoencoderViT, model_type: str, out: str | Path) -> 
     extra = {} if standard else timm_kwargs(mae.arch)
     try:
         loaded = timm.create_model(
-            name, pretrained=True, pretrained_cfg_overlay={"file": str(out)}, num_classes=0, **extra
+            name, pretrained=True, pretrained_cfg_overlay={"file": str(out), "num_classes": 0}, num_classes=0, **extra
         ).eval()
         x = torch.randn(2, 3, mae.arch.img_size, mae.arch.img_size)
         with torch.no_grad():
@@ -88,7 +90,8 @@ def export_timm(mae: MaskedAutoencoderViT, model_type: str, out: str | Path) -> 
         raise
     args = "".join(f", {k}={v!r}" for k, v in extra.items())
     return (
-        f'timm.create_model("{name}", pretrained=True, pretrained_cfg_overlay={{"file": "{out}"}}, num_classes=0{args})'
+        f'timm.create_model("{name}", pretrained=True, pretrained_cfg_overlay={{"file": "{out}", "num_classes": 0}}, '
+        f"num_classes=0{args})  # num_classes=1000: a fresh head for fine-tuning"
     )
 
 

@@ -87,7 +87,7 @@ def test_timm_export_loads_strictly_and_matches(tmp_path, trained):
     loaded = timm.create_model(
         "vit_base_patch16_224",
         pretrained=True,
-        pretrained_cfg_overlay={"file": str(out)},
+        pretrained_cfg_overlay={"file": str(out), "num_classes": 0},
         num_classes=0,
         **timm_kwargs(model.arch),
     ).eval()
@@ -97,6 +97,33 @@ def test_timm_export_loads_strictly_and_matches(tmp_path, trained):
         assert torch.allclose(loaded(x), Encoder(model)(x), atol=1e-5)
         assert torch.allclose(loaded.forward_features(x), model.forward_features(x), atol=1e-5)
     assert set(encoder_state_dict(model)) == set(vit.state_dict())
+    # fine-tuning with a new head: the overlay says the file has no classifier, timm adds a fresh one
+    tuned = timm.create_model(
+        "vit_base_patch16_224",
+        pretrained=True,
+        pretrained_cfg_overlay={"file": str(out), "num_classes": 0},
+        num_classes=10,
+        **timm_kwargs(model.arch),
+    )
+    assert tuned.head.out_features == 10
+    for name, value in load_file(str(out)).items():
+        assert torch.equal(tuned.state_dict()[name], value), name
+    with pytest.raises(RuntimeError, match="head.weight"):  # without it timm looks for a 1000-class head in the file
+        timm.create_model(
+            "vit_base_patch16_224", pretrained=True, pretrained_cfg_overlay={"file": str(out)}, num_classes=1000,
+            **timm_kwargs(model.arch),
+        )  # fmt: skip
+
+
+def test_export_to_an_unwritable_path_is_one_error_line(tmp_path, trained, capsys):
+    from mae_fast.cli import EXIT_ERROR
+
+    _, ckpt = trained
+    (tmp_path / "a-file").write_text("")
+    for fmt in ("timm", "torchscript"):
+        assert main(["export", str(ckpt), "--format", fmt, "--out", str(tmp_path / "a-file/enc.out")]) == EXIT_ERROR
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --out {tmp_path}/a-file/enc.out: cannot write") and "Traceback" not in err
 
 
 def test_standard_presets_map_to_timm_models():
