@@ -251,6 +251,51 @@ def test_mismatched_checkpoint_is_refused(tmp_path, sample_dir):
         train(other, log=lambda m: None)
 
 
+def test_resume_refuses_another_loss_and_explains_a_changed_schedule(tmp_path, sample_dir):
+    cfg = tiny_cfg(tmp_path, sample_dir, "checkpointing.save_freq_steps=2")
+    train(cfg, log=lambda m: None, max_steps=2)
+    for change, key in (
+        ("model.mask_ratio=0.5", "model.mask_ratio"),
+        ("model.norm_pix_loss=true", "model.norm_pix_loss"),
+    ):
+        with pytest.raises(CheckpointError, match=f"does not fit this config \\({key}: checkpoint"):
+            train(tiny_cfg(tmp_path, sample_dir, "misc.auto_resume=true", change), log=lambda m: None)
+    lines = []
+    longer = tiny_cfg(tmp_path, sample_dir, "misc.auto_resume=true", "schedule.epochs=400", "optimization.lr=5e-4")
+    train(longer, log=lines.append, max_steps=1)
+    notes = [x for x in lines if x.startswith("WARNING: resuming with a changed schedule")]
+    assert len(notes) == 2
+    assert "the peak lr was 0.001" in notes[0] and "now 0.0005" in notes[0] and "continues from step 2" in notes[0]
+    assert (
+        "the run was 3 epochs (18 steps" in notes[1] and "now 400 (2400 steps" in notes[1] and "recomputed" in notes[1]
+    )
+
+
+def test_tensorboard_event_file_holds_the_scalars(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mae_fast.config import config_from_dict
+
+    cfg = config_from_dict(
+        {
+            "model": {"type": "mae_vit_tiny_patch8"},
+            "optimization": {"batch_size": 8},
+            "schedule": {"epochs": 1, "warmup_epochs": 0, "steps_per_epoch": 4},
+            "data": {"backend": "synthetic", "input_size": 32, "synthetic_images": 32},
+            "checkpointing": {"checkpoint_dir": str(tmp_path / "ckpt")},
+            "logging": {"output_dir": str(tmp_path / "out"), "print_freq": 2, "tensorboard": True, "dashboard": "off"},
+            "misc": {"device": "cpu", "compile": False},
+        }
+    )
+    train(cfg, log=lambda m: None)
+    events = EventAccumulator(str(tmp_path / "out/tensorboard"))
+    events.Reload()
+    assert {"train/loss", "train/lr", "train/samples_per_s"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 4]
+    records = [json.loads(x) for x in (tmp_path / "out/metrics.jsonl").read_text().splitlines()]
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([r["loss"] for r in records])
+
+
 def test_unsafe_or_foreign_files_are_refused(tmp_path):
     import pickle
 
