@@ -53,7 +53,12 @@ def main() -> None:
     p.add_argument("--config", default="configs/demo.yaml")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--print-freq", type=int, default=1)
-    p.add_argument("--set", dest="extra", action="append", default=["data.backend=synthetic", "misc.compile=false"])
+    p.add_argument(
+        "--set",
+        dest="extra",
+        action="append",
+        default=["data.backend=synthetic", "misc.compile=false", "evaluation=null"],
+    )
     p.add_argument("--json", default=None)
     a = p.parse_args()
     order = ["off", "on", "off", "on"]  # interleaved, so drift hits both

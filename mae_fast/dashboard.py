@@ -35,8 +35,15 @@ class RunInfo:
     summary: str  # one line of config: batch, lr, epochs, data
 
 
-def render(s: Snapshot | None, info: RunInfo, last_checkpoint: str = "", status: str = "") -> Panel:
-    """The whole dashboard for one snapshot (None before the first log point)."""
+def render(
+    s: Snapshot | None,
+    info: RunInfo,
+    last_checkpoint: str = "",
+    status: str = "",
+    evals: list[tuple[int, float]] = (),
+) -> Panel:
+    """The whole dashboard for one snapshot (None before the first log point); `evals`: (epoch, kNN top-1 %)
+    of the evaluations so far, oldest first."""
     head = Text.assemble((info.run_name, "bold cyan"), "  ", (info.model, "bold"), "  on ", info.device)
     rows = [head, Text(info.summary, style="dim")]
     if s is None:
@@ -74,6 +81,19 @@ def render(s: Snapshot | None, info: RunInfo, last_checkpoint: str = "", status:
     )
     stats.add_row("elapsed", fmt_time(s.elapsed_s), "", "")
     rows += [bars, stats, Text.assemble(("loss ", "dim"), (sparkline(s.history), "magenta"))]
+    if evals:
+        epoch, top1 = evals[-1]
+        recent = " ".join(f"{v:.1f}" for _, v in evals[-6:-1])
+        rows.append(
+            Text.assemble(
+                ("kNN  ", "dim"),
+                (sparkline([v for _, v in evals]), "green"),
+                "  top-1 ",
+                (f"{top1:.1f} %", "bold green"),
+                f" at epoch {epoch}",
+                (f"  (before: {recent})" if recent else "", "dim"),
+            )
+        )
     rows.append(Text(f"last checkpoint: {last_checkpoint or 'none yet'}", style="dim"))
     if status:
         rows.append(Text(status, style="yellow"))
@@ -89,6 +109,7 @@ class Dashboard:
         self.snapshot: Snapshot | None = None
         self.last_checkpoint = ""
         self.status = ""
+        self.evals: list[tuple[int, float]] = []  # (epoch, kNN top-1 %), oldest first
         self.live = Live(
             self._render(),
             console=self.console,
@@ -99,7 +120,7 @@ class Dashboard:
         )
 
     def _render(self) -> Panel:
-        return render(self.snapshot, self.info, self.last_checkpoint, self.status)
+        return render(self.snapshot, self.info, self.last_checkpoint, self.status, self.evals)
 
     def start(self) -> None:
         self.live.start(refresh=True)
@@ -108,8 +129,16 @@ class Dashboard:
         self.live.stop()
 
     def update(
-        self, snapshot: Snapshot | None = None, *, checkpoint: str | None = None, status: str | None = None
+        self,
+        snapshot: Snapshot | None = None,
+        *,
+        checkpoint: str | None = None,
+        status: str | None = None,
+        evaluation: tuple[int, float] | None = None,
     ) -> None:
+        """evaluation: (epoch, kNN top-1 %) of a new evaluation."""
+        if evaluation is not None:
+            self.evals.append(evaluation)
         if snapshot is not None:
             self.snapshot = snapshot
         if checkpoint is not None:

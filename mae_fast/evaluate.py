@@ -81,31 +81,38 @@ def subsample(n: int, max_n: int, seed: int) -> np.ndarray:
 
 
 def scan_labelled(
-    train_path: str, val_path: str, *, max_train: int = 0, seed: int = 0, cache_dir: str | None = None
+    train_path: str,
+    val_path: str,
+    *,
+    max_train: int = 0,
+    seed: int = 0,
+    cache_dir: str | None = None,
+    names: tuple[str, str] = ("evaluation train set", "evaluation val set"),
 ) -> EvalSets:
     """Scan both folders (cached, as training data), check that val's classes are a subset of train's,
     map val's labels onto train's by class name, subsample the train bank to max_train (uniform, seeded).
 
     Raises EvalDataError (a ConfigError) for a flat folder or val classes that train lacks, and
-    DatasetScanError for a missing or empty folder."""
+    DatasetScanError for a missing or empty folder; the message starts with the folder's name in `names`
+    (e.g. the config keys)."""
     from .pipelines.scan import DatasetScanError, scan_dataset
 
     scans = {}
-    for flag, path in (("train", train_path), ("val", val_path)):
+    for flag, path, name in (("train", train_path, names[0]), ("val", val_path, names[1])):
         try:
             scans[flag] = scan_dataset(path, cache_dir=cache_dir, progress=False)
         except DatasetScanError as e:
-            raise DatasetScanError(f"evaluation {flag} set: {e}") from None
+            raise DatasetScanError(f"{name}: {e}") from None
         if scans[flag].classes == ["."]:
-            raise EvalDataError(f"evaluation {flag} set {path} has no class subfolders (expected {path}/<class>/*)")
+            raise EvalDataError(f"{name}: {path} has no class subfolders (expected {path}/<class>/*)")
     train, val = scans["train"], scans["val"]
     known = set(train.classes)
     extra = [c for c in val.classes if c not in known]
     if extra:
         shown = ", ".join(extra[:10]) + (f" and {len(extra) - 10} more" if len(extra) > 10 else "")
         raise EvalDataError(
-            f"the classes of the val set must be a subset of the train set's: {len(extra)} class(es) of "
-            f"{val_path} are not in {train_path}: {shown}"
+            f"{names[1]}: the classes of the val set must be a subset of the train set's: {len(extra)} class(es) "
+            f"of {val_path} are not in {train_path}: {shown}"
         )
     index = {c: i for i, c in enumerate(train.classes)}
     val_labels = [index[val.classes[label]] for label in val.labels]
@@ -131,20 +138,39 @@ def prepare_eval_sets(
     seed: int = 0,
     cache_dir: str | None = None,
     dist: Dist = SINGLE,
+    names: tuple[str, str] = ("evaluation train set", "evaluation val set"),
+    make_sample: bool = False,
 ) -> EvalSets:
     """scan_labelled on rank 0, the same EvalSets on every rank (a collective: every rank calls it).
 
-    Call once before training; an error (bad folder, class subset rule) is raised on every rank."""
+    Call once before training; an error (bad folder, class subset rule) is raised on every rank.
+    make_sample: rank 0 first writes the labelled sample pair when both folders are missing and are
+    DIR/train and DIR/val (sample_labelled_if_missing), as data.make_sample does for the training data."""
     sets, error = None, None
     if dist.is_main:
         try:
-            sets = scan_labelled(train_path, val_path, max_train=max_train, seed=seed, cache_dir=cache_dir)
+            if make_sample:
+                sample_labelled_if_missing(train_path, val_path)
+            sets = scan_labelled(train_path, val_path, max_train=max_train, seed=seed, cache_dir=cache_dir, names=names)
         except Exception as e:  # sent to the other ranks so that none waits for sets that never come
             error = e
     sets, error = broadcast(dist, (sets, error))
     if error is not None:
         raise error
     return sets
+
+
+def sample_labelled_if_missing(train_path: str, val_path: str) -> bool:
+    """Write the demo's labelled sample set (sample_data.DEMO_LABELLED) at DIR when train_path and val_path are
+    DIR/train and DIR/val and neither exists; True when it wrote it. Any other layout is left to the scan
+    (a missing folder is an error there)."""
+    train, val = Path(train_path), Path(val_path)
+    if train.exists() or val.exists() or (train.name, val.name) != ("train", "val") or train.parent != val.parent:
+        return False
+    from .pipelines.sample_data import DEMO_LABELLED, make_labelled_sample
+
+    make_labelled_sample(str(train.parent), **DEMO_LABELLED)
+    return True
 
 
 # ---------------------------------------------------------------- model
@@ -710,7 +736,9 @@ def evaluate_checkpoint(
     if max_train < 0:
         raise ConfigError(f"--max-train must be >= 0 (0: all), got {max_train}")
     dev = resolve_device(device, key="--device")
-    sets = scan_labelled(train_dir, val_dir, max_train=max_train, seed=seed, cache_dir=cache_dir)  # errors first
+    sets = scan_labelled(  # errors first
+        train_dir, val_dir, max_train=max_train, seed=seed, cache_dir=cache_dir, names=("--train", "--val")
+    )
     loaded = load_encoder(checkpoint)
     for note in loaded.notes + sets.notes:
         print_fn(note)

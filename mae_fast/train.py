@@ -305,8 +305,8 @@ class Trainer:
             self.loader.load_state(ckpt["data"][self.d.rank])  # each rank's own shard position and RNG
             set_rng_state(ckpt["rng"][self.d.rank])
             step = int(ckpt["step"])
-        except (KeyError, IndexError, ValueError, RuntimeError) as e:
-            what = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        except (KeyError, IndexError, ValueError, RuntimeError) as e:  # a key, a shape, a position that does not fit
+            what = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())[:400] or type(e).__name__
             raise CheckpointError(f"cannot resume from {path}: it does not fit this run ({what})") from None
         self.result.resumed_from, self.result.last_checkpoint = path, path
         self.saved = (step, Path(path))
@@ -546,4 +546,7 @@ class Trainer:
         ]
         if lg.visualize_freq_epochs:
             lines.append(f"  reconstructions: {Path(lg.output_dir) / 'reconstructions'}")
+        if r.evaluations:
+            curve = ", ".join(f"{e['knn_top1']:.1f}% (epoch {e['epoch']})" for e in r.evaluations[-4:])
+            lines.append(f"  kNN top-1:       {curve}")
         return "\n".join(lines)

@@ -12,11 +12,15 @@ from mae_fast.step import build_train_step, model_from_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# the demo evaluates on a labelled sample in ./data; runs that test something else turn evaluation off
+NO_EVAL = "evaluation=null"  # the section at its defaults: off
+
+
 def demo_cfg(tmp_path, *extra: str) -> Config:
-    """configs/demo.yaml with its output and checkpoints under tmp_path, and `extra` overrides."""
+    """configs/demo.yaml with its output and checkpoints under tmp_path, evaluation off, and `extra` overrides."""
     return load_config(
         ROOT / "configs/demo.yaml",
-        [f"logging.output_dir={tmp_path}/out", f"checkpointing.checkpoint_dir={tmp_path}/ckpt", *extra],
+        [f"logging.output_dir={tmp_path}/out", f"checkpointing.checkpoint_dir={tmp_path}/ckpt", NO_EVAL, *extra],
     )
 
 

@@ -95,6 +95,8 @@ def torchrun_args(tmp_path, out, *extra):
         "train",
         str(ROOT / "configs/demo.yaml"),
         "--set",
+        "evaluation=null",
+        "--set",
         f"data.data_path={tmp_path}/data",
         "--set",
         "data.input_size=32",

@@ -315,3 +315,217 @@ def test_labelled_sample_pair(tmp_path):
     mtimes = [os.stat(f).st_mtime_ns for f in sets.val_files]
     make_labelled_sample(out, n_train=12, n_val=6, seed=0)  # idempotent: nothing rewritten
     assert [os.stat(f).st_mtime_ns for f in sets.val_files] == mtimes
+
+
+# ---------------------------------------------------------------- in the train loop
+
+
+def eval_run(tmp_path, colours, *extra):
+    """The demo config on synthetic images: batch 32 of 96 images -> 3 steps per epoch, 32 px, eager; evaluation
+    on the colour folders every 2 epochs (and at the end)."""
+    from helpers import demo_cfg
+
+    train_dir, val_dir = colours
+    return demo_cfg(
+        tmp_path,
+        "data.backend=synthetic",
+        "data.synthetic_images=96",
+        "data.input_size=32",
+        "misc.compile=false",
+        "schedule.epochs=5",
+        "schedule.warmup_epochs=1",
+        "logging.print_freq=100",
+        "logging.visualize_freq_epochs=0",
+        "checkpointing.save_freq_epochs=0",
+        f"evaluation.train_path={train_dir}",
+        f"evaluation.val_path={val_dir}",
+        "evaluation.freq_epochs=2",
+        "evaluation.k=3",
+        *extra,
+    )
+
+
+def records(out_dir):
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r.get("kind") != "eval"], [r for r in rows if r.get("kind") == "eval"]
+
+
+def test_training_evaluates_at_its_epochs_and_its_time_is_not_training_time(tmp_path, colours, monkeypatch):
+    """Every 2nd epoch and at the end: a log line, a kind "eval" record, TensorBoard scalars. An evaluation made
+    1 s slower stays out of the training intervals: the metrics are read right before it (a record at its step)
+    and the interval after it is at most its wall time minus the evaluation's own eval_s."""
+    import time
+
+    from helpers import Recorder
+
+    import mae_fast.train
+    from mae_fast.model import MaskedAutoencoderViT
+    from mae_fast.train import train
+
+    real, models = mae_fast.train.evaluate_in_training, []
+
+    def slow(model, sets, **kw):
+        t0 = time.perf_counter()
+        models.append(model)
+        time.sleep(1.0)
+        return {**real(model, sets, **kw), "eval_s": time.perf_counter() - t0}
+
+    monkeypatch.setattr(mae_fast.train, "evaluate_in_training", slow)
+    lines = []
+    cfg = eval_run(tmp_path, colours, "evaluation.linear_probe=true", "logging.tensorboard=true")
+    result = train(cfg, log=lines.append, on_log=Recorder())
+    assert result.steps_done == 15
+    train_rows, evals = records(tmp_path / "out")
+    assert [(e["step"], e["epoch"]) for e in evals] == [(6, 2), (12, 4), (15, 5)]  # epochs done
+    assert [(e["step"], e["epoch"]) for e in result.evaluations] == [(6, 2), (12, 4), (15, 5)]
+    keys = {"time", "step", "epoch", "knn_top1", "knn_top5", "linear_top1", "linear_top5", "eval_s", "kind"}
+    for e in evals:
+        assert set(e) == keys and e["knn_top1"] == 100.0 and e["linear_top1"] == 100.0 and e["eval_s"] >= 1.0
+    assert all(type(m) is MaskedAutoencoderViT and m is models[0] for m in models)  # the uncompiled model
+    assert sum(line.startswith("eval epoch ") for line in lines) == 3
+    assert any(x.startswith("eval epoch 4: knn top-1 100.0% top-5 100.0% (linear top-1 100.0%") for x in lines)
+    assert any("evaluation: kNN (k=3) and linear probe of the frozen encoder, 24 train / 16 val" in x for x in lines)
+    # training records as without evaluation (no "kind"), plus a read right before each evaluation
+    assert [r["step"] for r in train_rows] == [1, 6, 12, 15] and all("kind" not in r for r in train_rows)
+    at = {r["step"]: r for r in train_rows}
+    for (a, b), e in zip([(6, 12), (12, 15)], evals):  # the intervals that follow an evaluation
+        interval_s = 32 * (b - a) / at[b]["samples_per_s"]  # the time the rate is computed over
+        assert interval_s == pytest.approx(at[b]["ms_per_iter"] * (b - a) / 1000, rel=1e-9)
+        assert interval_s <= at[b]["elapsed_s"] - at[a]["elapsed_s"] - e["eval_s"] + 1e-6
+    # TensorBoard: eval/* scalars at the evaluations' steps
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(tmp_path / "out/tensorboard"))
+    tb.Reload()
+    assert {"eval/knn_top1", "eval/knn_top5", "eval/linear_top1", "eval/eval_s"} <= set(tb.Tags()["scalars"])
+    assert [s.step for s in tb.Scalars("eval/knn_top1")] == [6, 12, 15]
+
+
+def test_evaluation_leaves_the_training_losses_as_they_are_and_a_resumed_run_gives_them(tmp_path, colours):
+    """The same losses with and without evaluation (the RNG streams untouched), and after a stop and a resume
+    between two evaluations (--max-steps leaves a checkpoint at step 8; epochs of 3 steps)."""
+    from helpers import Recorder
+
+    from mae_fast.train import train
+
+    def losses(name, *extra, max_steps=None):
+        rec = Recorder()
+        cfg = eval_run(tmp_path / name, colours, "evaluation.freq_epochs=1", "evaluation.linear_probe=true", *extra)
+        result = train(cfg, log=lambda line: None, on_log=rec, max_steps=max_steps)
+        return rec.losses, result
+
+    full, result = losses("full")
+    assert len(full) == 15 and [e["epoch"] for e in result.evaluations] == [1, 2, 3, 4, 5]
+    assert losses("plain", "evaluation=null")[0] == full
+    ckpt = f"checkpointing.checkpoint_dir={tmp_path}/resumed/ckpt"
+    first, result = losses("resumed", ckpt, max_steps=8)
+    assert [e["epoch"] for e in result.evaluations] == [1, 2] and first == full[:8]
+    rest, result = losses("resumed", ckpt, "misc.auto_resume=true", f"logging.output_dir={tmp_path}/resumed/out2")
+    assert result.start_step == 8 and [e["epoch"] for e in result.evaluations] == [3, 4, 5]
+    assert rest == full[8:]
+
+
+@pytest.mark.slow
+def test_two_ranks_train_with_evaluation_and_report_once(tmp_path, colours):
+    import subprocess
+
+    from test_distributed import TORCHRUN_ENV, torchrun_args
+
+    from mae_fast.pipelines.sample_data import make_sample_data
+
+    make_sample_data(str(tmp_path / "data"), n=64)  # batch 32 over 2 ranks: 2 steps per epoch
+    train_dir, val_dir = colours
+    extra = [f"evaluation.train_path={train_dir}", f"evaluation.val_path={val_dir}", "evaluation.freq_epochs=1"]
+    extra += ["evaluation.k=3", "evaluation.linear_probe=true", "schedule.epochs=2"]
+    args = torchrun_args(tmp_path, tmp_path / "out", *[a for x in extra for a in ("--set", x)])
+    run = subprocess.run(args, capture_output=True, text=True, env=TORCHRUN_ENV, cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count("eval epoch 1: knn top-1 100.0%") == 1 and run.stdout.count("eval epoch 2: knn") == 1
+    _, evals = records(tmp_path / "out")
+    assert [(e["step"], e["epoch"], e["knn_top1"], e["linear_top1"]) for e in evals] == [
+        (2, 1, 100.0, 100.0),
+        (4, 2, 100.0, 100.0),
+    ]
+
+
+def test_a_bad_evaluation_folder_is_refused_before_the_first_step(tmp_path, colours, capsys, monkeypatch):
+    """Exit 2 naming the key, before any model is built (no log file); a half-set pair is a config error."""
+    from helpers import ROOT
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr("mae_fast.train.model_from_config", no_model)
+    train_dir, val_dir = colours
+    base = ["train", str(ROOT / "configs/demo.yaml")]
+    for o in ("data.backend=synthetic", "data.synthetic_images=64", f"logging.output_dir={tmp_path}/out"):
+        base += ["--set", o]
+    cases = [
+        ([f"evaluation.train_path={tmp_path}/nope"], f"evaluation.train_path: dataset path does not exist: {tmp_path}"),
+        ([f"evaluation.val_path={tmp_path}/nope"], f"evaluation.val_path: dataset path does not exist: {tmp_path}"),
+        (
+            [f"evaluation.val_path={train_dir}/red"],
+            "evaluation.val_path: " + f"{train_dir}/red has no class subfolders",
+        ),
+        (["evaluation.train_path="], "evaluation.train_path: is empty but evaluation.val_path is"),
+    ]
+    for change, message in cases:
+        paths = [f"evaluation.train_path={train_dir}", f"evaluation.val_path={val_dir}", *change]
+        assert main([*base, *[a for p in paths for a in ("--set", p)]]) == 2, message
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+        assert not list((tmp_path / "out").glob("*.log"))
+
+
+def test_the_demo_writes_its_labelled_sample_only_where_it_is_missing(tmp_path, monkeypatch):
+    import mae_fast.pipelines.sample_data as sample_data
+    from mae_fast.evaluate import sample_labelled_if_missing
+
+    written = []
+    monkeypatch.setattr(sample_data, "make_labelled_sample", lambda out, **kw: written.append((out, kw)))
+    assert sample_labelled_if_missing(f"{tmp_path}/s/train", f"{tmp_path}/s/val")
+    assert written == [(f"{tmp_path}/s", sample_data.DEMO_LABELLED)]
+    (tmp_path / "t/val").mkdir(parents=True)
+    assert not sample_labelled_if_missing(f"{tmp_path}/t/train", f"{tmp_path}/t/val")  # one of them exists
+    assert not sample_labelled_if_missing(f"{tmp_path}/a/train", f"{tmp_path}/b/val")  # not one DIR/train, DIR/val
+    assert not sample_labelled_if_missing(f"{tmp_path}/u/tr", f"{tmp_path}/u/val")
+    assert len(written) == 1
+
+
+def test_labelled_sample_of_regions(tmp_path):
+    pytest.importorskip("skimage")
+    from mae_fast.pipelines.sample_data import make_labelled_sample
+
+    out = make_labelled_sample(str(tmp_path / "s"), n_train=48, n_val=24, seed=0, regions=2)
+    sets = scan_labelled(f"{out}/train", f"{out}/val")
+    assert len(sets.classes) == 24 and {"astronaut_00", "astronaut_11", "rocket_10"} <= set(sets.classes)
+    assert sorted(sets.train_labels) == sorted(list(range(24)) * 2) and sorted(sets.val_labels) == list(range(24))
+    assert {Image.open(f).width for f in sets.val_files} == {200}
+
+
+def test_evaluation_config_and_dashboard():
+    from rich.console import Console
+
+    from mae_fast.dashboard import RunInfo, render
+    from mae_fast.metrics import Snapshot
+
+    e = config_from_dict({}).evaluation
+    assert (e.enabled, e.freq_epochs, e.max_train_images, e.k, e.linear_probe, e.batch_size) == (
+        False, 10, 10000, 20, False, 128,
+    )  # fmt: skip
+    for bad, message in [
+        ("evaluation.k=0", "evaluation.k: must be at least 1"),
+        ("evaluation.freq_epochs=-1", "evaluation.freq_epochs: must be >= 0"),
+        ("evaluation.max_train_images=-5", "evaluation.max_train_images: must be >= 0"),
+        ("evaluation.batch_size=0", "evaluation.batch_size: must be positive"),
+        ("evaluation.val_path=v", "evaluation.train_path: is empty but evaluation.val_path is 'v'"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            config_from_dict({}, [bad])
+    on = config_from_dict({"evaluation": {"train_path": "t", "val_path": "v"}})
+    assert on.evaluation.enabled and not config_from_dict(on.to_dict(), ["evaluation=null"]).evaluation.enabled
+    snap = Snapshot(30, 2, 10, 10, 100, 0.6, 0.6, 0.6, 1e-3, 0.5, 100.0, 10.0, 0.0, 1.0, 10.0, 0.0, 0.0, 5.0)
+    console = Console(record=True, width=120)
+    console.print(render(snap, RunInfo("r", "m", "cpu", ""), evals=[(10, 46.2), (20, 51.2), (30, 52.5)]))
+    text = console.export_text()
+    assert "kNN" in text and "top-1 52.5 % at epoch 30" in text and "(before: 46.2 51.2)" in text

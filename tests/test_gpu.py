@@ -54,6 +54,8 @@ def test_demo_trains_on_gpu_with_dali_mixed_decode_and_resumes(tmp_path):
 
     args = [
         f"data.data_path={tmp_path}/sample",
+        f"evaluation.train_path={tmp_path}/labelled/train",  # the demo's labelled sample, written on first use
+        f"evaluation.val_path={tmp_path}/labelled/val",
         f"logging.output_dir={tmp_path}/o",
         f"checkpointing.checkpoint_dir={tmp_path}/c",
         "schedule.warmup_epochs=1",
@@ -63,6 +65,7 @@ def test_demo_trains_on_gpu_with_dali_mixed_decode_and_resumes(tmp_path):
     rec = Recorder()
     result = train(load_config(ROOT / "configs/demo.yaml", args + ["schedule.epochs=3"]), log=lines.append, on_log=rec)
     assert any("decode on GPU (mixed)" in x for x in lines)
+    assert any(x.startswith("eval epoch 3: knn top-1") for x in lines)  # the evaluation at the end, on the GPU
     assert result.steps_done == 24 and all(v == v for v in rec.losses)
     assert all(s.busy_pct is not None and 0 < s.busy_pct <= 100 for s in rec.snapshots[1:])  # CUDA events
     # resume on the GPU (RNG states, optimizer and DALI position loaded onto the device) and go on
@@ -141,6 +144,7 @@ def test_training_on_a_high_priority_stream(tmp_path):
     assert torch.cuda.current_stream(dev) == default
     args = [
         f"data.data_path={tmp_path}/sample",
+        "evaluation=null",
         f"logging.output_dir={tmp_path}/o",
         "misc.high_priority_stream=true",
         f"checkpointing.checkpoint_dir={tmp_path}/c",
