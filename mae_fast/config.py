@@ -400,7 +400,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     """Read a YAML (or JSON) config file; unknown keys, wrong types and impossible values raise ConfigError."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} {'is a folder' if path.is_dir() else 'does not exist'}")
+        what = "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "does not exist"
+        raise ConfigError(f"config file {str(path)!r} {what}")
     try:
         data = yaml.safe_load(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as e:
