@@ -41,6 +41,7 @@ def test_shapes_determinism_epochs_and_resume():
         make(seed=2).load_state(state)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_cuda():
     loader = SyntheticLoader(2, 8, batches_per_epoch=2, device="cuda")
