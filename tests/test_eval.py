@@ -529,3 +529,22 @@ def test_evaluation_config_and_dashboard():
     console.print(render(snap, RunInfo("r", "m", "cpu", ""), evals=[(10, 46.2), (20, 51.2), (30, 52.5)]))
     text = console.export_text()
     assert "kNN" in text and "top-1 52.5 % at epoch 30" in text and "(before: 46.2 51.2)" in text
+
+
+def test_a_failed_evaluation_is_a_warning_and_training_goes_on(tmp_path, colours, monkeypatch):
+    import mae_fast.train
+    from mae_fast.train import train
+
+    calls = []
+
+    def fails(*a, **k):
+        calls.append(1)
+        raise RuntimeError("feature extraction failed: rank 0: broken.jpg cannot be decoded")
+
+    monkeypatch.setattr(mae_fast.train, "evaluate_in_training", fails)
+    lines = []
+    result = train(eval_run(tmp_path, colours), log=lines.append)
+    assert result.steps_done == 15 and (tmp_path / "ckpt/final.pt").exists() and len(calls) == 1
+    warning = next(x for x in lines if x.startswith("WARNING: evaluation at epoch 2 failed"))
+    assert "broken.jpg" in warning and "training goes on without evaluation" in warning
+    assert result.evaluations == [] and records(tmp_path / "out")[1] == []
