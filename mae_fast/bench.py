@@ -217,10 +217,43 @@ def bench_loader(
     """img/s, MB/s (encoded image bytes) and ms per batch of the DALI and/or PIL loaders over the config's data,
     same run, same data. `shards` (data.data_path a folder) or `folder` (data.data_path shards): the same images
     in the other format, read by DALI too, for the shards / folder ratio; PIL reads the folder only."""
+    device = setup_device(cfg.misc.device)
+    paths, datasets = _loader_data(cfg, shards, folder, log)
+    names = ["dali", "pil"] if backend == "both" else [backend]
+    runs = [(name, "folder") for name in names if "folder" in datasets]
+    runs += [("dali", "shards")] if "shards" in datasets and "dali" in names else []
+    if "shards" in datasets and ("dali", "shards") not in runs:
+        raise ConfigError("--backend pil: shards are read by DALI only; use --backend dali or both")
+    if "pil" in names and "folder" not in datasets:
+        log("pil: reads image files, not shards: left out (--folder DIR adds the folder)")
+    batch = cfg.optimization.micro_batch_size or cfg.optimization.batch_size
+    num_images = min(ds.num_images for ds in datasets.values())
+    if num_images < batch:
+        raise ValueError(f"data.data_path: {num_images} images, fewer than one batch of {batch}")
+    results: dict[str, dict] = {}
+    for name, fmt in runs:
+        key = "shards" if fmt == "shards" else name
+        run_cfg = replace(cfg, data=replace(cfg.data, backend=name, data_path=paths[fmt]))
+        per_epoch = num_images // batch
+        results[key] = _time_loader(run_cfg, datasets[fmt], key, batch, per_epoch, batches, warmup, device, log)
+    other = {f"{fmt}_path": path for fmt, path in paths.items() if path != cfg.data.data_path}
+    env = {"input_size": cfg.data.input_size, "num_images": num_images, "data_path": cfg.data.data_path, **other}
+    out = {"results": results, "env": {**env_info(device), **env}}
+    if "dali" in results and "pil" in results:
+        out["ratio_dali_over_pil"] = results["dali"]["img_s"] / results["pil"]["img_s"]
+        log(f"DALI / PIL: {out['ratio_dali_over_pil']:.2f}x")
+    if "dali" in results and "shards" in results:
+        out["ratio_shards_over_folder"] = results["shards"]["img_s"] / results["dali"]["img_s"]
+        log(f"shards / folder (DALI): {out['ratio_shards_over_folder']:.2f}x")
+    return out
+
+
+def _loader_data(cfg: Config, shards: str | None, folder: str | None, log: Log) -> tuple[dict, dict]:
+    """bench-loader's data: {format: path} and {format: Dataset}, data.data_path's format and, with --shards or
+    --folder, the other one."""
     if shards and folder:
         raise ConfigError("--shards and --folder: give one, the other format is data.data_path")
-    device = setup_device(cfg.misc.device)
-    paths = {data_format(cfg): cfg.data.data_path}  # format -> folder
+    paths = {data_format(cfg): cfg.data.data_path}
     other, other_format = shards or folder, "shards" if shards else "folder"
     if other:
         if other_format in paths:
@@ -236,66 +269,38 @@ def bench_loader(
     for ds in datasets.values():
         for w in ds.warnings:
             log(f"WARNING: {w}")
-    names = ["dali", "pil"] if backend == "both" else [backend]
-    runs = [(name, "folder") for name in names if "folder" in datasets]
-    runs += [("dali", "shards")] if "shards" in datasets and "dali" in names else []
-    if "shards" in datasets and ("dali", "shards") not in runs:
-        raise ConfigError("--backend pil: shards are read by DALI only; use --backend dali or both")
-    if "pil" in names and "folder" not in datasets:
-        log("pil: reads image files, not shards: left out (--folder DIR adds the folder)")
     if len({ds.num_images for ds in datasets.values()}) > 1:
         log(f"WARNING: not the same images: {', '.join(f'{f} {ds.num_images}' for f, ds in datasets.items())}")
-    batch = cfg.optimization.micro_batch_size or cfg.optimization.batch_size
-    num_images = min(ds.num_images for ds in datasets.values())
-    if num_images < batch:
-        raise ValueError(f"data.data_path: {num_images} images, fewer than one batch of {batch}")
-    per_epoch = num_images // batch
-    results: dict[str, dict] = {}
-    for name, fmt in runs:
-        key = "shards" if fmt == "shards" else name
-        dataset = datasets[fmt]
-        run_cfg = replace(cfg, data=replace(cfg.data, backend=name, data_path=paths[fmt]))
-        loader, _, desc = build_loader(run_cfg, dataset, batch, per_epoch, device)
-        log(f"{key}: {desc}, batch {batch}, {cfg.data.input_size}px")
-        timed = TimedBatches(loader)
-        sec, _ = _loop(timed, lambda images: None, batches, warmup, device)  # after the workers warmed up
-        sec /= batches
-        b = timed.next()
-        mean_bytes = _mean_image_bytes(dataset)
-        results[key] = {
-            "backend": name,
-            "format": fmt,
-            "img_s": batch / sec,
-            "MB_s": batch / sec * mean_bytes / 1e6,
-            "mean_image_kb": mean_bytes / 1e3,
-            "ms_per_batch": 1000 * sec,
-            "batch": batch,
-            "workers": cfg.data.num_workers,
-            "output_device": str(b.device),
-            "dtype": str(b.dtype),
-        }
-        if fmt == "shards":
-            results[key]["reads"] = loader.read_stats.as_dict()  # opens, read calls, bytes (whole blocks)
-        log(f"{key:>6}: {batch / sec:,.1f} img/s  {results[key]['MB_s']:,.1f} MB/s  {1000 * sec:.1f} ms/batch")
-        loader.close()
-        del loader, timed, b
-    out = {
-        "results": results,
-        "env": {
-            **env_info(device),
-            "input_size": cfg.data.input_size,
-            "num_images": num_images,
-            "data_path": cfg.data.data_path,
-            **({f"{other_format}_path": other} if other else {}),
-        },
+    return paths, datasets
+
+
+def _time_loader(
+    cfg: Config, dataset, key: str, batch: int, per_epoch: int, batches: int, warmup: int, device, log: Log
+) -> dict:
+    """One loader's figures: `batches` timed batches after `warmup` (its workers and decoders warmed up)."""
+    loader, _, desc = build_loader(cfg, dataset, batch, per_epoch, device)
+    log(f"{key}: {desc}, batch {batch}, {cfg.data.input_size}px")
+    timed = TimedBatches(loader)
+    sec = _loop(timed, lambda images: None, batches, warmup, device)[0] / batches
+    b = timed.next()
+    mean_bytes = _mean_image_bytes(dataset)
+    result = {
+        "backend": cfg.data.backend,
+        "format": "shards" if dataset.shards is not None else "folder",
+        "img_s": batch / sec,
+        "MB_s": batch / sec * mean_bytes / 1e6,
+        "mean_image_kb": mean_bytes / 1e3,
+        "ms_per_batch": 1000 * sec,
+        "batch": batch,
+        "workers": cfg.data.num_workers,
+        "output_device": str(b.device),
+        "dtype": str(b.dtype),
     }
-    if "dali" in results and "pil" in results:
-        out["ratio_dali_over_pil"] = results["dali"]["img_s"] / results["pil"]["img_s"]
-        log(f"DALI / PIL: {out['ratio_dali_over_pil']:.2f}x")
-    if "dali" in results and "shards" in results:
-        out["ratio_shards_over_folder"] = results["shards"]["img_s"] / results["dali"]["img_s"]
-        log(f"shards / folder (DALI): {out['ratio_shards_over_folder']:.2f}x")
-    return out
+    if dataset.shards is not None:
+        result["reads"] = loader.read_stats.as_dict()  # opens, read calls, bytes (whole blocks)
+    log(f"{key:>6}: {batch / sec:,.1f} img/s  {result['MB_s']:,.1f} MB/s  {1000 * sec:.1f} ms/batch")
+    loader.close()
+    return result
 
 
 def e2e_mae_fast(cfg: Config, steps: int) -> dict:

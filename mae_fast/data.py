@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, DataConfig
 from .pipelines.scan import DatasetScanError, format_bad, scan_dataset
 from .pipelines.shards import MANIFEST_NAME, ShardSet, is_shard_path, open_shards
 
@@ -130,7 +130,6 @@ def build_loader(
 ) -> tuple[Any, torch.dtype, str]:
     """The configured loader for this rank -> (loader, batch dtype, description)."""
     d = cfg.data
-    seed = cfg.misc.seed
     if d.backend == "synthetic":
         from .pipelines.synthetic import SyntheticLoader
 
@@ -141,77 +140,74 @@ def build_loader(
             batches_per_epoch=batches_per_epoch,
             device=str(device),
             dtype=dtype,
-            seed=seed + rank,
+            seed=cfg.misc.seed + rank,
         )
         return loader, dtype, f"synthetic {d.input_size}px images on {device}"
-    aug = d.augmentation
+    sharding = {
+        "seed": cfg.misc.seed,
+        "shard_id": rank,
+        "num_shards": world_size,
+        "batches_per_epoch": batches_per_epoch,
+    }
     if d.backend == "dali":
-        from .pipelines.dali import DaliLoader, dali_available
-
-        if not dali_available():
-            raise ConfigError(
-                "data.backend: dali, but nvidia.dali cannot be imported here; install "
-                "nvidia-dali-cuda130 (pip) or set data.backend: pil"
-            )
-        device_id = (device.index or 0) if device.type == "cuda" else None
-        decoder = "cpu" if d.decoder == "cpu" else "mixed"  # mixed needs a GPU: without one all runs on the CPU
-        options = dict(
-            input_size=d.input_size,
-            seed=seed,
-            shard_id=rank,
-            num_shards=world_size,
-            device_id=device_id,
-            num_threads=max(1, d.num_workers),
-            prefetch=d.prefetch,
-            output_dtype=d.output_dtype,
-            hw_decoder_load=d.hw_decoder_load,
-            batches_per_epoch=batches_per_epoch,
-            decoder=decoder,
-        )
-        if dataset.shards is not None:
-            from .pipelines.shard_loader import ShardLoader
-
-            loader = ShardLoader(dataset.shards, micro_batch, aug, shuffle_buffer=d.shuffle_buffer, **options)
-        else:
-            loader = DaliLoader(dataset.files, micro_batch, aug, **options)
-        dtype = torch.float16 if d.output_dtype == "float16" else torch.uint8
-        where = (
-            f"DALI, decode on {'GPU (mixed)' if loader.gpu_decode else 'CPU'}"
-            f"{', rest on GPU' if device_id is not None and not loader.gpu_decode else ''}, {d.num_workers} threads"
-        )
+        loader, dtype, where = _dali_loader(d, dataset, micro_batch, device, sharding)
     else:
         from .pipelines.pil import PilLoader
 
         if dataset.shards is not None:
             raise ConfigError(f"data.backend: pil reads image files, not the shards in {d.data_path}; use dali")
-
+        pin = d.pin_memory and device.type == "cuda"
         loader = PilLoader(
-            dataset.files,
-            micro_batch,
-            aug,
-            input_size=d.input_size,
-            seed=seed,
-            shard_id=rank,
-            num_shards=world_size,
-            num_workers=d.num_workers,
-            pin_memory=d.pin_memory and device.type == "cuda",
-            device=str(device),
-            batches_per_epoch=batches_per_epoch,
+            dataset.files, micro_batch, d.augmentation, input_size=d.input_size, num_workers=d.num_workers,
+            pin_memory=pin, device=str(device), **sharding,
+        )  # fmt: skip
+        dtype, where = torch.float32, f"PIL (torchvision), {d.num_workers} workers"
+    return loader, dtype, f"{_describe_source(d, dataset, loader, world_size)}; {where}"
+
+
+def _dali_loader(d: DataConfig, dataset: Dataset, micro_batch: int, device: torch.device, sharding: dict):
+    """A DaliLoader over the files, or a ShardLoader over the shards -> (loader, batch dtype, description)."""
+    from .pipelines.dali import DaliLoader, dali_available
+
+    if not dali_available():
+        raise ConfigError(
+            "data.backend: dali, but nvidia.dali cannot be imported here; install "
+            "nvidia-dali-cuda130 (pip) or set data.backend: pil"
         )
-        dtype = torch.float32
-        where = f"PIL (torchvision), {d.num_workers} workers"
+    device_id = (device.index or 0) if device.type == "cuda" else None
+    options = dict(
+        input_size=d.input_size,
+        device_id=device_id,
+        num_threads=max(1, d.num_workers),
+        prefetch=d.prefetch,
+        output_dtype=d.output_dtype,
+        hw_decoder_load=d.hw_decoder_load,
+        decoder="cpu" if d.decoder == "cpu" else "mixed",  # mixed needs a GPU: without one all runs on the CPU
+        **sharding,
+    )
     if dataset.shards is not None:
-        s = dataset.shards
-        block = min(loader.shuffle_buffer, len(s) // world_size)  # a block never outgrows the rank's part
-        held = 2 * block * float(s.sizes.mean()) / 1e6  # MB: the block being fed and the next one
-        memory = f"{held / 1e3:.2g} GB" if held >= 1e3 else f"{held:.3g} MB"
-        what = (
-            f"{len(s)} samples in {len(s.tars)} shards in {d.data_path}; shuffle buffer {loader.shuffle_buffer} "
-            f"samples (~{memory} held per rank)"
-        )
+        from .pipelines.shard_loader import ShardLoader
+
+        loader = ShardLoader(dataset.shards, micro_batch, d.augmentation, shuffle_buffer=d.shuffle_buffer, **options)
     else:
-        what = f"{dataset.num_images} images in {d.data_path}"
-    return loader, dtype, f"{what}; {where}"
+        loader = DaliLoader(dataset.files, micro_batch, d.augmentation, **options)
+    dtype = torch.float16 if d.output_dtype == "float16" else torch.uint8
+    rest = ", rest on GPU" if device_id is not None and not loader.gpu_decode else ""
+    where = f"DALI, decode on {'GPU (mixed)' if loader.gpu_decode else 'CPU'}{rest}, {d.num_workers} threads"
+    return loader, dtype, where
+
+
+def _describe_source(d: DataConfig, dataset: Dataset, loader: Any, world_size: int) -> str:
+    if dataset.shards is None:
+        return f"{dataset.num_images} images in {d.data_path}"
+    s = dataset.shards
+    block = min(loader.shuffle_buffer, len(s) // world_size)  # a block never outgrows the rank's part
+    held = 2 * block * float(s.sizes.mean()) / 1e6  # MB: the block being fed and the next one
+    memory = f"{held / 1e3:.2g} GB" if held >= 1e3 else f"{held:.3g} MB"
+    return (
+        f"{len(s)} samples in {len(s.tars)} shards in {d.data_path}; shuffle buffer {loader.shuffle_buffer} "
+        f"samples (~{memory} held per rank)"
+    )
 
 
 def sample_images(dataset: Dataset, n: int) -> list[str | bytes]:
