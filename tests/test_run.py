@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import step_records
 from rich.console import Console
 
 from mae_fast.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
@@ -64,8 +65,7 @@ def run_args(tmp, data, out, *extra):
 
 
 def losses_by_step(out_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records}
+    return {r["step"]: r["loss"] for r in step_records(out_dir)}
 
 
 def spawn(args):
@@ -202,7 +202,7 @@ def test_keep_last_n_and_checkpoint_contents(tmp_path, sample_dir):
     assert len(logs) == 1
     text = logs[0].read_text()
     assert "derived:" in text and "checkpoint saved:" in text and "step 18/18" in text
-    records = [json.loads(x) for x in (tmp_path / "out/metrics.jsonl").read_text().splitlines()]
+    records = step_records(tmp_path / "out")
     assert [r["step"] for r in records] == list(range(1, 19))
     for key in (
         "epoch",
@@ -214,7 +214,6 @@ def test_keep_last_n_and_checkpoint_contents(tmp_path, sample_dir):
         "data_wait_pct",
         "eta_epoch_s",
         "eta_run_s",
-        "mem_gb",
     ):
         assert key in records[-1], key
 
@@ -292,7 +291,7 @@ def test_tensorboard_event_file_holds_the_scalars(tmp_path):
     events.Reload()
     assert {"train/loss", "train/lr", "train/samples_per_s"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 4]
-    records = [json.loads(x) for x in (tmp_path / "out/metrics.jsonl").read_text().splitlines()]
+    records = step_records(tmp_path / "out")
     assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([r["loss"] for r in records])
 
 
