@@ -330,7 +330,10 @@ def snapshot(**kw):
         eta_epoch_s=90,
         eta_run_s=4000,
         mfu=0.37,
+        mfu_peak="H200 dense bf16 peak 989 TFLOP/s",
         mem_gb=13.0,
+        mem_reserved_gb=14.5,
+        alloc_retries=2,
         elapsed_s=600,
         history=[1.0, 0.9, 0.8, 0.7, 0.65, 0.61],
     )
@@ -359,7 +362,9 @@ def test_dashboard_renders_a_frame():
         "49.9 ms",
         "1.5 %",
         "37.0 %",
+        "MFU: a share of the H200 dense bf16 peak 989 TFLOP/s",
         "13.0 GB",
+        "14.5 GB, 2 retries",
         "step 120/500",
         "20/50",
         "ckpt/step-100/model.pt",
@@ -380,8 +385,12 @@ def test_non_terminal_output_prints_plain_lines(tmp_path):
     log.close()
     lines = stream.getvalue().splitlines()
     assert lines[0].startswith("epoch 3 [20/50] step 120/500 loss 0.6100") and "5,123.4 img/s" in lines[0]
+    assert (
+        "| mfu 37.0% of H200 dense bf16 peak 989 TFLOP/s | mem 13.0 GB (reserved 14.5 GB, 2 alloc retries)" in lines[0]
+    )
     assert lines[1] == "checkpoint saved: ckpt/x.pt"
-    assert json.loads((tmp_path / "metrics.jsonl").read_text())["samples_per_s"] == 5123.4
+    record = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert record["samples_per_s"] == 5123.4 and (record["mem_reserved_gb"], record["alloc_retries"]) == (14.5, 2)
 
 
 def test_checkpoint_cadence():
