@@ -136,6 +136,8 @@ class StepProfiler:
         from torch.profiler import ProfilerActivity, profile
 
         cuda = self.device.type == "cuda"
+        if not cuda:  # a CUDA build of torch on a machine without a GPU: Kineto's "gpuGetDeviceCount failed"
+            os.environ.setdefault("KINETO_LOG_LEVEL", "5")
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         self._prof = profile(activities=activities)
         self._prof.__enter__()
