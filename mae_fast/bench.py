@@ -187,8 +187,8 @@ def bench_step(
 
 def mfu_peaks(matmul: float, card) -> str:
     """The two peaks bench's MFU figures are shares of, said once."""
-    peak = f"the {card.name}" if card else "no known dense bf16 peak for this device: no card-peak MFU"
-    return f"MFU against the measured matmul rate {matmul / 1e12:.3g} TFLOP/s and against {peak}"
+    rate = f"MFU of the measured matmul rate, {matmul / 1e12:.3g} TFLOP/s"
+    return f"{rate}, and of the {card.name}" if card else f"{rate} (no known dense bf16 peak: no card-peak MFU)"
 
 
 def mfu_of(flops_per_s: float, matmul: float, card) -> dict:
@@ -329,6 +329,9 @@ def e2e_mae_fast(cfg: Config, steps: int) -> dict:
                 dashboard="off",
                 print_freq=max(1, steps // 5),
                 visualize_freq_epochs=0,
+                profile_start_step=0,
+                profile_steps=0,
+                wandb_project="",  # a benchmark is not an experiment to track
             ),
             checkpointing=replace(
                 cfg.checkpointing, checkpoint_dir=f"{tmp}/ckpt", save_freq_epochs=0, save_freq_steps=0

@@ -91,6 +91,11 @@ def test_card_peaks_are_matched_by_name_and_every_mfu_names_its_peak():
     snap = meter.update(first_step=0, losses=[1.0, 0.9], gnorms=[1.0, 1.0], lr=1e-3, data_wait_s=0.0)
     assert snap.mfu > 0 and f"mfu {100 * snap.mfu:.1f}% of H200 dense bf16 peak 989 TFLOP/s" in format_line(snap)
     assert snap.record()["mfu_peak"] == "H200 dense bf16 peak 989 TFLOP/s"
+    from mae_fast.bench import format_mfu, mfu_of
+
+    bench = mfu_of(400e12, 800e12, card_peak("NVIDIA H200"))
+    assert format_mfu(bench) == "MFU 50.0% of measured matmul, 40.4% of card peak"
+    assert format_mfu(mfu_of(400e12, 800e12, None)) == "MFU 50.0% of measured matmul"
     untimed = meter.update(first_step=2, losses=[0.8], gnorms=[1.0], lr=1e-3, data_wait_s=5.0, timed=False)
     assert (untimed.samples_per_s, untimed.mfu, untimed.data_wait_pct) == (snap.samples_per_s, snap.mfu, 0.0)
 
