@@ -77,16 +77,22 @@ class WandbRun:
         id_file = ck / RUN_ID_FILE
         resuming = bool(x.resume) or (x.auto_resume and (ck / "latest.pt").exists())
         run_id = read_run_id(id_file, lg.wandb_project) if resuming and id_file.exists() else None
-        run = wandb.init(
-            project=lg.wandb_project,
-            mode=lg.wandb_mode,
-            name=lg.wandb_run_name or x.run_name or Path(lg.output_dir).name,
-            id=run_id,
-            resume="must" if run_id else None,
-            config={**resolved(cfg, derived), "run_report": report},
-            dir=os.environ.get("WANDB_DIR") or lg.output_dir,  # read here: wandb reads its environment once
-            settings=wandb.Settings(console="off"),  # the log file has the console; the dashboard redraws in place
-        )
+        try:
+            run = wandb.init(
+                project=lg.wandb_project,
+                mode=lg.wandb_mode,
+                name=lg.wandb_run_name or x.run_name or Path(lg.output_dir).name,
+                id=run_id,
+                resume="must" if run_id else None,
+                config={**resolved(cfg, derived), "run_report": report},
+                dir=os.environ.get("WANDB_DIR") or lg.output_dir,  # read here: wandb reads its environment once
+                settings=wandb.Settings(console="off"),  # the log file has the console; the dashboard redraws
+            )
+        except wandb.errors.Error as e:  # not logged in, no network, no such run to resume
+            raise ConfigError(
+                f"logging.wandb_mode: {lg.wandb_mode}: W&B could not start the run ({e}); log in with `wandb login`, "
+                f"or set logging.wandb_mode: offline (upload later with `wandb sync`)"
+            ) from None
         ck.mkdir(parents=True, exist_ok=True)
         _write_run_id(id_file, lg.wandb_project, run.id)
         return cls(run)

@@ -239,6 +239,20 @@ def test_a_bad_wandb_id_file_is_refused_naming_it(tmp_path, offline_wandb, capsy
     assert err.startswith(f"error: {tmp_path}/ckpt/wandb-run.json: not a W&B run id file") and "delete it" in err
 
 
+def test_wandb_online_without_a_login_is_one_error_line(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("wandb")
+    for name in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, no wandb settings
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    args = ["train", str(ROOT / "configs/demo.yaml"), "--set", "evaluation=null", "--set", "logging.wandb_project=demo"]
+    for o in [*SHORT, f"logging.output_dir={tmp_path}/out", f"checkpointing.checkpoint_dir={tmp_path}/ckpt"]:
+        args += ["--set", o]
+    assert main(args) == EXIT_USAGE
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert err.startswith("error: logging.wandb_mode: online: W&B could not start the run (") and "wandb login" in err
+
+
 def test_a_wandb_project_without_wandb_installed_stops_before_any_work(tmp_path, capsys, monkeypatch):
     import mae_fast.train
 
