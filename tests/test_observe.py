@@ -139,7 +139,7 @@ def wandb_records(run_dir, timeout: float = 60):
 def _read_wandb_log(run_dir):
     """The records of an offline run's transaction log, run-<id>.wandb: LevelDB's log format (32 KiB blocks of
     chunks, each a 7-byte header: crc32, length, type) after W&B's 7-byte header, each record one of wandb's own
-    protobuf Records. (wandb 0.31 has no Python reader of its own: `wandb sync` uploads, `wandb beta leet` is a
+    protobuf Records. (wandb 0.31 has no Python reader of its own: `wandb sync` uploads, `wandb leet` is a
     terminal UI.)"""
     from wandb.proto import wandb_internal_pb2
 
