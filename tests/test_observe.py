@@ -240,6 +240,19 @@ def test_wandb_gets_the_reconstruction_grids_as_images(tmp_path, offline_wandb):
     assert (run / "files" / image["reconstructions/path"]).read_bytes() == png.read_bytes()
 
 
+def test_the_wandb_id_file_is_validated_when_read_back(tmp_path):
+    from mae_fast.checkpoint import CheckpointError
+    from mae_fast.tracking import read_run_id
+
+    path = tmp_path / "wandb-run.json"
+    path.write_text('{"project": "demo", "id": "e6kw84zb"}')
+    assert read_run_id(path, "demo") == "e6kw84zb" and read_run_id(path, "other") is None  # another project: new run
+    for text in ("", "[1]", '{"id": 5}', '{"id": "a/b"}', '{"id": ""}', "\xff"):
+        path.write_text(text)
+        with pytest.raises(CheckpointError, match=f"^{path}: "):
+            read_run_id(path, "demo")
+
+
 def test_a_bad_wandb_id_file_is_refused_naming_it(tmp_path, offline_wandb, capsys):
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt/wandb-run.json").write_text('{"id": "../../etc"}')
