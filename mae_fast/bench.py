@@ -8,7 +8,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -19,7 +18,9 @@ import torch
 
 from .config import Config, ConfigError, derive
 from .data import TimedBatches, build_loader, data_format, find_dataset
+from .metrics import card_peak
 from .model import arch_for, model_flops_per_image
+from .observe import versions
 from .peers import compiled_reference_step, reference_step
 from .runtime import device_name, seed_everything, setup_device, sync
 from .step import build_train_step, model_from_config
@@ -29,26 +30,18 @@ Log = Callable[[str], None]
 
 def env_info(device: torch.device) -> dict:
     name = device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
-    info = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
+    v = versions()
+    return {
+        "torch": v["torch"],
+        "python": v["python"],
         "cpu_count": os.cpu_count(),
         "device": name,
+        "dali": v["dali"],
+        "git_sha": v["git_commit"],
+        "cuda": v["cuda"],
+        "timm": v["timm"],
+        "mae_fast": v["mae_fast"],
     }
-    try:
-        import nvidia.dali as dali
-
-        info["dali"] = dali.__version__
-    except ImportError:
-        info["dali"] = None
-    try:
-        git = ["git", "rev-parse", "--short", "HEAD"]
-        sha = subprocess.run(git, capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5).stdout
-        info["git_sha"] = sha.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        info["git_sha"] = None
-    info["git_sha"] = info["git_sha"] or os.environ.get("MAE_FAST_GIT_SHA")  # a copy of the tree without .git
-    return info
 
 
 def measure_matmul_flops(device: torch.device) -> float:
@@ -127,8 +120,9 @@ def bench_step(
     `profile`: also write the profiler's kernel table of mae-fast's step there (after the timing)."""
     seed_everything(cfg.misc.seed)
     device = setup_device(cfg.misc.device)
-    peak = measure_matmul_flops(device)
-    log(f"{env_info(device)['device']}: measured matmul peak {peak / 1e12:.3g} TFLOP/s")
+    matmul = measure_matmul_flops(device)
+    card = card_peak(device_name(device)) if device.type == "cuda" else None
+    log(f"{env_info(device)['device']}: {mfu_peaks(matmul, card)}")
     runs = [("mae-fast", mae_fast_step, cfg), *((label, mae_fast_step, c) for label, c in variants)]
     if compare:
         runs += [("reference", reference_step, cfg), ("compiled reference", compiled_reference_step, cfg)]
@@ -153,7 +147,7 @@ def bench_step(
             "img_s": n / sec,
             "ms_per_iter": 1000 * sec,
             "gflop_per_img": flops_img / 1e9,
-            "mfu": flops_img * n / sec / peak,
+            **mfu_of(flops_img * n / sec, matmul, card),
             "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         }
         if results:
@@ -162,14 +156,15 @@ def bench_step(
         mem = f"  peak mem {r['peak_mem_gb']:.1f} GB" if r["peak_mem_gb"] is not None else ""
         ratio = f"  {r['vs_mae_fast']:.3f}x mae-fast" if "vs_mae_fast" in r else ""
         log(
-            f"{name:>10}: {r['img_s']:,.1f} img/s  {r['ms_per_iter']:.1f} ms/iter  batch {n}  "
-            f"MFU {100 * r['mfu']:.1f}%{mem}{ratio}"
+            f"{name:>10}: {r['img_s']:,.1f} img/s  {r['ms_per_iter']:.1f} ms/iter  batch {n}  {format_mfu(r)}{mem}{ratio}"
         )
         del run
     m, x = cfg.model, cfg.misc
     env = {
         **env_info(device),
-        "matmul_peak_tflops": peak / 1e12,
+        "matmul_peak_tflops": matmul / 1e12,
+        "card_peak": card.name if card else None,
+        "card_peak_tflops": card.flops / 1e12 if card else None,
         "model": m.type,
         "compile": x.compile,
         "compile_mode": x.compile_mode,
@@ -188,6 +183,23 @@ def bench_step(
             f"{out['speedup_vs_compiled_reference']:.2f}x"
         )
     return out
+
+
+def mfu_peaks(matmul: float, card) -> str:
+    """The two peaks bench's MFU figures are shares of, said once."""
+    rate = f"MFU of the measured matmul rate, {matmul / 1e12:.3g} TFLOP/s"
+    return f"{rate}, and of the {card.name}" if card else f"{rate} (no known dense bf16 peak: no card-peak MFU)"
+
+
+def mfu_of(flops_per_s: float, matmul: float, card) -> dict:
+    """A result's MFU: as a share of the measured matmul rate, and of the card's dense bf16 peak (None: unknown)."""
+    return {"mfu_matmul": flops_per_s / matmul, "mfu_peak": flops_per_s / card.flops if card else None}
+
+
+def format_mfu(r: dict) -> str:
+    """MFU 36.1% of measured matmul, 29.2% of card peak"""
+    text = f"MFU {100 * r['mfu_matmul']:.1f}% of measured matmul"
+    return text + (f", {100 * r['mfu_peak']:.1f}% of card peak" if r.get("mfu_peak") is not None else "")
 
 
 def _loop(batches: TimedBatches, run: Callable[[torch.Tensor], None], steps: int, warmup: int, device) -> tuple:
@@ -317,6 +329,9 @@ def e2e_mae_fast(cfg: Config, steps: int) -> dict:
                 dashboard="off",
                 print_freq=max(1, steps // 5),
                 visualize_freq_epochs=0,
+                profile_start_step=0,
+                profile_steps=0,
+                wandb_project="",  # a benchmark is not an experiment to track
             ),
             checkpointing=replace(
                 cfg.checkpointing, checkpoint_dir=f"{tmp}/ckpt", save_freq_epochs=0, save_freq_steps=0
@@ -384,10 +399,11 @@ def bench_all(
         log(
             f"{r['name']:>22}: {r['img_s']:,.1f} img/s  {r['ms_per_iter']:.1f} ms/iter  data wait {r['data_wait_pct']:.0f}%"
         )
-    peak = step["env"]["matmul_peak_tflops"] * 1e12
+    env = step["env"]
+    card = card_peak(device_name(device)) if env["card_peak"] else None
     flops_img = step["results"]["mae-fast"]["gflop_per_img"] * 1e9
     for r in e2e.values():
-        r["mfu"] = flops_img * r["img_s"] / peak
+        r.update(mfu_of(flops_img * r["img_s"], env["matmul_peak_tflops"] * 1e12, card))
     mine = e2e["mae-fast e2e"]["img_s"]
     out = {
         "loader": loader["results"],
@@ -414,24 +430,31 @@ def bench_all(
 
 def summary_table(out: dict) -> str:
     rows = [
-        "| what | img/s | ms/iter or batch | MFU | data wait | busy | peak mem |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| what | img/s | ms/iter or batch | MFU of measured matmul | MFU of card peak | data wait | busy | peak mem |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, r in out["loader"].items():
-        rows.append(f"| loader {name} | {r['img_s']:,.0f} | {r['ms_per_batch']:.1f} | | | | |")
+        rows.append(f"| loader {name} | {r['img_s']:,.0f} | {r['ms_per_batch']:.1f} | | | | | |")
     for r in out["step"].values():
         mem = f"{r['peak_mem_gb']:.1f} GB" if r.get("peak_mem_gb") else ""
         rows.append(
-            f"| step {r['name']} | {r['img_s']:,.0f} | {r['ms_per_iter']:.1f} | {100 * r['mfu']:.1f}% | | | {mem} |"
+            f"| step {r['name']} | {r['img_s']:,.0f} | {r['ms_per_iter']:.1f} | {_pct(r['mfu_matmul'])} | "
+            f"{_pct(r['mfu_peak'])} | | | {mem} |"
         )
     for r in out["e2e"].values():
         busy = f"{r['busy_pct']:.0f}%" if r.get("busy_pct") is not None else ""
         rows.append(
-            f"| {r['name']} | {r['img_s']:,.0f} | {r['ms_per_iter']:.1f} | {100 * r['mfu']:.1f}% | "
-            f"{r['data_wait_pct']:.0f}% | {busy} | |"
+            f"| {r['name']} | {r['img_s']:,.0f} | {r['ms_per_iter']:.1f} | {_pct(r['mfu_matmul'])} | "
+            f"{_pct(r['mfu_peak'])} | {r['data_wait_pct']:.0f}% | {busy} | |"
         )
     ratios = ", ".join(f"{k} {v:.2f}x" for k, v in out["ratios"].items() if v is not None)
-    return "\n".join(rows) + f"\n\n{out['env']['device']}, {out['env'].get('model')}: {ratios}"
+    env = out["env"]
+    peaks = f"measured matmul {env['matmul_peak_tflops']:.3g} TFLOP/s; card peak: {env.get('card_peak') or 'unknown'}"
+    return "\n".join(rows) + f"\n\n{env['device']}, {env.get('model')}: {ratios}\nMFU peaks: {peaks}"
+
+
+def _pct(share: float | None) -> str:
+    return f"{100 * share:.1f}%" if share is not None else "n/a"
 
 
 def write_json(data: dict, path: str | None) -> None:

@@ -160,6 +160,12 @@ class LoggingConfig:
     tensorboard: bool = False
     visualize_freq_epochs: int = 0  # save a reconstruction grid of fixed sample images every N epochs; 0 = off
     visualize_images: int = 4  # rows in that grid (images spread over the data set)
+    profile_start_step: int = 0  # torch.profiler from this step (1: the first) for profile_steps steps; 0 = off
+    profile_steps: int = 0  # -> output_dir/profile/trace-steps-A-B.json.gz and a top-kernels table in the log
+    memory_history: bool = False  # CUDA: record allocations' stack traces, for the snapshot written on out of memory
+    wandb_project: str = ""  # Weights & Biases project (pip install mae-fast[wandb]); "" = off
+    wandb_mode: Literal["online", "offline", "disabled"] = "online"
+    wandb_run_name: str = ""  # "" = misc.run_name, or the output_dir's name
 
     def __post_init__(self) -> None:
         if isinstance(self.dashboard, bool):
@@ -168,6 +174,10 @@ class LoggingConfig:
         _check(self.print_freq > 0, "print_freq", f"must be positive, got {self.print_freq}")
         _check(vf >= 0, "visualize_freq_epochs", f"must be >= 0, got {vf}")
         _check(vi > 0, "visualize_images", f"must be positive, got {vi}")
+        ps, pn = self.profile_start_step, self.profile_steps
+        _check(ps >= 0, "profile_start_step", f"must be >= 0, got {ps}")
+        _check(pn >= 0, "profile_steps", f"must be >= 0, got {pn}")
+        _check((ps > 0) == (pn > 0), "profile_steps" if ps else "profile_start_step", "is 0: set both, or neither")
 
 
 @dataclass

@@ -76,11 +76,14 @@ def render(
     wait_style = "red" if s.data_wait_pct > 10 else "green"
     busy = Text(f"{s.busy_pct:.1f} %", style="red" if s.busy_pct < 90 else "green") if s.busy_pct is not None else "n/a"
     stats.add_row("data wait", Text(f"{s.data_wait_pct:.1f} %", style=wait_style), "device busy", busy)
-    stats.add_row(
-        "MFU", f"{100 * s.mfu:.1f} %" if s.mfu else "n/a", "GPU memory", f"{s.mem_gb:.1f} GB" if s.mem_gb else "n/a"
-    )
-    stats.add_row("elapsed", fmt_time(s.elapsed_s), "", "")
-    rows += [bars, stats, Text.assemble(("loss ", "dim"), (sparkline(s.history), "magenta"))]
+    mfu = f"{100 * s.mfu:.1f} %" if s.mfu_peak else "n/a"
+    stats.add_row("MFU", mfu, "GPU memory", f"{s.mem_gb:.1f} GB" if s.mem_gb is not None else "n/a")
+    reserved = f"{s.mem_reserved_gb:.1f} GB, {s.alloc_retries} retries" if s.mem_reserved_gb is not None else ""
+    stats.add_row("elapsed", fmt_time(s.elapsed_s), "reserved" if reserved else "", reserved)
+    rows += [bars, stats]
+    if s.mfu_peak:
+        rows.append(Text(f"MFU: a share of the {s.mfu_peak}", style="dim"))
+    rows.append(Text.assemble(("loss ", "dim"), (sparkline(s.history), "magenta")))
     if evals:
         epoch, top1 = evals[-1]
         recent = " ".join(f"{v:.1f}" for _, v in evals[-6:-1])

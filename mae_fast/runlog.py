@@ -1,7 +1,7 @@
 """Where a run's messages and metrics go: the console (live dashboard on a terminal, plain lines
 otherwise), the complete log file mae_pretrain_YYYYMMDD_HHMMSS.log (flushed as written),
-metrics.jsonl (one record per log interval, and one with "kind": "eval" per evaluation) and
-TensorBoard scalars when it is installed."""
+metrics.jsonl (the run report first, {"kind": "report", ...}, then one record per log interval, and one with
+"kind": "eval" per evaluation), TensorBoard scalars when it is installed, and a W&B run (tracking.py) when on."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TextIO
 
 from .dashboard import Dashboard, RunInfo
-from .metrics import Snapshot, format_line
+from .metrics import SCALARS, Snapshot, format_line
 
 
 class RunLog:
@@ -33,6 +33,7 @@ class RunLog:
         self.echo = echo
         self.log_path: Path | None = None
         self._file = self._jsonl = self._tb = None
+        self.tracker = None  # a tracking.WandbRun, set after the run report
         self.dashboard: Dashboard | None = None
         if output_dir is not None:
             out = Path(output_dir)
@@ -85,22 +86,20 @@ class RunLog:
         self._to_file(message)
         self._console(message)
 
+    def report(self, record: dict, text: str) -> None:
+        """The run report (observe.run_report), printed and written as metrics.jsonl's first record."""
+        self.info(text)
+        self._write("_jsonl", json.dumps(record) + "\n")
+
     def metrics(self, snap: Snapshot) -> None:
         line = format_line(snap)
         self._to_file(line)
         self._write("_jsonl", json.dumps({"time": time.time(), **snap.record()}) + "\n")
         if self._tb is not None:
-            for key in (
-                "loss",
-                "loss_smooth",
-                "lr",
-                "grad_norm",
-                "samples_per_s",
-                "ms_per_iter",
-                "data_wait_pct",
-                "mfu",
-            ):
+            for key in SCALARS:
                 self._tb.add_scalar(f"train/{key}", getattr(snap, key), snap.step)
+        if self.tracker is not None:
+            self.tracker.metrics(snap)
         if self.dashboard is not None:
             self.dashboard.update(snap)
         else:
@@ -117,8 +116,15 @@ class RunLog:
         if self._tb is not None:
             for key, value in results.items():
                 self._tb.add_scalar(f"eval/{key}", value, step)
+        if self.tracker is not None:
+            self.tracker.evaluation(step, epoch, results)
         if self.dashboard is not None:
             self.dashboard.update(evaluation=(epoch, results["knn_top1"]))
+
+    def image(self, path: Path, step: int, caption: str) -> None:
+        """A picture written during the run (a reconstruction grid): to W&B when on (the file is the record)."""
+        if self.tracker is not None:
+            self.tracker.image(path, step, caption)
 
     def checkpoint_saved(self, path: str) -> None:
         self._to_file(f"checkpoint saved: {path}")
@@ -145,7 +151,9 @@ class RunLog:
                     f.close()
         if self._tb is not None:
             self._tb.close()
-        self._file = self._jsonl = self._tb = None
+        if self.tracker is not None:
+            self.tracker.close()
+        self._file = self._jsonl = self._tb = self.tracker = None
 
 
 def format_eval(epoch: int, r: dict[str, float]) -> str:

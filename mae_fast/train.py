@@ -45,12 +45,14 @@ from .dashboard import RunInfo
 from .data import Dataset, TimedBatches, build_loader, check_same_source, find_dataset, sample_images
 from .distributed import Dist, any_rank, broadcast, gather, init_distributed, mean, shutdown
 from .evaluate import EvalSets, evaluate_in_training, prepare_eval_sets
-from .metrics import Meter, NonFiniteLoss, Snapshot, peak_bf16_flops
+from .metrics import Meter, NonFiniteLoss, Snapshot, card_peak
 from .model import model_flops_per_image
+from .observe import StepProfiler, cuda_memory, format_report, mfu_basis, out_of_memory, run_report
 from .optim import cosine_lr, load_optimizer_state
 from .runlog import RunLog
 from .runtime import device_name, seed_everything, setup_device, train_stream
 from .step import build_train_step, model_from_config
+from .tracking import WandbRun, require_wandb
 from .visualize import visualize_files
 from .weights import load_mae
 
@@ -137,6 +139,7 @@ def _locks(cfg: Config, d: Dist) -> contextlib.ExitStack:
 
 
 def _train(cfg: Config, d: Dist, log: Callable | None, max_steps: int | None, on_log: OnLog | None) -> TrainResult:
+    require_wandb(cfg)  # logging.wandb_project without wandb installed: stop before any work
     seed_everything(cfg.misc.seed)  # the same initial weights on every rank
     device = setup_device(cfg.misc.device, d.local_rank, d.world_size)
     if cfg.misc.precision == "bf16" and d.enabled:
@@ -152,6 +155,9 @@ def _train(cfg: Config, d: Dist, log: Callable | None, max_steps: int | None, on
     )
     out = _run_log(cfg, d, derived, device, data_desc, log)
     try:
+        report = run_report(cfg, derived, device, d.world_size)
+        out.report(report, format_report(report))  # metrics.jsonl's first record
+        out.tracker = WandbRun.start(cfg, derived, report) if d.is_main else None
         # from here on, SIGTERM/SIGINT end the run with a checkpoint
         for w in dataset.warnings + lr_warnings(cfg):
             out.info(f"WARNING: {w}")
@@ -248,19 +254,27 @@ class Trainer:
         self.step = self.init_weights() if resumed is None else resumed  # global optimizer steps done
         self.result.start_step = self.last_logged = self.step
         self.lr = self.lr_at(self.step)
-        flops = model_flops_per_image(self.model.arch, cfg.model.mask_ratio) * derived.effective_batch
+        flops = model_flops_per_image(self.model.arch, cfg.model.mask_ratio)
+        peak = card_peak(device_name(device), d.world_size) if device.type == "cuda" else None
         self.meter = Meter(
             effective_batch=derived.effective_batch,
             steps_per_epoch=derived.steps_per_epoch,
             total_steps=derived.total_steps,
-            flops_per_step=flops,
-            peak_flops=peak_bf16_flops(device_name(device)) * d.world_size,
+            flops_per_step=flops * derived.effective_batch,
+            peak=peak,
         )
         params = sum(p.numel() for p in self.model.parameters() if p.requires_grad) / 1e6
         out.info(
             f"model {cfg.model.type}: {params:.1f}M trainable parameters on {device_name(device)}; "
-            f"{'compiled' if cfg.misc.compile else 'eager'}; {flops / derived.effective_batch / 1e9:.3g} GFLOP per image"
+            f"{'compiled' if cfg.misc.compile else 'eager'}"
         )
+        out.info(mfu_basis(flops, peak, device))
+        lg = cfg.logging
+        self.profiler = StepProfiler(
+            lg.profile_start_step, lg.profile_steps, Path(lg.output_dir) / "profile", device, active=d.is_main
+        )
+        if lg.memory_history and device.type == "cuda":  # stack traces in the snapshot of an out-of-memory error
+            torch.cuda.memory._record_memory_history(max_entries=100_000)
         n = cfg.logging.visualize_images
         self.vis_files = sample_images(dataset, n) if d.is_main and cfg.logging.visualize_freq_epochs else []
         self.on_log: OnLog | None = None
@@ -345,7 +359,12 @@ class Trainer:
         while self.step < end and not stopping:
             if self.step == start or self.step % spe == 0:
                 self.batches.start_epoch(self.step // spe)
+            if self.profiler.begins_before(self.step + 1):
+                self.log()  # the interval before the profiled steps is timed as usual
+                self.profiler.begin()
             self.train_step()
+            if self.profiler.ends_after(self.step):
+                self.profile_end()
             log_point = self.step == start + 1 or self.step % print_freq == 0 or self.step == end
             if log_point:
                 self.log(first=self.step == start + 1)
@@ -363,17 +382,36 @@ class Trainer:
         """One optimizer step: accum_steps micro-batches, forward and backward each, then the update."""
         self.lr = self.lr_at(self.step)
         accum = self.derived.accum_steps
-        for i in range(accum):
-            self.step_fn.run(self.batches.next(), last_micro=i == accum - 1)
-        self.step_fn.optimizer_step(self.lr)
+        try:
+            for i in range(accum):
+                self.step_fn.run(self.batches.next(), last_micro=i == accum - 1)
+            self.step_fn.optimizer_step(self.lr)
+        except torch.OutOfMemoryError:  # a snapshot of the memory, and one line: what to lower
+            out_dir = Path(self.cfg.logging.output_dir) if self.d.is_main else None
+            raise out_of_memory(self.device, self.derived.micro_batch_size, self.step + 1, out_dir) from None
         self.step += 1
 
-    def log(self, first: bool = False) -> None:
-        """Read the device-side metrics since the last read (a collective); raises NonFiniteLoss on divergence."""
+    def profile_end(self) -> None:
+        """After the last profiled step: the trace is written, the profiled interval logged (its losses; not timed:
+        img/s and the ETA stay the last timed interval's), and the top-kernels table goes into the log."""
+        traced = self.profiler.end()
+        self.log(timed=False)
+        self.meter.restart_clock()
+        if traced is not None:
+            path, table = traced
+            p = self.profiler
+            by = "self time on the device" if self.device.type == "cuda" else "self CPU time"
+            self.out.info(
+                f"profile of steps {p.start}-{p.start + p.steps - 1}: trace {path} (open it in https://ui.perfetto.dev "
+                f"or chrome://tracing); top kernels by {by}:\n{table}"
+            )
+
+    def log(self, first: bool = False, timed: bool = True) -> None:
+        """Read the device-side metrics since the last read (a collective); raises NonFiniteLoss on divergence.
+        timed=False (and any read inside the profiled steps): the interval is left out of img/s and the ETA."""
         if self.step == self.last_logged:
             return
         read = self.step_fn.read_metrics(reduce=lambda t: mean(self.d, t))  # the loop's one CPU-GPU sync point
-        mem = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else 0.0
         try:
             snap = self.meter.update(
                 first_step=self.last_logged,
@@ -381,8 +419,9 @@ class Trainer:
                 gnorms=read.gnorms,
                 lr=self.lr,
                 data_wait_s=self.batches.take_wait(),
-                mem_gb=mem,
+                memory=cuda_memory(self.device),
                 busy_s=read.busy_s,
+                timed=timed and not self.profiler.running,
             )
         except NonFiniteLoss as e:
             raise NonFiniteLoss(e.step, e.value, "loss", self.good_checkpoint()) from None
@@ -466,6 +505,7 @@ class Trainer:
                 std=tuple(a.std),
             )
             self.out.info(f"reconstructions: {png}")
+            self.out.image(png, self.step, f"epoch {done_epochs}")
             self.meter.restart_clock()
 
     def evaluation_due(self) -> bool:
@@ -517,6 +557,8 @@ class Trainer:
     def finish(self, stopping: bool, end: int) -> TrainResult:
         """The last read, then final.pt at the end of the schedule, or a step-N checkpoint when stopped early
         (a signal, or --max-steps: a smoke run leaves a checkpoint to visualize or export), then a summary."""
+        if self.profiler.running:  # the run ended inside the profiled steps
+            self.profile_end()
         self.log()
         r = self.result
         if self.step >= self.derived.total_steps:  # done, even if a stop request came during the last steps

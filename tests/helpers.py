@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -22,6 +23,12 @@ def demo_cfg(tmp_path, *extra: str) -> Config:
         ROOT / "configs/demo.yaml",
         [f"logging.output_dir={tmp_path}/out", f"checkpointing.checkpoint_dir={tmp_path}/ckpt", NO_EVAL, *extra],
     )
+
+
+def step_records(out_dir) -> list[dict]:
+    """metrics.jsonl's per-interval records (no "kind": not the run report, not the evaluations)."""
+    rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "kind" not in r]
 
 
 class Recorder:

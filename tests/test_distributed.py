@@ -1,7 +1,6 @@
 """Several processes on the CPU (gloo): DDP equals one process, no_sync on accumulation micro-steps,
 only rank 0 writes, a 2-rank run resumes from its checkpoint."""
 
-import json
 import os
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import broken_huffman_copy, drop_key_bias
+from helpers import step_records
 
 from mae_fast.model import build_model
 from mae_fast.optim import build_optimizer
@@ -131,7 +131,7 @@ def test_torchrun_two_ranks_train_write_once_and_resume(tmp_path):
     assert run.stdout.count("huffman.JPEG cannot be decoded") == 1
     # only rank 0 wrote: one log file, one metrics file, one checkpoint tree; rank 1 printed nothing of its own
     assert len(list((tmp_path / "out1").glob("mae_pretrain_*.log"))) == 1
-    records = [json.loads(x) for x in (tmp_path / "out1/metrics.jsonl").read_text().splitlines()]
+    records = step_records(tmp_path / "out1")
     assert [r["step"] for r in records] == [1, 2, 4]
     assert run.stdout.count("micro_batch_size: 16") == 1 and "world_size: 2" in run.stdout
     ckpt = torch.load(tmp_path / "ckpt/final.pt", weights_only=True)
@@ -144,7 +144,7 @@ def test_torchrun_two_ranks_train_write_once_and_resume(tmp_path):
     again = torchrun(tmp_path, tmp_path / "out2", "--set", "schedule.epochs=3", "--set", "misc.auto_resume=true")
     assert again.returncode == 0, again.stdout + again.stderr
     assert f"resumed from {tmp_path}/ckpt/latest.pt: step 4" in again.stdout
-    records = [json.loads(x) for x in (tmp_path / "out2/metrics.jsonl").read_text().splitlines()]
+    records = step_records(tmp_path / "out2")
     assert [r["step"] for r in records] == [5, 6]
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import step_records
 from rich.console import Console
 
 from mae_fast.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
@@ -64,8 +65,7 @@ def run_args(tmp, data, out, *extra):
 
 
 def losses_by_step(out_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records}
+    return {r["step"]: r["loss"] for r in step_records(out_dir)}
 
 
 def spawn(args):
@@ -202,7 +202,7 @@ def test_keep_last_n_and_checkpoint_contents(tmp_path, sample_dir):
     assert len(logs) == 1
     text = logs[0].read_text()
     assert "derived:" in text and "checkpoint saved:" in text and "step 18/18" in text
-    records = [json.loads(x) for x in (tmp_path / "out/metrics.jsonl").read_text().splitlines()]
+    records = step_records(tmp_path / "out")
     assert [r["step"] for r in records] == list(range(1, 19))
     for key in (
         "epoch",
@@ -214,7 +214,6 @@ def test_keep_last_n_and_checkpoint_contents(tmp_path, sample_dir):
         "data_wait_pct",
         "eta_epoch_s",
         "eta_run_s",
-        "mem_gb",
     ):
         assert key in records[-1], key
 
@@ -292,7 +291,7 @@ def test_tensorboard_event_file_holds_the_scalars(tmp_path):
     events.Reload()
     assert {"train/loss", "train/lr", "train/samples_per_s"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 4]
-    records = [json.loads(x) for x in (tmp_path / "out/metrics.jsonl").read_text().splitlines()]
+    records = step_records(tmp_path / "out")
     assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([r["loss"] for r in records])
 
 
@@ -331,7 +330,10 @@ def snapshot(**kw):
         eta_epoch_s=90,
         eta_run_s=4000,
         mfu=0.37,
+        mfu_peak="H200 dense bf16 peak 989 TFLOP/s",
         mem_gb=13.0,
+        mem_reserved_gb=14.5,
+        alloc_retries=2,
         elapsed_s=600,
         history=[1.0, 0.9, 0.8, 0.7, 0.65, 0.61],
     )
@@ -360,7 +362,9 @@ def test_dashboard_renders_a_frame():
         "49.9 ms",
         "1.5 %",
         "37.0 %",
+        "MFU: a share of the H200 dense bf16 peak 989 TFLOP/s",
         "13.0 GB",
+        "14.5 GB, 2 retries",
         "step 120/500",
         "20/50",
         "ckpt/step-100/model.pt",
@@ -381,8 +385,12 @@ def test_non_terminal_output_prints_plain_lines(tmp_path):
     log.close()
     lines = stream.getvalue().splitlines()
     assert lines[0].startswith("epoch 3 [20/50] step 120/500 loss 0.6100") and "5,123.4 img/s" in lines[0]
+    assert (
+        "| mfu 37.0% of H200 dense bf16 peak 989 TFLOP/s | mem 13.0 GB (reserved 14.5 GB, 2 alloc retries)" in lines[0]
+    )
     assert lines[1] == "checkpoint saved: ckpt/x.pt"
-    assert json.loads((tmp_path / "metrics.jsonl").read_text())["samples_per_s"] == 5123.4
+    record = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert record["samples_per_s"] == 5123.4 and (record["mem_reserved_gb"], record["alloc_retries"]) == (14.5, 2)
 
 
 def test_checkpoint_cadence():
