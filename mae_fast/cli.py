@@ -332,10 +332,20 @@ def _eval(args: argparse.Namespace) -> int:
     from .weights import load_encoder
 
     device = resolve_device(args.device, key="--device")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device: {args.device!r}, but there are {torch.cuda.device_count()} CUDA devices")
     sets = scan_labelled(args.train, args.val, max_train=args.max_train, seed=args.seed, names=("--train", "--val"))
     loaded = load_encoder(args.checkpoint)
     mean, std = loaded.normalization
-    options = EvalOptions(args.k, args.linear, None, mean, std, args.batch, args.workers, seed=args.seed)
+    options = EvalOptions(
+        k=args.k,
+        linear=args.linear,
+        mean=mean,
+        std=std,
+        batch_size=args.batch,
+        num_threads=args.workers,
+        seed=args.seed,
+    )
     evaluator = Evaluator(sets, options, device)
     print("\n".join(loaded.notes + sets.notes))
     result = evaluator(loaded.model.to(device), loaded.step)

@@ -250,7 +250,7 @@ class Trainer:
         if evaluator is not None:
             e = cfg.evaluation
             when = f"every {e.freq_epochs} epochs and at the end" if e.freq_epochs else "at the end of the run"
-            out.info(f"evaluation: {evaluator.describe()}, before the first step, {when}")
+            out.info(f"evaluation: {evaluator.describe()}, at a new run's start (epoch 0), {when}")
             for note in evaluator.sets.notes:
                 out.info(f"evaluation: {note}")
 

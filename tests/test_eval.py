@@ -29,7 +29,7 @@ from mae_fast.evaluate import (
 )
 from mae_fast.export import encoder_state_dict, export_timm
 from mae_fast.model import build_model
-from mae_fast.pipelines.eval_pipeline import EvalLoader
+from mae_fast.pipelines.eval_pipeline import EvalLoader, eval_geometry
 from mae_fast.probes import LabelledFeatures, knn_classify, knn_scores, linear_probe, subsample
 from mae_fast.weights import load_encoder
 
@@ -54,11 +54,13 @@ def colour_folder(root, per_class, seed, classes=None, misfile=False):
     return str(root)
 
 
-def smooth_image(w, h, seed):
-    """Sinusoidal colour bands: content a resize must really resample (unlike a solid colour)."""
+def smooth_image(w, h, seed, period=None):
+    """Sinusoidal colour bands: content a resize must really resample (unlike a solid colour); `period`: bands about
+    that many pixels apart (default: 1 to 4 bands across the image)."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:h, 0:w] / max(w, h)
-    bands = [np.sin(2 * np.pi * (rng.uniform(1, 4) * x + rng.uniform(1, 4) * y + rng.uniform())) for _ in range(3)]
+    lo, hi = (max(w, h) / period / 2, max(w, h) / period) if period else (1, 4)  # bands across the image
+    bands = [np.sin(2 * np.pi * (rng.uniform(lo, hi) * x + rng.uniform(lo, hi) * y + rng.uniform())) for _ in range(3)]
     return (127.5 + 120 * np.stack(bands, -1)).astype(np.uint8)
 
 
@@ -85,22 +87,44 @@ def test_eval_loader_gives_every_file_once_in_order(tmp_path):
         assert index.tolist() == list(range(11))
 
 
-def test_eval_transform_is_resize_shorter_side_then_centre_crop(tmp_path):
-    # input 56: shorter side to round(56 / 0.875) = 64, then the centre 56 x 56 (margins chosen even)
-    files, want = [], []
-    mean, std = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
-    for i, (w, h) in enumerate([(192, 128), (128, 256)]):
-        files.append(str(tmp_path / f"{i}.png"))
-        img = Image.fromarray(smooth_image(w, h, i))
-        img.save(files[-1])
-        s = 64 / min(w, h)
-        img = img.resize((round(w * s), round(h * s)), Image.BICUBIC)
-        left, top = (img.width - 56) // 2, (img.height - 56) // 2
-        x = np.asarray(img.crop((left, top, left + 56, top + 56)), dtype=np.float32) / 255
-        want.append(torch.from_numpy((x - np.array(mean)) / np.array(std)).permute(2, 0, 1).float())
-    (got,) = list(EvalLoader(files, 8, input_size=56, mean=mean, std=std, output_dtype="float32", decoder="cpu"))
-    err = (got - torch.stack(want)).abs()
-    assert err.max() < 0.07 and err.mean() < 0.02  # within about one grey level of PIL's bicubic
+def test_eval_geometry_is_torchvisions_resize_and_centre_crop():
+    """eval_geometry (the rule the DALI graph computes) against torchvision's own Resize(int(s / 0.875)) and
+    CenterCrop(s): the resized size and the crop offsets, exactly, including odd margins (half-to-even rounding)
+    and sizes where the longer side's truncation and rounding differ."""
+    from torchvision import transforms as T
+
+    for s in (32, 56, 64, 224):
+        resize, crop = T.Resize(int(s / 0.875), interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(s)
+        for w, h in [(500, 375), (375, 500), (201, 151), (150, 203), (99, 77), (300, 300), (257, 256), (37, 300)]:
+            rw, rh = resize(Image.new("RGB", (w, h))).size
+            index = torch.arange(rh * rw).reshape(1, rh, rw)  # each pixel holds its own offset
+            first = crop(index)[0, 0, 0].item()
+            assert eval_geometry(w, h, s) == (rw, rh, first % rw, first // rw), (w, h, s)
+
+
+def test_eval_transform_matches_torchvision(tmp_path):
+    """The DALI pipeline against torchvision's Resize(int(s / 0.875), BICUBIC) + CenterCrop(s) on the CPU, in grey
+    levels: at most 1 level apart anywhere (PIL's bicubic rounds its horizontal pass to 8 bits before the
+    vertical one, DALI keeps it in float: the one difference two correct bicubic resamplers keep), while the
+    same reference one pixel off is tens of levels away (so the geometry is exact). PNGs: the same pixels
+    decoded on both sides."""
+    from torchvision import transforms as T
+
+    sizes = [(500, 375), (375, 500), (201, 151), (150, 203), (99, 77), (257, 256)]
+    for s in (32, 56, 64):
+        files, want = [], []
+        reference = T.Compose([T.Resize(int(s / 0.875), interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(s)])
+        for i, (w, h) in enumerate(sizes):
+            files.append(str(tmp_path / f"{s}_{i}.png"))
+            Image.fromarray(smooth_image(w, h, i, period=9)).save(files[-1])
+            want.append(torch.from_numpy(np.asarray(reference(Image.open(files[-1])), dtype=np.float32)))
+        want = torch.stack(want).permute(0, 3, 1, 2)
+        loader = EvalLoader(files, 8, input_size=s, mean=(0, 0, 0), std=(1 / 255,) * 3, output_dtype="float32")
+        (got,) = [b.clone() for b in loader]  # decoder: DALI's CPU one without a device
+        err = (got - want).abs()
+        assert err.max() <= 1.0 + 1e-3 and err.mean() < 0.3, (s, err.max(), err.mean())
+        for shifted in ((got[..., 1:], want[..., :-1]), (got[..., 1:, :], want[..., :-1, :])):
+            assert (shifted[0] - shifted[1]).abs().mean() > 10  # one pixel off is far outside the tolerance
 
 
 # ---------------------------------------------------------------- kNN and the probe
@@ -556,3 +580,26 @@ def test_a_failed_evaluation_is_a_warning_and_training_goes_on(tmp_path, colours
     warning = next(x for x in lines if x.startswith("WARNING: evaluation at epoch 0 failed"))
     assert "out of memory" in warning and "training goes on without evaluation" in warning
     assert result.evaluations == [] and records(tmp_path / "out")[1] == []
+
+
+def test_with_init_weights_epoch_0_scores_the_loaded_encoder(tmp_path, colours, monkeypatch):
+    """misc.init_weights: the baseline is the loaded encoder (how a user sees whether continued pretraining
+    helps), scored before the first step; metrics.jsonl has its epoch-0 record."""
+    from mae_fast.train import train
+
+    torch.manual_seed(5)  # weights unlike the run's own seed-0 initialization
+    init = build_model("mae_vit_tiny_patch8", img_size=32)
+    torch.save({"model": init.state_dict()}, tmp_path / "init.pth")  # an official-style full checkpoint
+    seen, real = [], Evaluator.__call__
+
+    def record(self, model, step, epoch):
+        seen.append((epoch, {k: v.clone() for k, v in model.state_dict().items()}))
+        return real(self, model, step, epoch)
+
+    monkeypatch.setattr(Evaluator, "__call__", record)
+    cfg = eval_run(tmp_path, colours, f"misc.init_weights={tmp_path}/init.pth", "schedule.epochs=1")
+    result = train(cfg, log=lambda line: None)
+    assert [e for e, _ in seen] == [0, 1] and [(e.step, e.epoch) for e in result.evaluations] == [(0, 0), (3, 1)]
+    assert all(torch.equal(seen[0][1][k], v) for k, v in init.state_dict().items())
+    assert not torch.equal(seen[1][1]["norm.weight"], init.state_dict()["norm.weight"])  # trained after it
+    assert [(e["step"], e["epoch"]) for e in records(tmp_path / "out")[1]] == [(0, 0), (3, 1)]
