@@ -142,7 +142,7 @@ def extract_features(
     autocast and the features are fp16; on the CPU: fp32 throughout. `out` (N, D), if given, receives
     the rows (e.g. a bank on another device). The model's train/eval mode is restored.
     """
-    from .pipelines.eval_pipeline import EvalLoader
+    from .pipelines.eval_pipeline import EvalLoader, EvalTransform
 
     mae = unwrap(model)
     input_size = options.input_size or mae.arch.img_size
@@ -154,15 +154,13 @@ def extract_features(
         out = torch.empty(len(files), dim, dtype=torch.float16 if cuda else torch.float32, device=device)
     if out.shape != (len(files), dim):
         raise ValueError(f"out has shape {tuple(out.shape)}, need {(len(files), dim)}")
+    dtype = "float16" if cuda else "float32"
     loader = EvalLoader(
         files,
         options.batch_size,
-        input_size=input_size,
-        mean=options.mean,
-        std=options.std,
+        EvalTransform(input_size, options.mean, options.std, dtype),
         device_id=(torch.cuda.current_device() if device.index is None else device.index) if cuda else None,
         num_threads=options.num_threads,
-        output_dtype="float16" if cuda else "float32",
         decoder=options.decoder if cuda else "cpu",
     )
     threads = torch.get_num_threads()

@@ -6,7 +6,7 @@
         then a Linear layer, trained on the cached train features
 
 Both score val features against labels as top-1 and top-5 accuracy in percent (topk_accuracy: top-5 is
-top-C when there are C < 5 classes, so it is 100% with C <= 5).
+top-C when there are C < 5 classes, so it is 100% with C <= 5; kNN's top-5 is top-k when k < 5, as DINO's).
 """
 
 from __future__ import annotations
@@ -90,19 +90,21 @@ def knn_scores(
     return scores
 
 
-def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    """Top-1 and top-5 accuracy in percent of class scores (N, C) against labels (N,) (top-5: top-C if C < 5)."""
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, top: int = 5) -> tuple[float, float]:
+    """Top-1 and top-`top` accuracy in percent of class scores (N, C) against labels (N,) (top-C if C < top)."""
     labels = labels.to(scores.device, dtype=torch.long)
-    pred = scores.topk(min(5, scores.shape[1]), dim=1).indices  # (N, 5)
+    pred = scores.topk(min(top, scores.shape[1]), dim=1).indices  # (N, top)
     hit = pred == labels[:, None]
     n = max(1, len(labels))
     return 100.0 * hit[:, 0].sum().item() / n, 100.0 * hit.any(dim=1).sum().item() / n
 
 
 def knn_classify(feats: LabelledFeatures, k: int = 20, chunk: int | None = None) -> tuple[float, float]:
-    """Weighted kNN top-1 and top-5 accuracy in percent (knn_scores, then topk_accuracy)."""
+    """Weighted kNN top-1 and top-5 accuracy in percent (knn_scores, then topk_accuracy). As DINO's eval_knn.py,
+    top-5 is top-min(5, k): with fewer than 5 neighbours only k classes have votes, and the classes without
+    any would fill the rest in index order."""
     scores = knn_scores(feats.train, feats.train_labels, feats.val, feats.num_classes, k, chunk)
-    return topk_accuracy(scores, feats.val_labels)
+    return topk_accuracy(scores, feats.val_labels, top=min(5, k, len(feats.train)))
 
 
 def linear_probe(

@@ -26,13 +26,14 @@ from __future__ import annotations
 import gc
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .dali import _DEVICE_MEMORY_PADDING, _HOST_MEMORY_PADDING, _dali_reason
 
-__all__ = ["EvalDecodeError", "EvalLoader", "eval_geometry", "eval_resize_size"]
+__all__ = ["EvalDecodeError", "EvalLoader", "EvalTransform", "eval_geometry", "eval_resize_size"]
 
 _OUTPUT_DTYPES = ("float16", "float32")
 
@@ -76,6 +77,26 @@ class _OrderedFeed:
         return [np.frombuffer(p.encode(), dtype=np.uint8) for p in batch]
 
 
+@dataclass(frozen=True)
+class EvalTransform:
+    """What the pipeline makes of an image: input_size x input_size at the centre of the image resized to
+    int(input_size / crop_fraction) on its shorter side, (x - mean) / std (mean, std on a 0..1 scale)."""
+
+    input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    output_dtype: str = "float16"  # or "float32"
+    crop_fraction: float = 0.875
+
+    def __post_init__(self) -> None:
+        if self.input_size < 1:
+            raise ValueError(f"need input_size >= 1, got {self.input_size}")
+        if self.output_dtype not in _OUTPUT_DTYPES:
+            raise ValueError(f"output_dtype must be one of {_OUTPUT_DTYPES}, got {self.output_dtype!r}")
+        if not 0 < self.crop_fraction <= 1:
+            raise ValueError(f"crop_fraction must be in (0, 1], got {self.crop_fraction}")
+
+
 class EvalLoader:
     """Images (n, 3, input_size, input_size) of `files`, in order, in batches of batch_size (the last one
     may be smaller): len(loader) batches, files[j*B:(j+1)*B] in batch j, each file exactly once.
@@ -87,36 +108,31 @@ class EvalLoader:
     for the next batch.
     """
 
+    prefetch = 2  # batches in flight
+
     def __init__(
         self,
         files: list[str],
         batch_size: int,
+        transform: EvalTransform,
         *,
-        input_size: int,
-        mean: tuple[float, float, float],
-        std: tuple[float, float, float],
         device_id: int | None = None,
         num_threads: int = 2,
-        output_dtype: str = "float16",
         decoder: str = "mixed",
-        crop_fraction: float = 0.875,
-        prefetch: int = 2,
     ) -> None:
-        if batch_size < 1 or input_size < 1:
-            raise ValueError(f"need batch_size >= 1 and input_size >= 1, got {batch_size}, {input_size}")
-        if output_dtype not in _OUTPUT_DTYPES:
-            raise ValueError(f"output_dtype must be one of {_OUTPUT_DTYPES}, got {output_dtype!r}")
+        if batch_size < 1:
+            raise ValueError(f"need batch_size >= 1, got {batch_size}")
         if decoder not in ("mixed", "cpu"):
             raise ValueError(f"decoder must be 'mixed' or 'cpu', got {decoder!r}")
-        if not 0 < crop_fraction <= 1:
-            raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction}")
         self.files = list(files)
-        self.batch_size = batch_size
-        self.input_size, self.resize_size = input_size, eval_resize_size(input_size, crop_fraction)
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.batch_size, self.transform = batch_size, transform
+        self.input_size, self.resize_size = (
+            transform.input_size,
+            eval_resize_size(transform.input_size, transform.crop_fraction),
+        )
         self.device_id = device_id
         self.gpu_decode = device_id is not None and decoder == "mixed"
-        self.num_threads, self.output_dtype, self.prefetch = num_threads, output_dtype, prefetch
+        self.num_threads = num_threads
 
     def __len__(self) -> int:
         return math.ceil(len(self.files) / self.batch_size)
@@ -205,10 +221,10 @@ class EvalLoader:
             images = self._resize_and_crop(images, fn.peek_image_shape(jpegs, dtype=types.INT32))
             out = fn.crop_mirror_normalize(
                 images,
-                dtype=types.FLOAT16 if self.output_dtype == "float16" else types.FLOAT,
+                dtype=types.FLOAT16 if self.transform.output_dtype == "float16" else types.FLOAT,
                 output_layout="CHW",
-                mean=[255 * m for m in self.mean],
-                std=[255 * s for s in self.std],
+                mean=[255 * m for m in self.transform.mean],
+                std=[255 * s for s in self.transform.std],
             )
             pipe.set_outputs(out)
         pipe.build()

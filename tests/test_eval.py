@@ -29,7 +29,7 @@ from mae_fast.evaluate import (
 )
 from mae_fast.export import encoder_state_dict, export_timm
 from mae_fast.model import build_model
-from mae_fast.pipelines.eval_pipeline import EvalLoader, eval_geometry
+from mae_fast.pipelines.eval_pipeline import EvalLoader, EvalTransform, eval_geometry
 from mae_fast.probes import LabelledFeatures, knn_classify, knn_scores, linear_probe, subsample
 from mae_fast.weights import load_encoder
 
@@ -78,7 +78,7 @@ def test_eval_loader_gives_every_file_once_in_order(tmp_path):
         w, h = (60, 40 + 3 * i) if i % 2 else (40 + 3 * i, 60)
         files.append(str(tmp_path / f"{i}.jpg"))
         Image.fromarray(np.full((h, w, 3), 20 * i, dtype=np.uint8)).save(files[-1], quality=95)
-    loader = EvalLoader(files, 4, input_size=32, mean=(0, 0, 0), std=(1, 1, 1), output_dtype="float32", decoder="cpu")
+    loader = EvalLoader(files, 4, EvalTransform(32, (0, 0, 0), (1, 1, 1), "float32"), decoder="cpu")
     assert len(loader) == 3
     for _ in range(2):  # each pass starts again from the first file
         batches = [b.clone() for b in loader]
@@ -119,7 +119,7 @@ def test_eval_transform_matches_torchvision(tmp_path):
             Image.fromarray(smooth_image(w, h, i, period=9)).save(files[-1])
             want.append(torch.from_numpy(np.asarray(reference(Image.open(files[-1])), dtype=np.float32)))
         want = torch.stack(want).permute(0, 3, 1, 2)
-        loader = EvalLoader(files, 8, input_size=s, mean=(0, 0, 0), std=(1 / 255,) * 3, output_dtype="float32")
+        loader = EvalLoader(files, 8, EvalTransform(s, (0, 0, 0), (1 / 255,) * 3, "float32"))
         (got,) = [b.clone() for b in loader]  # decoder: DALI's CPU one without a device
         err = (got - want).abs()
         assert err.max() <= 1.0 + 1e-3 and err.mean() < 0.3, (s, err.max(), err.mean())
@@ -156,6 +156,11 @@ def test_knn_matches_a_brute_force_reference():
     top5 = 100 * (pred[:, :5] == val_labels[:, None]).any(1).double().mean().item()
     feats = LabelledFeatures(train, train_labels, val, val_labels, 5)
     assert knn_classify(feats, k=7, chunk=3) == pytest.approx((top1, top5))
+    # k < 5: top-5 is top-k, as DINO's (only k classes have votes); k = 1: top-5 is top-1
+    one = knn_classify(feats, k=1)
+    assert one[0] == one[1] < 100
+    pred3 = knn_scores(train, train_labels, val, 5, k=3).argsort(dim=1, descending=True)[:, :3]
+    assert knn_classify(feats, k=3)[1] == pytest.approx(100 * (pred3 == val_labels[:, None]).any(1).double().mean())
     assert 0 < top1 < 100
     # fp32 features: the same votes to fp32 precision; a k beyond the bank is capped at the bank
     torch.testing.assert_close(
