@@ -566,7 +566,7 @@ def test_evaluation_config_and_dashboard():
     console = Console(record=True, width=120)
     console.print(render(snap, RunInfo("r", "m", "cpu", ""), evals=[(10, 46.2), (20, 51.2), (30, 52.5)]))
     text = console.export_text()
-    assert "kNN" in text and "top-1 52.5 % at epoch 30" in text and "(before: 46.2 51.2)" in text
+    assert "kNN" in text and "top-1 52.5 % at epoch 30, +6.3 from epoch 10" in text and "(before: 46.2 51.2)" in text
 
 
 def test_a_failed_evaluation_is_a_warning_and_training_goes_on(tmp_path, colours, monkeypatch):
@@ -608,3 +608,22 @@ def test_with_init_weights_epoch_0_scores_the_loaded_encoder(tmp_path, colours, 
     assert all(torch.equal(seen[0][1][k], v) for k, v in init.state_dict().items())
     assert not torch.equal(seen[1][1]["norm.weight"], init.state_dict()["norm.weight"])  # trained after it
     assert [(e["step"], e["epoch"]) for e in records(tmp_path / "out")[1]] == [(0, 0), (3, 1)]
+
+
+def test_an_undecodable_eval_image_in_training_is_a_warning_and_left_out(tmp_path, colours):
+    """Named once (at the baseline), counted in that record, left out of the later ones; training goes on."""
+    from mae_fast.train import train
+
+    train_dir, val_dir = colours
+    broken = f"{val_dir}/red/zz_broken.jpg"
+    broken_huffman_copy(f"{val_dir}/red/red_0.jpg", broken)
+    lines = []
+    result = train(eval_run(tmp_path, colours, "schedule.epochs=2"), log=lines.append)
+    assert result.steps_done == 6 and [e.epoch for e in result.evaluations] == [0, 2]
+    warnings = [x for x in lines if x.startswith("WARNING: evaluation:")]
+    assert warnings == [f"WARNING: evaluation: {broken} cannot be decoded; left out of this and later evaluations"]
+    assert result.evaluations[0].skipped == (broken,) and result.evaluations[1].skipped == ()
+    assert [e.num_val for e in result.evaluations] == [16, 16] and result.evaluations[1].knn_top1 == 100.0
+    evals = records(tmp_path / "out")[1]
+    assert evals[0]["skipped"] == 1 and "skipped" not in evals[1]
+    assert any(x.startswith("eval epoch 0:") and "1 undecodable file(s) left out" in x for x in lines)
