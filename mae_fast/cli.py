@@ -362,7 +362,10 @@ def _eval(args: argparse.Namespace) -> int:
             **{k: v for k, v in result.to_dict().items() if k != "epoch"},
             "versions": _versions(),
         }
-        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+        try:  # checked before the work; a disk that filled up since is still one line
+            Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+        except OSError as e:
+            raise ConfigError(f"--json {args.json}: cannot write ({e.strerror or e})") from None
         print(f"wrote {args.json}")
     return 0
 
