@@ -4,6 +4,7 @@ make-sample-data, visualize, export, eval); errors meant for the user print one 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shlex
@@ -135,8 +136,8 @@ def _model_commands(sub) -> None:
     p.add_argument("--k", type=int, default=20, help="neighbours that vote (weighted by exp(similarity / 0.07))")
     p.add_argument("--linear", action="store_true", help="also train a linear probe on the cached features")
     p.add_argument("--max-train", type=int, default=0, metavar="N", help="a uniform random N train images (0: all)")
-    p.add_argument("--batch", type=int, default=128, help="images per forward pass")
-    p.add_argument("--workers", type=int, default=4, help="DALI threads")
+    p.add_argument("--batch-size", "--batch", dest="batch", type=int, default=128, help="images per forward pass")
+    p.add_argument("--num-threads", "--workers", dest="workers", type=int, default=4, help="DALI threads")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0, help="of the train subsample and the linear probe")
     p.add_argument("--json", default=None, metavar="PATH", help="write the results, checkpoint step and versions here")
@@ -319,22 +320,123 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_checkpoint
+    """`mae-fast eval`: every argument and the --json destination checked, the folders scanned, then the
+    checkpoint loaded and evaluated; the numbers printed (and written to --json with the step and versions)."""
+    _check_eval_args(args)
+    if args.json:
+        _check_writable_file(args.json, "--json")
+    import torch
 
-    evaluate_checkpoint(
-        args.checkpoint,
-        args.train,
-        args.val,
+    from .evaluate import EvalOptions, Evaluator, scan_labelled
+    from .runtime import resolve_device
+    from .weights import load_encoder
+
+    device = resolve_device(args.device, key="--device")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device: {args.device!r}, but there are {torch.cuda.device_count()} CUDA devices")
+    sets = scan_labelled(args.train, args.val, max_train=args.max_train, seed=args.seed, names=("--train", "--val"))
+    loaded = load_encoder(args.checkpoint)
+    mean, std = loaded.normalization
+    options = EvalOptions(
         k=args.k,
         linear=args.linear,
-        max_train=args.max_train,
-        device=args.device,
+        mean=mean,
+        std=std,
         batch_size=args.batch,
         num_threads=args.workers,
         seed=args.seed,
-        json_path=args.json,
     )
+    evaluator = Evaluator(sets, options, device)
+    print("\n".join(loaded.notes + sets.notes))
+    result = evaluator(loaded.model.to(device), loaded.step)
+    print(_format_eval(result))
+    if args.json:
+        record = {
+            "checkpoint": str(args.checkpoint),
+            "source": loaded.source,
+            "model_type": loaded.model_type,
+            "input_size": loaded.model.arch.img_size,
+            "train": str(args.train),
+            "val": str(args.val),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            **{k: v for k, v in result.to_dict().items() if k != "epoch"},
+            "versions": _versions(),
+        }
+        try:  # checked before the work; a disk that filled up since is still one line
+            Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+        except OSError as e:
+            raise ConfigError(f"--json {args.json}: cannot write ({e.strerror or e})") from None
+        print(f"wrote {args.json}")
     return 0
+
+
+def _check_eval_args(args: argparse.Namespace) -> None:
+    """The eval command's numbers within their bounds and a device that exists, before any work (exit 2)."""
+    bounds = [
+        ("--k", args.k, 1, 10**6),
+        ("--max-train", args.max_train, 0, 2**40),
+        ("--batch-size", args.batch, 1, 4096),
+    ]
+    bounds += [("--num-threads", args.workers, 1, 256), ("--seed", args.seed, 0, 2**32 - 1)]
+    for flag, value, lo, hi in bounds:
+        if not lo <= value <= hi:
+            raise ConfigError(f"{flag}: must be in [{lo}, {hi}], got {value}")
+    if args.linear and args.max_train == 1:
+        raise ConfigError("--max-train 1 --linear: the linear probe needs at least 2 train images")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
+        raise ConfigError(f"--device: expected auto, cpu, cuda or cuda:N, got {args.device!r}")
+
+
+def _check_writable_file(path: str, flag: str) -> None:
+    """A file can be written at `path`: not a folder, its folder made and written to (a test file, removed)."""
+    import tempfile
+
+    if Path(path).is_dir():
+        raise ConfigError(f"{flag} {path}: is a folder; give the path of a file")
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=Path(path).parent, prefix=".mae-fast-write-test-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot write ({e.strerror or e})") from None
+
+
+def _format_eval(r) -> str:
+    """What `mae-fast eval` prints of an EvalResult."""
+    from .probes import KNN_TEMPERATURE
+
+    lines = [f"kNN (k={r.k}, T={KNN_TEMPERATURE}): top-1 {r.knn_top1:.2f}%  top-5 {r.knn_top5:.2f}%"]
+    if r.linear_top1 is not None:
+        lines.append(f"linear probe: top-1 {r.linear_top1:.2f}%  top-5 {r.linear_top5:.2f}%")
+    rate = (r.num_train + r.num_val) / max(r.extract_s, 1e-9)
+    lines.append(
+        f"{r.num_train} train / {r.num_val} val images, {r.num_classes} classes, "
+        f"{r.feature_dim}-d features; {r.seconds:.1f}s ({r.extract_s:.1f}s extracting, {rate:.0f} img/s)"
+    )
+    if r.skipped:
+        lines.append(f"left out {len(r.skipped)} file(s) that cannot be decoded: {', '.join(r.skipped)}")
+    return "\n".join(lines)
+
+
+def _versions() -> dict[str, str | None]:
+    """torch, DALI, timm and mae-fast versions (None for one not installed)."""
+    import importlib.metadata
+
+    import torch
+
+    out: dict[str, str | None] = {"torch": torch.__version__}
+    try:
+        import nvidia.dali
+
+        out["dali"] = nvidia.dali.__version__
+    except ImportError:
+        out["dali"] = None
+    for name in ("timm", "mae-fast"):
+        try:
+            out[name.replace("-", "_")] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name.replace("-", "_")] = None
+    return out
 
 
 def _make_sample_data(args: argparse.Namespace) -> int:

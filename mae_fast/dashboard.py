@@ -4,6 +4,7 @@ per log interval, redrawing in place, so it costs the train loop nothing between
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -13,6 +14,9 @@ from rich.table import Table
 from rich.text import Text
 
 from .metrics import Snapshot, fmt_time
+
+if TYPE_CHECKING:
+    from .evaluate import EvalResult
 
 _BARS = "▁▂▃▄▅▆▇█"
 
@@ -94,6 +98,7 @@ def render(
                 "  top-1 ",
                 (f"{top1:.1f} %", "bold green"),
                 f" at epoch {epoch}",
+                (f", {top1 - evals[0][1]:+.1f} from epoch {evals[0][0]}" if len(evals) > 1 else "", "bold"),
                 (f"  (before: {recent})" if recent else "", "dim"),
             )
         )
@@ -137,11 +142,11 @@ class Dashboard:
         *,
         checkpoint: str | None = None,
         status: str | None = None,
-        evaluation: tuple[int, float] | None = None,
+        evaluation: EvalResult | None = None,
     ) -> None:
-        """evaluation: (epoch, kNN top-1 %) of a new evaluation."""
+        """evaluation: a new evaluation (its epoch and kNN top-1 join the sparkline)."""
         if evaluation is not None:
-            self.evals.append(evaluation)
+            self.evals.append((evaluation.epoch, evaluation.knn_top1))
         if snapshot is not None:
             self.snapshot = snapshot
         if checkpoint is not None:

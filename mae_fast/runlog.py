@@ -11,10 +11,13 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from .dashboard import Dashboard, RunInfo
 from .metrics import SCALARS, Snapshot, format_line
+
+if TYPE_CHECKING:
+    from .evaluate import EvalResult
 
 
 class RunLog:
@@ -105,21 +108,22 @@ class RunLog:
         else:
             self._console(line)
 
-    def evaluation(self, step: int, epoch: int, results: dict[str, float]) -> None:
-        """One evaluation (evaluate.evaluate_in_training's numbers, percent, and eval_s) after `step` optimizer
-        steps, `epoch` epochs done: a log line, a metrics.jsonl record {"kind": "eval", ...}, eval/* scalars."""
-        line = format_eval(epoch, results)
+    def evaluation(self, result: EvalResult) -> None:
+        """One evaluation after result.step optimizer steps, result.epoch epochs done (0: the baseline before the
+        first step): a log line, a metrics.jsonl record {"kind": "eval", ...}, eval/* scalars, the sparkline."""
+        line = format_eval(result)
         self._to_file(line)
         self._console(line)  # rare and worth seeing: printed with the dashboard too
-        record = {"time": time.time(), "step": step, "epoch": epoch, **results, "kind": "eval"}
+        scores = result.scores()
+        record = {"time": time.time(), "step": result.step, "epoch": result.epoch, **scores, "kind": "eval"}
         self._write("_jsonl", json.dumps(record) + "\n")
         if self._tb is not None:
-            for key, value in results.items():
-                self._tb.add_scalar(f"eval/{key}", value, step)
+            for key, value in scores.items():
+                self._tb.add_scalar(f"eval/{key}", value, result.step)
         if self.tracker is not None:
-            self.tracker.evaluation(step, epoch, results)
+            self.tracker.evaluation(result.step, result.epoch, scores)
         if self.dashboard is not None:
-            self.dashboard.update(evaluation=(epoch, results["knn_top1"]))
+            self.dashboard.update(evaluation=result)
 
     def image(self, path: Path, step: int, caption: str) -> None:
         """A picture written during the run (a reconstruction grid): to W&B when on (the file is the record)."""
@@ -156,9 +160,11 @@ class RunLog:
         self._file = self._jsonl = self._tb = self.tracker = None
 
 
-def format_eval(epoch: int, r: dict[str, float]) -> str:
+def format_eval(r: EvalResult) -> str:
     """eval epoch 10: knn top-1 93.3% top-5 100.0% (linear top-1 97.1% top-5 100.0%) in 1.4 s"""
-    line = f"eval epoch {epoch}: knn top-1 {r['knn_top1']:.1f}% top-5 {r['knn_top5']:.1f}%"
-    if r.get("linear_top1") is not None:
-        line += f" (linear top-1 {r['linear_top1']:.1f}% top-5 {r['linear_top5']:.1f}%)"
-    return line + f" in {r['eval_s']:.1f} s"
+    line = f"eval epoch {r.epoch}: knn top-1 {r.knn_top1:.1f}% top-5 {r.knn_top5:.1f}%"
+    if r.linear_top1 is not None:
+        line += f" (linear top-1 {r.linear_top1:.1f}% top-5 {r.linear_top5:.1f}%)"
+    if r.skipped:
+        line += f", {len(r.skipped)} undecodable file(s) left out"
+    return line + f" in {r.seconds:.1f} s"

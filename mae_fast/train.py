@@ -44,7 +44,7 @@ from .config import (
 from .dashboard import RunInfo
 from .data import Dataset, TimedBatches, build_loader, check_same_source, find_dataset, sample_images
 from .distributed import Dist, any_rank, broadcast, gather, init_distributed, mean, shutdown
-from .evaluate import EvalSets, evaluate_in_training, prepare_eval_sets
+from .evaluate import EvalResult, Evaluator
 from .metrics import Meter, NonFiniteLoss, Snapshot, card_peak
 from .model import model_flops_per_image
 from .observe import StepProfiler, cuda_memory, format_report, mfu_basis, out_of_memory, run_report
@@ -69,7 +69,7 @@ class TrainResult:
     seconds: float = 0.0  # wall time of the loop (compilation included)
     last_checkpoint: str = ""  # the newest model.pt / final.pt written ("" if none, or not rank 0)
     log_path: str = ""
-    evaluations: list[dict] = field(default_factory=list)  # each evaluation's numbers, with its step and epoch
+    evaluations: list[EvalResult] = field(default_factory=list)  # each evaluation, epoch 0 (the baseline) first
 
 
 class StopFlag:
@@ -147,7 +147,7 @@ def _train(cfg: Config, d: Dist, log: Callable | None, max_steps: int | None, on
     # data first: a bad data_path stops the run before any model is built;
     # rank 0 scans and every rank trains on its exact file list (the shards must partition one list)
     dataset = broadcast(d, find_dataset(cfg) if d.is_main else None)
-    eval_sets = eval_sets_of(cfg, d)  # so do bad evaluation folders (a collective; None when evaluation is off)
+    evaluator = Evaluator.from_config(cfg, d, device)  # so do bad evaluation folders (a collective; None: off)
     derived = derive(cfg, dataset.num_images, d.world_size)
     micro, per_epoch = derived.micro_batch_size, derived.steps_per_epoch * derived.accum_steps
     loader, input_dtype, data_desc = build_loader(
@@ -165,31 +165,13 @@ def _train(cfg: Config, d: Dist, log: Callable | None, max_steps: int | None, on
         out.info(format_config(cfg, derived))
         with StopFlag() as stop, train_stream(device, cfg.misc.high_priority_stream):
             trainer = Trainer(
-                cfg, d, device, dataset, derived, TimedBatches(loader), input_dtype, out, stop, eval_sets=eval_sets
+                cfg, d, device, dataset, derived, TimedBatches(loader), input_dtype, out, stop, evaluator=evaluator
             )
             trainer.on_log = on_log
             return trainer.fit(max_steps)
     finally:
         out.close()
         loader.close()
-
-
-def eval_sets_of(cfg: Config, d: Dist) -> EvalSets | None:
-    """The labelled images of evaluation.*, scanned once by rank 0 and the same on every rank (a collective);
-    None when evaluation is off. Errors name the config key (exit 2) and are raised on every rank."""
-    e = cfg.evaluation
-    if not e.enabled:
-        return None
-    return prepare_eval_sets(
-        e.train_path,
-        e.val_path,
-        max_train=e.max_train_images,
-        seed=cfg.misc.seed,
-        cache_dir=cfg.data.scan_cache_dir or None,
-        dist=d,
-        names=("evaluation.train_path", "evaluation.val_path"),
-        make_sample=cfg.data.make_sample,
-    )
 
 
 def _run_log(
@@ -224,7 +206,7 @@ class Trainer:
         input_dtype: torch.dtype,
         out: RunLog,
         stop: StopFlag,
-        eval_sets: EvalSets | None = None,
+        evaluator: Evaluator | None = None,
     ):
         self.cfg, self.d, self.device, self.derived = cfg, d, device, derived
         self.batches, self.out, self.stop = batches, out, stop
@@ -278,16 +260,12 @@ class Trainer:
         n = cfg.logging.visualize_images
         self.vis_files = sample_images(dataset, n) if d.is_main and cfg.logging.visualize_freq_epochs else []
         self.on_log: OnLog | None = None
-        self.eval_sets = eval_sets
-        if eval_sets is not None:
+        self.evaluator = evaluator
+        if evaluator is not None:
             e = cfg.evaluation
             when = f"every {e.freq_epochs} epochs and at the end" if e.freq_epochs else "at the end of the run"
-            out.info(
-                f"evaluation: kNN (k={e.k}){' and linear probe' if e.linear_probe else ''} of the frozen encoder, "
-                f"{len(eval_sets.train_files)} train / {len(eval_sets.val_files)} val images in "
-                f"{eval_sets.num_classes} classes, {when}"
-            )
-            for note in eval_sets.notes:
+            out.info(f"evaluation: {evaluator.describe()}, at a new run's start (epoch 0), {when}")
+            for note in evaluator.sets.notes:
                 out.info(f"evaluation: {note}")
 
     def lr_at(self, step: int) -> float:
@@ -354,6 +332,8 @@ class Trainer:
         dv, ck, print_freq = self.derived, self.cfg.checkpointing, self.cfg.logging.print_freq
         start, spe = self.step, dv.steps_per_epoch
         end = dv.total_steps if max_steps is None else min(dv.total_steps, start + max_steps)
+        if self.evaluator is not None and not self.result.resumed_from and start < end:
+            self.evaluate()  # the baseline: the initial (or misc.init_weights') encoder, once per run
         self.t0 = time.perf_counter()
         stopping = False
         while self.step < end and not stopping:
@@ -509,12 +489,9 @@ class Trainer:
             self.meter.restart_clock()
 
     def evaluation_due(self) -> bool:
-        """At the end of every evaluation.freq_epochs-th epoch and at the end of the schedule; the same on every rank."""
+        """At the end of the epochs the evaluator is due at; the same on every rank."""
         epoch, rest = divmod(self.step, self.derived.steps_per_epoch)
-        if self.eval_sets is None or rest:
-            return False
-        freq = self.cfg.evaluation.freq_epochs
-        return self.step == self.derived.total_steps or bool(freq and epoch % freq == 0)
+        return self.evaluator is not None and not rest and self.evaluator.due(epoch)
 
     def evaluate(self) -> None:
         """kNN (and the linear probe) of the frozen encoder, a collective of every rank, before the epoch's
@@ -523,29 +500,17 @@ class Trainer:
         and the training RNG streams are left as they were (a resumed run gives the same losses).
         A failure is raised on every rank alike: all of them go on training, without evaluation."""
         self.log()
-        e, a = self.cfg.evaluation, self.cfg.data.augmentation
         epoch = self.step // self.derived.steps_per_epoch
         try:
-            results = evaluate_in_training(
-                self.model,
-                self.eval_sets,
-                dist=self.d,
-                device=self.device,
-                input_size=self.cfg.data.input_size,
-                mean=tuple(a.mean),
-                std=tuple(a.std),
-                k=e.k,
-                linear_probe=e.linear_probe,
-                batch_size=e.batch_size,
-                num_threads=max(1, self.cfg.data.num_workers),
-                seed=self.cfg.misc.seed,
-            )
+            result = self.evaluator(self.model, self.step, epoch)
         except RuntimeError as err:
             self.out.info(f"WARNING: evaluation at epoch {epoch} failed ({err}); training goes on without evaluation")
-            self.eval_sets = None
+            self.evaluator = None
         else:
-            self.result.evaluations.append({"step": self.step, "epoch": epoch, **results})
-            self.out.evaluation(self.step, epoch, results)
+            for path in result.skipped:
+                self.out.info(f"WARNING: evaluation: {path} cannot be decoded; left out of this and later evaluations")
+            self.result.evaluations.append(result)
+            self.out.evaluation(result)
         self.meter.restart_clock()  # the evaluation's time is not training throughput (eval_s has it)
 
     def stop_requested(self, at_log_point: bool) -> bool:
@@ -589,6 +554,10 @@ class Trainer:
         if lg.visualize_freq_epochs:
             lines.append(f"  reconstructions: {Path(lg.output_dir) / 'reconstructions'}")
         if r.evaluations:
-            curve = ", ".join(f"{e['knn_top1']:.1f}% (epoch {e['epoch']})" for e in r.evaluations[-4:])
-            lines.append(f"  kNN top-1:       {curve}")
+            first, last = r.evaluations[0], r.evaluations[-1]
+            curve = ", ".join(f"{e.knn_top1:.1f}% (epoch {e.epoch})" for e in r.evaluations[-4:])
+            change = (
+                f"; {last.knn_top1 - first.knn_top1:+.1f} points from epoch {first.epoch}" if last is not first else ""
+            )
+            lines.append(f"  kNN top-1:       {curve}{change}")
         return "\n".join(lines)

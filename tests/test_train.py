@@ -261,7 +261,7 @@ def test_max_steps_leaves_a_checkpoint_and_the_run_ends_with_a_summary(tmp_path)
     assert result.steps_done == 3 and result.last_checkpoint == f"{tmp_path}/ckpt/step-3/model.pt"
     assert load_mae(result.last_checkpoint).model_type == "mae_vit_tiny_patch8"  # visualize/export can use it
     summary = lines[-1]
-    assert summary.startswith("done: step 3/240, 3 steps in ") and f"final loss {result.final_loss:.4f}" in summary
+    assert summary.startswith("done: step 3/480, 3 steps in ") and f"final loss {result.final_loss:.4f}" in summary
     assert f"checkpoint:      {tmp_path}/ckpt/step-3/model.pt" in summary
     assert f"metrics:         {tmp_path}/out/metrics.jsonl" in summary and "reconstructions:" in summary
 
