@@ -207,8 +207,9 @@ def test_wandb_offline_run_holds_the_loss_the_knn_the_images_and_the_config_and_
         r["step"]: r["loss"] for r in (json.loads(x) for x in (tmp_path / "out/metrics.jsonl").open()) if "loss" in r
     }
     assert losses == metrics and sorted(losses) == [1, 4, 8]  # the TensorBoard scalars, at their steps
-    (knn,) = [r for r in rows if "eval/knn_top1" in r]
-    assert knn["step"] == 8 and 0 <= knn["eval/knn_top1"] <= 100 and "eval/knn_top5" in knn
+    baseline, knn = [r for r in rows if "eval/knn_top1" in r]  # epoch 0 (before the first step), then epoch 1
+    assert (baseline["step"], baseline["epoch"], knn["step"], knn["epoch"]) == (0, 0, 8, 1)
+    assert 0 <= knn["eval/knn_top1"] <= 100 and "eval/knn_top5" in knn
 
     resumed = demo_cfg(tmp_path, *SHORT, *wb, *evaluation, "data.input_size=32", "misc.auto_resume=true")
     train(resumed, log=lambda m: None, max_steps=4)  # the same W&B run, from step 9 on
