@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import os
 import random
 import shutil
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -269,9 +271,18 @@ class RunLock:
 
         try:  # also the check, before any work, that the folder can be written
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            # O_NOFOLLOW: a link planted at the lock's name is refused, never written through;
+            # O_NONBLOCK: a FIFO there cannot hang the open (it is refused below, as anything but a file is)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise RunFolderError(
+                    f"{self.key}: {self.path} is a symbolic link; refused (a run writes its lock there): remove it"
+                ) from None
             raise RunFolderError(f"{self.key}: cannot write to {self.path.parent} ({e.strerror or e})") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise RunFolderError(f"{self.key}: {self.path} is not a regular file; refused: remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -282,10 +293,13 @@ class RunLock:
                 f"its own checkpointing.checkpoint_dir / logging.output_dir (if no such run exists, delete "
                 f"{self.path})"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(
-            fd, f"host {socket.gethostname()}, pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}".encode()
-        )
+        text = f"host {socket.gethostname()}, pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, text.encode())
+        except OSError as e:  # a full disk: nothing of the run is written yet
+            os.close(fd)
+            raise RunFolderError(f"{self.key}: cannot write {self.path} ({e.strerror or e})") from None
         self._fd = fd
         return self
 
