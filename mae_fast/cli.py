@@ -288,6 +288,8 @@ def _scan(args: argparse.Namespace) -> int:
             raise DatasetScanError(format_problems(found.problems, len(found.tars)))
     else:
         result = scan_dataset(args.data_path, cache_dir=args.cache_dir, num_workers=args.workers)
+        for note in result.notes:  # a scan cache that was rebuilt or not written
+            print(f"warning: {note}", file=sys.stderr)
         print(f"{len(result.files)} images in {len(result.classes) or 1} classes under {args.data_path}")
         if result.bad:
             print(format_bad(result))
