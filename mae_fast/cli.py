@@ -285,7 +285,7 @@ def _scan(args: argparse.Namespace) -> int:
         if found.bad:
             print(f"{len(found.bad)} source files were left out by make-shards (listed in its manifest.json)")
         if found.problems:
-            raise DatasetScanError(format_problems(found.problems, len(found.tars)))
+            raise DatasetScanError(f"{found.root}: " + format_problems(found.problems, len(found.tars)))
     else:
         result = scan_dataset(args.data_path, cache_dir=args.cache_dir, num_workers=args.workers)
         for note in result.notes:  # a scan cache that was rebuilt or not written
