@@ -1,7 +1,8 @@
 """Run mae-fast command lines one after another in this process, as the `mae-fast` script runs one (cli.main's
 return value is the exit status; argparse's SystemExit too), and print, as JSON, per command line: the exit
 status, its stdout and stderr, the traceback of any exception that escaped, and every file it opened (from the
-interpreter's "open" audit event, which builtins.open, io.open and os.open raise).
+interpreter's "open" audit event, which builtins.open, io.open and os.open raise before they try; resolved
+through links).
 
 The fuzz tests start one of these per format, with their table of command lines on stdin: a subprocess each
 would pay the imports (torch, DALI) again for every tampering.
@@ -11,6 +12,7 @@ import contextlib
 import io
 import json
 import os
+import subprocess
 import sys
 import traceback
 
@@ -24,7 +26,13 @@ def _audit(event: str, args: tuple) -> None:
 
 
 def run(argv: list[str]) -> dict:
+    """One command line; ["!", program, ...] runs a program between them instead (a test's set-up step)."""
     from mae_fast.cli import main
+
+    if argv[:1] == ["!"]:
+        done = subprocess.run(argv[1:], capture_output=True, text=True)
+        return {"argv": argv, "code": done.returncode, "stdout": done.stdout, "stderr": done.stderr, "traceback": "",
+                "opened": []}  # fmt: skip
 
     opened.clear()
     out, err, escaped = io.StringIO(), io.StringIO(), ""
