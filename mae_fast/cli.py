@@ -334,13 +334,14 @@ def _visualize(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export import export_program, export_timm, export_torchscript
+    from .export import ensure_finite, export_program, export_timm, export_torchscript
     from .pipelines.validate import check_file
     from .weights import load_mae
 
     check_file(args.out, "--out")  # before the model is loaded: a path that cannot be written is known at once
     loaded = load_mae(args.checkpoint)
     print("\n".join(loaded.notes))
+    ensure_finite(loaded.model, args.checkpoint)
     if args.format == "timm":
         how = export_timm(loaded.model, loaded.model_type, args.out)
         print(f"wrote {args.out}; load it with\n  import timm\n  model = {how}")
