@@ -29,7 +29,7 @@ def assert_one_error(result: dict, *names: str, codes: tuple[int, ...] = (1, 2))
     """The command failed as bad input must: exit 1 or 2, nothing escaped, no traceback printed, and exactly one
     `error:` line, its last, which names every one of `names` (the file, the field). Returns that line."""
     assert not result["traceback"], result["traceback"]
-    assert result["code"] in codes, result
+    assert result["code"] in codes, {k: v for k, v in result.items() if k != "opened"}
     assert "Traceback" not in result["stderr"], result["stderr"]
     errors = [x for x in result["stderr"].splitlines() if x.startswith("error: ")]
     assert len(errors) == 1 and result["stderr"].rstrip().endswith(errors[0]), result["stderr"]
