@@ -208,9 +208,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .train import train
+    from .preempt import StoppedAtStartup, guard_startup
 
-    result = train(load_config(args.config, args.overrides), max_steps=args.max_steps)
+    guard_startup()  # before the trainer's imports: a preempted start-up is exit 4, not the signal's default
+    try:
+        from .train import train
+
+        result = train(load_config(args.config, args.overrides), max_steps=args.max_steps)
+    except StoppedAtStartup as e:
+        print(e, file=sys.stderr)
+        return EXIT_PREEMPTED
     if not result.preempted:
         return 0
     if result.last_checkpoint:  # rank 0: the exact command that continues from the checkpoint just written

@@ -48,6 +48,7 @@ from .evaluate import EvalSets, evaluate_in_training, prepare_eval_sets
 from .metrics import Meter, NonFiniteLoss, Snapshot, peak_bf16_flops
 from .model import model_flops_per_image
 from .optim import cosine_lr, load_optimizer_state
+from .preempt import StoppedAtStartup
 from .runlog import RunLog
 from .runtime import device_name, seed_everything, setup_device, train_stream
 from .step import build_train_step, model_from_config
@@ -71,10 +72,12 @@ class TrainResult:
 
 
 class StopFlag:
-    """SIGTERM / SIGINT: finish the current step, save, exit. A second Ctrl-C exits at once."""
+    """SIGTERM / SIGINT: finish the current step, save, exit. A second Ctrl-C exits at once. While `starting`
+    (until the first step is done: Trainer.fit clears it), SIGTERM stops at once instead (StoppedAtStartup)."""
 
     def __init__(self):
         self.signal: int | None = None
+        self.starting = True
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopFlag:
@@ -86,6 +89,8 @@ class StopFlag:
         return self
 
     def _handle(self, signum: int, frame) -> None:
+        if self.starting:  # nothing trained yet: stop at once (Ctrl-C: as before any handler, KeyboardInterrupt)
+            raise StoppedAtStartup(signum) if signum == signal.SIGTERM else KeyboardInterrupt
         if self.signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # the second Ctrl-C
         self.signal = signum
@@ -117,12 +122,13 @@ def train(
     console output (the log file and metrics.jsonl are written all the same); `on_log` sees every
     snapshot. Only rank 0 writes logs, metrics, the dashboard and checkpoints.
     """
-    d = init_distributed(cfg.misc.device)
-    try:
-        with _locks(cfg, d):
-            return _train(cfg, d, log, max_steps, on_log)
-    finally:
-        shutdown(d)
+    with StopFlag() as stop:  # first: a SIGTERM from here on ends the run with exit 4, never the default action
+        d = init_distributed(cfg.misc.device)
+        try:
+            with _locks(cfg, d):
+                return _train(cfg, d, log, max_steps, on_log, stop)
+        finally:
+            shutdown(d)
 
 
 def _locks(cfg: Config, d: Dist) -> contextlib.ExitStack:
@@ -136,7 +142,9 @@ def _locks(cfg: Config, d: Dist) -> contextlib.ExitStack:
     return stack
 
 
-def _train(cfg: Config, d: Dist, log: Callable | None, max_steps: int | None, on_log: OnLog | None) -> TrainResult:
+def _train(
+    cfg: Config, d: Dist, log: Callable | None, max_steps: int | None, on_log: OnLog | None, stop: StopFlag
+) -> TrainResult:
     seed_everything(cfg.misc.seed)  # the same initial weights on every rank
     device = setup_device(cfg.misc.device, d.local_rank, d.world_size)
     if cfg.misc.precision == "bf16" and d.enabled:
@@ -152,12 +160,12 @@ def _train(cfg: Config, d: Dist, log: Callable | None, max_steps: int | None, on
     )
     out = _run_log(cfg, d, derived, device, data_desc, log)
     try:
-        # from here on, SIGTERM/SIGINT end the run with a checkpoint
+        # SIGTERM: stops at once until the first step is done (StopFlag.starting), then ends the run with a checkpoint
         for w in dataset.warnings + lr_warnings(cfg):
             out.info(f"WARNING: {w}")
         out.info(f"data: {data_desc}" + (f"; one shard per rank, {d.world_size} ranks" if d.enabled else ""))
         out.info(format_config(cfg, derived))
-        with StopFlag() as stop, train_stream(device, cfg.misc.high_priority_stream):
+        with train_stream(device, cfg.misc.high_priority_stream):
             trainer = Trainer(
                 cfg, d, device, dataset, derived, TimedBatches(loader), input_dtype, out, stop, eval_sets=eval_sets
             )
@@ -346,6 +354,7 @@ class Trainer:
             if self.step == start or self.step % spe == 0:
                 self.batches.start_epoch(self.step // spe)
             self.train_step()
+            self.stop.starting = False  # a step is done (compiled): from now on SIGTERM saves a checkpoint
             log_point = self.step == start + 1 or self.step % print_freq == 0 or self.step == end
             if log_point:
                 self.log(first=self.step == start + 1)
@@ -517,6 +526,7 @@ class Trainer:
     def finish(self, stopping: bool, end: int) -> TrainResult:
         """The last read, then final.pt at the end of the schedule, or a step-N checkpoint when stopped early
         (a signal, or --max-steps: a smoke run leaves a checkpoint to visualize or export), then a summary."""
+        self.stop.starting = False  # (no step ran: a resumed run already at its end) SIGTERM now waits for the save
         self.log()
         r = self.result
         if self.step >= self.derived.total_steps:  # done, even if a stop request came during the last steps
