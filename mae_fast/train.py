@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -48,6 +49,8 @@ from .evaluate import EvalSets, evaluate_in_training, prepare_eval_sets
 from .metrics import Meter, NonFiniteLoss, Snapshot, peak_bf16_flops
 from .model import model_flops_per_image
 from .optim import cosine_lr, load_optimizer_state
+from .pipelines.shards import ShardReadError
+from .pipelines.validate import DatasetScanError
 from .preempt import StoppedAtStartup
 from .runlog import RunLog
 from .runtime import device_name, seed_everything, setup_device, train_stream
@@ -353,7 +356,10 @@ class Trainer:
         while self.step < end and not stopping:
             if self.step == start or self.step % spe == 0:
                 self.batches.start_epoch(self.step // spe)
-            self.train_step()
+            try:
+                self.train_step()
+            except ShardReadError as e:  # a shard gone, shrunk or replaced under the run
+                self.stop_for_lost_shard(e)
             self.stop.starting = False  # a step is done (compiled): from now on SIGTERM saves a checkpoint
             log_point = self.step == start + 1 or self.step % print_freq == 0 or self.step == end
             if log_point:
@@ -373,9 +379,24 @@ class Trainer:
         self.lr = self.lr_at(self.step)
         accum = self.derived.accum_steps
         for i in range(accum):
+            self.micro = i  # micro-batches of this step read so far (stop_for_lost_shard steps back over them)
             self.step_fn.run(self.batches.next(), last_micro=i == accum - 1)
         self.step_fn.optimizer_step(self.lr)
         self.step += 1
+
+    def stop_for_lost_shard(self, error: ShardReadError) -> NoReturn:
+        """Save the last whole step and stop with one line naming the shard (DatasetScanError: exit 2); once the
+        shard is back, the run resumes from that checkpoint. With several ranks only the failing one knows, so no
+        collective save is possible: the line names the newest checkpoint instead."""
+        self.loader.rewind(self.micro)  # the unfinished step's micro-batches are read again on resume
+        if self.d.enabled:
+            raise DatasetScanError(f"{error}; stopped (the newest checkpoint is {self.good_checkpoint()})") from None
+        self.stop.starting = False  # SIGTERM waits for this save
+        self.save(f"step-{self.step}")
+        raise DatasetScanError(
+            f"{error}; stopped at step {self.step}, saved {self.result.last_checkpoint}: once the shard is back, "
+            f"continue with --set misc.resume={self.result.last_checkpoint}"
+        ) from None
 
     def log(self, first: bool = False) -> None:
         """Read the device-side metrics since the last read (a collective); raises NonFiniteLoss on divergence."""
