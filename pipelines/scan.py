@@ -210,6 +210,14 @@ def _is_dir(entry: os.DirEntry) -> bool:
         return False
 
 
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _printable(name: str) -> str:
     """A file name as text, whatever bytes it holds (undecodable bytes shown as \\xNN)."""
     return os.fsencode(name).decode("utf-8", "backslashreplace")
@@ -229,6 +237,9 @@ def _list_images(root: str) -> tuple[list[str], list[tuple[str, int, int, int]],
     skipped: list[tuple[str, str]] = []
     seen = {(os.stat(root).st_dev, os.stat(root).st_ino)}
     for name in subdirs:
+        if not _is_utf8(name):  # a class name must print and go into the cache
+            skipped.append((f"{_printable(name)}/", "its name is not valid UTF-8"))
+            continue
         found: list[tuple[str, int, int]] = []
         _walk(os.path.join(root, name), f"{name}/", found, skipped, seen)
         if not found:
