@@ -474,9 +474,15 @@ def test_a_second_ctrl_c_exits_130_without_a_traceback(tmp_path, capsys, monkeyp
     """The first SIGINT asks for a checkpoint; a second one ends the process at once: exit 130, one line."""
     import mae_fast.train
     from mae_fast.cli import EXIT_INTERRUPTED, main
+    from mae_fast.preempt import StoppedAtStartup
     from mae_fast.train import StopFlag
 
     with StopFlag() as stop:
+        with pytest.raises(KeyboardInterrupt):  # before the first step is done: at once, nothing to save
+            stop._handle(signal.SIGINT, None)
+        with pytest.raises(StoppedAtStartup):
+            stop._handle(signal.SIGTERM, None)
+        stop.starting = False  # the loop runs
         stop._handle(signal.SIGINT, None)
         assert stop.signal == signal.SIGINT  # the first: finish the step, save, exit 4
         with pytest.raises(KeyboardInterrupt):
