@@ -233,6 +233,7 @@ def _bench_step(args: argparse.Namespace) -> int:
     from .config import config_from_dict
 
     cfg = load_config(args.config, args.overrides)
+    _check_outputs(json=args.json, profile=args.profile)
     # overrides split at commas outside brackets: data.augmentation.crop_scale=[0.3,1.0] stays whole
     variants = [
         (v, config_from_dict(cfg.to_dict(), [o.strip() for o in re.split(r",(?![^\[]*\])", v)])) for v in args.variant
@@ -252,9 +253,21 @@ def _bench_step(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_outputs(**paths: str | None) -> None:
+    """The files a command will write (--json, --profile), checked before the work (DestinationError, exit 2)."""
+    from .pipelines.validate import check_file
+
+    for option, path in paths.items():
+        if path:
+            check_file(path, f"--{option}")
+
+
 def _bench(args: argparse.Namespace) -> int:
     from .bench import bench_all
+    from .pipelines.validate import check_folder
 
+    if args.out_dir:
+        check_folder(args.out_dir, "--out-dir")
     bench_all(
         load_config(args.config, args.overrides),
         steps=args.steps,
@@ -267,6 +280,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _bench_loader(args: argparse.Namespace) -> int:
     from .bench import bench_loader, write_json
 
+    _check_outputs(json=args.json)
     write_json(
         bench_loader(
             load_config(args.config, args.overrides),

@@ -33,6 +33,10 @@ DESTINATIONS = {  # name: (argv with {t} for the test folder, what the error lin
         "cannot write into {t}/a-file",
     ),  # fmt: skip
     "visualize under /proc": (["visualize", "{t}/c.pt", "--images", "x.jpg", "--out", "/proc/nope/r.png"], "--out"),
+    "bench-step --json to a folder": (["bench-step", DEMO, "--json", "{t}"], "--json {t}: it is a folder"),
+    "bench-step --profile under /proc": (["bench-step", DEMO, "--profile", "/proc/nope/p.txt"], "--profile"),
+    "bench-loader --json under a file": (["bench-loader", DEMO, "--json", "{t}/a-file/r.json"], "--json"),
+    "bench --out-dir a file": (["bench", DEMO, "--out-dir", "{t}/a-file"], "--out-dir {t}/a-file: it is a file"),
     "train output_dir a file": (_train(**{"logging.output_dir": "{t}/a-file"}), "logging.output_dir"),
     "train checkpoint_dir under /proc": (
         _train(**{"checkpointing.checkpoint_dir": "/proc/nope"}),
