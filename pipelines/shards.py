@@ -592,7 +592,7 @@ def _write_shard(src: str, dst: str, name: str, samples: list[_Sample], advance)
     tmp_tar, tmp_idx = os.path.join(dst, f".{name}.tmp"), idx_path + ".tmp"
     lines = []
     try:
-        with tarfile.open(tmp_tar, "w", format=tarfile.GNU_FORMAT) as tf:
+        with _create(tmp_tar) as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT) as tf:
             for s in samples:
                 with open(os.path.join(src, s.rel), "rb") as f:
                     data = f.read()
@@ -606,8 +606,8 @@ def _write_shard(src: str, dst: str, name: str, samples: list[_Sample], advance)
                     line.append(f"{ext} {offset} {len(payload)} {info.name}")
                 lines.append(" ".join(line))
                 advance(1)
-        with open(tmp_idx, "w") as f:
-            f.write(f"{INDEX_VERSION} {len(lines)}\n" + "".join(line + "\n" for line in lines))
+        with _create(tmp_idx) as f:
+            f.write(f"{INDEX_VERSION} {len(lines)}\n".encode() + "".join(line + "\n" for line in lines).encode())
         os.replace(tmp_tar, tar_path)
         os.replace(tmp_idx, idx_path)  # last: an index beside a tar means the tar is whole
     except OSError as e:  # a full disk, a source file gone: the shard is left out whole, a rerun writes it
@@ -701,11 +701,19 @@ def make_shards(
     )
 
 
+def _create(path: str) -> io.BufferedWriter:
+    """A new file at `path` for writing: whatever was there (a file left by a killed run, or a planted symbolic
+    link, which open() would follow) is removed first, and O_EXCL | O_NOFOLLOW refuse one that comes back."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666), "wb")
+
+
 def _write_json(path: str, payload: dict) -> None:
     tmp = path + ".tmp"
     try:
-        with open(tmp, "w") as f:
-            json.dump(payload, f, indent=1)
+        with _create(tmp) as f:
+            f.write(json.dumps(payload, indent=1).encode())
         os.replace(tmp, path)
     except OSError as e:
         with contextlib.suppress(OSError):
