@@ -462,9 +462,17 @@ class Trainer:
         if self.d.is_main:  # only rank 0 writes; the others keep count
             resolved_cfg = resolved(self.cfg, self.derived)
             log_path = self.out.log_path
-            path = (
-                self.ckpts.save_final(state) if name is None else self.ckpts.save(state, name, resolved_cfg, log_path)
-            )
+            try:
+                path = (
+                    self.ckpts.save_final(state)
+                    if name is None
+                    else self.ckpts.save(state, name, resolved_cfg, log_path)
+                )
+            except CheckpointError as e:  # a full disk: the run stops, the previous checkpoint is intact
+                last = self.good_checkpoint()
+                raise CheckpointError(
+                    f"{e}; stopped at step {self.step}, the newest good checkpoint is {last}"
+                ) from None
             self.out.checkpoint_saved(str(path))
             self.result.last_checkpoint = str(path)
         self.saved = (self.step, path)

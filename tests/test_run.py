@@ -246,6 +246,26 @@ def test_failed_save_leaves_latest_loadable(tmp_path, monkeypatch):
     assert not list(tmp_path.rglob("*.tmp"))  # no debris
 
 
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_naming_the_last_good_one(tmp_path, sample_dir, monkeypatch):
+    cfg = tiny_cfg(tmp_path, sample_dir, "checkpointing.save_freq_steps=2")
+    save = CheckpointManager.save
+
+    def full_disk_after_the_first(self, state, name, *a, **k):
+        if name != "step-2":
+            raise CheckpointError(
+                f"could not write {self.root / name / 'model.pt'}: [Errno 28] No space left on device"
+            )
+        return save(self, state, name, *a, **k)
+
+    monkeypatch.setattr(CheckpointManager, "save", full_disk_after_the_first)
+    with pytest.raises(CheckpointError) as e:
+        train(cfg, log=lambda m: None)
+    assert str(e.value) == (
+        f"could not write {tmp_path}/ckpt/step-4/model.pt: [Errno 28] No space left on device; stopped at step 4, "
+        f"the newest good checkpoint is {tmp_path}/ckpt/step-2/model.pt"
+    )
+
+
 def test_mismatched_checkpoint_is_refused(tmp_path, sample_dir):
     cfg = tiny_cfg(tmp_path, sample_dir, "checkpointing.save_freq_steps=2")
     train(cfg, log=lambda m: None, max_steps=2)
