@@ -304,6 +304,8 @@ class RunLock:
         import fcntl
         import socket
 
+        if self.path.parent.exists() and not self.path.parent.is_dir():
+            raise RunFolderError(f"{self.key}: {self.path.parent} is a file, not a folder")
         try:  # also the check, before any work, that the folder can be written
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # O_NOFOLLOW: a link planted at the lock's name is refused, never written through;

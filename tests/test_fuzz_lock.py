@@ -10,8 +10,10 @@ import shutil
 import subprocess
 
 import pytest
+import torch
 from fuzz_helpers import ROOT, assert_one_error, run_cli
 
+from mae_fast.model import build_model
 from mae_fast.pipelines.sample_data import make_sample_data
 from mae_fast.pipelines.shards import make_shards
 
@@ -67,6 +69,7 @@ def test_a_full_or_read_only_disk_is_one_line_and_a_rerun_completes(tmp_path):
     src, clean = tmp_path / "src", tmp_path / "clean"
     make_sample_data(str(src), n=8)
     make_shards(str(src), str(clean), shard_bytes=100_000, progress=False)  # 8 shards, ~530 KB
+    torch.save({"model": build_model("mae_vit_tiny_patch8").state_dict()}, tmp_path / "tiny.pt")  # ~0.5 MB
     full, ro = tmp_path / "full", tmp_path / "ro"
     full.mkdir()
     ro.mkdir()
@@ -82,6 +85,10 @@ def test_a_full_or_read_only_disk_is_one_line_and_a_rerun_completes(tmp_path):
         "train, read-only": train(ro / "ckpt", ro / "out"),
         "make-shards, read-only": ["make-shards", str(src), str(ro / "s0")],
         "export torchscript, read-only": ["export", "missing.pt", "--format", "torchscript", "--out", str(ro / "e.pt")],
+        "leave 64 KB": ["!", "sh", "-c", f"rm {full}/fill; head -c 960k /dev/zero > {full}/fill"],
+        **{f"export {f}, full part-way": ["export", str(tmp_path / "tiny.pt"), "--format", f, "--out",
+                                          str(full / f"e.{f}")] for f in ("timm", "torchscript", "exported")},
+        "no partial export": ["!", "sh", "-c", f"ls {full}/e.* {full}/.e.*"],
         "leave 250 KB": ["!", "sh", "-c", f"rm {full}/fill; head -c 770k /dev/zero > {full}/fill"],
         "make-shards, full part-way": ["make-shards", str(src), str(full / "s1"), "--shard-size-mb",
                                        str(100_000 / 2**20), "--workers", "1", "--cache-dir", str(tmp_path)],
@@ -100,6 +107,9 @@ def test_a_full_or_read_only_disk_is_one_line_and_a_rerun_completes(tmp_path):
     assert_one_error(r["train, read-only"], "checkpointing.checkpoint_dir", f"{ro}/ckpt", rofs, codes=(2,))
     assert_one_error(r["make-shards, read-only"], "make-shards DST", rofs, codes=(2,))
     assert_one_error(r["export torchscript, read-only"], "--out", rofs, codes=(2,))
+    for f in ("timm", "torchscript", "exported"):  # serialized in memory, written atomically: one line, no debris
+        assert_one_error(r[f"export {f}, full part-way"], f"could not write {full}/e.{f}", nospace, codes=(1,))
+    assert r["no partial export"]["code"] != 0 and not r["no partial export"]["stdout"]
     assert r["leave 250 KB"]["code"] == 0
     assert_one_error(r["make-shards, full part-way"], f"{full}/s1/shard-0000", "not written", nospace, codes=(1,))
     assert r["make-shards, rerun"]["code"] == 0, r["make-shards, rerun"]
