@@ -72,10 +72,15 @@ def need(obj: Any, key: str, kind: type | tuple[type, ...], file: str, where: st
 def need_list(obj: Any, key: str, kind: type | tuple[type, ...], file: str, where: str = "") -> list:
     """obj[key], a list of `kind` items."""
     items = need(obj, key, list, file, where)
-    for i, item in enumerate(items):
-        if not _is(item, kind):
-            raise FormatError(file, f"{where}{key}[{i}]", f"expected {_names(kind)}, got {_kind(item)}")
-    return items
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if all(_is_type(t, kinds) for t in set(map(type, items))):  # the item types, at C speed (1M+ paths)
+        return items
+    i = next(i for i, x in enumerate(items) if not _is_type(type(x), kinds))
+    raise FormatError(file, f"{where}{key}[{i}]", f"expected {_names(kind)}, got {_kind(items[i])}")
+
+
+def _is_type(t: type, kinds: tuple[type, ...]) -> bool:
+    return issubclass(t, kinds) and (t is not bool or bool in kinds)  # a bool is not an int
 
 
 def inside(rel: str, file: str, name: str) -> str:
