@@ -337,7 +337,7 @@ def _make_shards(args: argparse.Namespace) -> int:
 
 
 def _visualize(args: argparse.Namespace) -> int:
-    from .pipelines.validate import check_file
+    from .pipelines.validate import WriteError, check_file
     from .visualize import visualize_files
     from .weights import load_mae
 
@@ -350,6 +350,8 @@ def _visualize(args: argparse.Namespace) -> int:
         out = visualize_files(loaded.model, args.images, args.out, args.mask_ratio, args.seed)
     except ValueError as e:
         raise ConfigError(f"--images: {e}") from None
+    except OSError as e:  # a full disk under --out
+        raise WriteError(f"{e.filename or args.out}: not written ({e.strerror or e})") from None
     print(f"wrote {out} ({len(args.images)} rows: original | masked | reconstruction | reconstruction + visible)")
     return 0
 
