@@ -74,7 +74,7 @@ class OptimizationConfig:
 
     def __post_init__(self) -> None:
         b, micro = self.batch_size, self.micro_batch_size
-        _check(b > 0, "batch_size", f"must be positive, got {b}")
+        _check(0 < b <= 2**24, "batch_size", f"must be in [1, 2**24], got {b}")
         if micro is not None:
             _check(micro > 0, "micro_batch_size", f"must be positive, got {micro}")
             _check(b % micro == 0, "batch_size", f"{b} is not divisible by optimization.micro_batch_size {micro}")
@@ -416,8 +416,12 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         data = yaml.safe_load(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); is this a config file?") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML/JSON: {e}") from None
+    except yaml.YAMLError as e:  # one line: where, and what the parser found
+        mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None) or str(e)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML/JSON{at}: {' '.join(problem.split())[:300]}") from None
+    if data is None:
+        raise ConfigError(f"{path}: holds no settings (an empty or truncated file?)")
     try:
         return config_from_dict(data, overrides)
     except ConfigError as e:

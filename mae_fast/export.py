@@ -4,12 +4,14 @@ is written."""
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from .checkpoint import CheckpointError, atomic_write, check_finite
 from .model import MAEArch, MaskedAutoencoderViT
 
 # mae-fast preset -> the timm model with the same encoder
@@ -30,6 +32,16 @@ class Encoder(nn.Module):
 
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
         return self.mae.forward_features(imgs)[:, 0]
+
+
+def ensure_finite(mae: MaskedAutoencoderViT, source: str) -> None:
+    """CheckpointError if a weight of `mae` (read from `source`) is NaN or inf: such an export would only
+    give NaN features (training never saves such weights; a file damaged or written elsewhere may hold them)."""
+    if bad := check_finite(mae):
+        raise CheckpointError(
+            f"{source}: the weights are not finite ({len(bad)} tensors hold NaN or inf: {', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}); nothing exported"
+        )
 
 
 def encoder_state_dict(mae: MaskedAutoencoderViT) -> dict[str, torch.Tensor]:
@@ -69,11 +81,10 @@ def export_timm(mae: MaskedAutoencoderViT, model_type: str, out: str | Path) -> 
     model a fresh N-class head for fine-tuning (N=0: features only) instead of looking for one in the file. Loads it
     back in timm and compares features before returning the load instructions."""
     import timm
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(encoder_state_dict(mae), str(out), metadata={"format": "pt", "source": f"mae-fast {model_type}"})
+    _write(out, save(encoder_state_dict(mae), metadata={"format": "pt", "source": f"mae-fast {model_type}"}))
     name = timm_name(model_type)
     # a standard preset at 224 px is timm's model as named; anything else names its architecture
     standard = model_type in TIMM_NAMES and mae.arch.img_size == 224
@@ -103,8 +114,7 @@ def export_torchscript(mae: MaskedAutoencoderViT, out: str | Path) -> None:
         traced = torch.jit.trace(enc, torch.randn(1, 3, size, size))
         x = torch.randn(3, 3, size, size)  # another batch size than traced with
         _check("TorchScript", traced(x), enc(x))
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    traced.save(str(out))
+    _write(Path(out), traced.save_to_buffer())
 
 
 def export_program(mae: MaskedAutoencoderViT, out: str | Path) -> None:
@@ -116,5 +126,12 @@ def export_program(mae: MaskedAutoencoderViT, out: str | Path) -> None:
         program = torch.export.export(enc, (torch.randn(2, 3, size, size),), dynamic_shapes=({0: batch},))
         x = torch.randn(3, 3, size, size)
         _check("torch.export", program.module()(x), enc(x))
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    torch.export.save(program, str(out))
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    _write(Path(out), buffer.getvalue())
+
+
+def _write(out: Path, data: bytes) -> None:
+    """Serialized in memory first, then written by atomic_write: a full disk is one CheckpointError naming the
+    file, and never a partial file (torch's own writers raise from C++, or abort the process, on ENOSPC)."""
+    atomic_write(out, lambda f: f.write(data))

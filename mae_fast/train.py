@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -49,6 +50,9 @@ from .metrics import Meter, NonFiniteLoss, Snapshot, card_peak
 from .model import model_flops_per_image
 from .observe import StepProfiler, cuda_memory, format_report, mfu_basis, out_of_memory, run_report
 from .optim import cosine_lr, load_optimizer_state
+from .pipelines.shards import ShardReadError
+from .pipelines.validate import DatasetScanError
+from .preempt import StoppedAtStartup
 from .runlog import RunLog
 from .runtime import device_name, seed_everything, setup_device, train_stream
 from .step import build_train_step, model_from_config
@@ -73,10 +77,12 @@ class TrainResult:
 
 
 class StopFlag:
-    """SIGTERM / SIGINT: finish the current step, save, exit. A second Ctrl-C exits at once."""
+    """SIGTERM / SIGINT: finish the current step, save, exit. A second Ctrl-C exits at once. While `starting`
+    (until the first step is done: Trainer.fit clears it), SIGTERM stops at once instead (StoppedAtStartup)."""
 
     def __init__(self):
         self.signal: int | None = None
+        self.starting = True
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopFlag:
@@ -88,6 +94,8 @@ class StopFlag:
         return self
 
     def _handle(self, signum: int, frame) -> None:
+        if self.starting:  # nothing trained yet: stop at once (Ctrl-C: as before any handler, KeyboardInterrupt)
+            raise StoppedAtStartup(signum) if signum == signal.SIGTERM else KeyboardInterrupt
         if self.signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # the second Ctrl-C
         self.signal = signum
@@ -119,12 +127,13 @@ def train(
     console output (the log file and metrics.jsonl are written all the same); `on_log` sees every
     snapshot. Only rank 0 writes logs, metrics, the dashboard and checkpoints.
     """
-    d = init_distributed(cfg.misc.device)
-    try:
-        with _locks(cfg, d):
-            return _train(cfg, d, log, max_steps, on_log)
-    finally:
-        shutdown(d)
+    with StopFlag() as stop:  # first: a SIGTERM from here on ends the run with exit 4, never the default action
+        d = init_distributed(cfg.misc.device)
+        try:
+            with _locks(cfg, d):
+                return _train(cfg, d, log, max_steps, on_log, stop)
+        finally:
+            shutdown(d)
 
 
 def _locks(cfg: Config, d: Dist) -> contextlib.ExitStack:
@@ -138,7 +147,9 @@ def _locks(cfg: Config, d: Dist) -> contextlib.ExitStack:
     return stack
 
 
-def _train(cfg: Config, d: Dist, log: Callable | None, max_steps: int | None, on_log: OnLog | None) -> TrainResult:
+def _train(
+    cfg: Config, d: Dist, log: Callable | None, max_steps: int | None, on_log: OnLog | None, stop: StopFlag
+) -> TrainResult:
     require_wandb(cfg)  # logging.wandb_project without wandb installed: stop before any work
     seed_everything(cfg.misc.seed)  # the same initial weights on every rank
     device = setup_device(cfg.misc.device, d.local_rank, d.world_size)
@@ -158,12 +169,12 @@ def _train(cfg: Config, d: Dist, log: Callable | None, max_steps: int | None, on
         report = run_report(cfg, derived, device, d.world_size)
         out.report(report, format_report(report))  # metrics.jsonl's first record
         out.tracker = WandbRun.start(cfg, derived, report) if d.is_main else None
-        # from here on, SIGTERM/SIGINT end the run with a checkpoint
+        # SIGTERM: stops at once until the first step is done (StopFlag.starting), then ends the run with a checkpoint
         for w in dataset.warnings + lr_warnings(cfg):
             out.info(f"WARNING: {w}")
         out.info(f"data: {data_desc}" + (f"; one shard per rank, {d.world_size} ranks" if d.enabled else ""))
         out.info(format_config(cfg, derived))
-        with StopFlag() as stop, train_stream(device, cfg.misc.high_priority_stream):
+        with train_stream(device, cfg.misc.high_priority_stream):
             trainer = Trainer(
                 cfg, d, device, dataset, derived, TimedBatches(loader), input_dtype, out, stop, evaluator=evaluator
             )
@@ -342,7 +353,11 @@ class Trainer:
             if self.profiler.begins_before(self.step + 1):
                 self.log()  # the interval before the profiled steps is timed as usual
                 self.profiler.begin()
-            self.train_step()
+            try:
+                self.train_step()
+            except ShardReadError as e:  # a shard gone, shrunk or replaced under the run
+                self.stop_for_lost_shard(e)
+            self.stop.starting = False  # a step is done (compiled): from now on SIGTERM saves a checkpoint
             if self.profiler.ends_after(self.step):
                 self.profile_end()
             log_point = self.step == start + 1 or self.step % print_freq == 0 or self.step == end
@@ -364,6 +379,7 @@ class Trainer:
         accum = self.derived.accum_steps
         try:
             for i in range(accum):
+                self.micro = i  # micro-batches of this step read so far (stop_for_lost_shard steps back over them)
                 self.step_fn.run(self.batches.next(), last_micro=i == accum - 1)
             self.step_fn.optimizer_step(self.lr)
         except torch.OutOfMemoryError:  # a snapshot of the memory, and one line: what to lower
@@ -385,6 +401,20 @@ class Trainer:
                 f"profile of steps {p.start}-{p.start + p.steps - 1}: trace {path} (open it in https://ui.perfetto.dev "
                 f"or chrome://tracing); top kernels by {by}:\n{table}"
             )
+
+    def stop_for_lost_shard(self, error: ShardReadError) -> NoReturn:
+        """Save the last whole step and stop with one line naming the shard (DatasetScanError: exit 2); once the
+        shard is back, the run resumes from that checkpoint. With several ranks only the failing one knows, so no
+        collective save is possible: the line names the newest checkpoint instead."""
+        self.loader.rewind(self.micro)  # the unfinished step's micro-batches are read again on resume
+        if self.d.enabled:
+            raise DatasetScanError(f"{error}; stopped (the newest checkpoint is {self.good_checkpoint()})") from None
+        self.stop.starting = False  # SIGTERM waits for this save
+        self.save(f"step-{self.step}")
+        raise DatasetScanError(
+            f"{error}; stopped at step {self.step}, saved {self.result.last_checkpoint}: once the shard is back, "
+            f"continue with --set misc.resume={self.result.last_checkpoint}"
+        ) from None
 
     def log(self, first: bool = False, timed: bool = True) -> None:
         """Read the device-side metrics since the last read (a collective); raises NonFiniteLoss on divergence.
@@ -451,9 +481,17 @@ class Trainer:
         if self.d.is_main:  # only rank 0 writes; the others keep count
             resolved_cfg = resolved(self.cfg, self.derived)
             log_path = self.out.log_path
-            path = (
-                self.ckpts.save_final(state) if name is None else self.ckpts.save(state, name, resolved_cfg, log_path)
-            )
+            try:
+                path = (
+                    self.ckpts.save_final(state)
+                    if name is None
+                    else self.ckpts.save(state, name, resolved_cfg, log_path)
+                )
+            except CheckpointError as e:  # a full disk: the run stops, the previous checkpoint is intact
+                last = self.good_checkpoint()
+                raise CheckpointError(
+                    f"{e}; stopped at step {self.step}, the newest good checkpoint is {last}"
+                ) from None
             self.out.checkpoint_saved(str(path))
             self.result.last_checkpoint = str(path)
         self.saved = (self.step, path)
@@ -524,6 +562,7 @@ class Trainer:
         (a signal, or --max-steps: a smoke run leaves a checkpoint to visualize or export), then a summary."""
         if self.profiler.running:  # the run ended inside the profiled steps
             self.profile_end()
+        self.stop.starting = False  # (no step ran: a resumed run already at its end) SIGTERM now waits for the save
         self.log()
         r = self.result
         if self.step >= self.derived.total_steps:  # done, even if a stop request came during the last steps

@@ -185,6 +185,13 @@ class ShardLoader(DaliLoader):
         self._reader.close()
         self._reader = _BlockReader(self.shards)
 
+    def rewind(self, batches: int) -> None:
+        """Step back `batches` batches in this epoch and drop the pipeline with what it prefetched: after a shard
+        read failed (ShardReadError) part-way through a training step, the position the checkpoint saves is the
+        step's first batch, read again on resume."""
+        self.close()
+        self._batch = max(0, self._batch - batches)
+
     def _identity(self) -> dict:
         return {**super()._identity(), "shuffle_buffer": self.shuffle_buffer, "shards": self.shards.fingerprint}
 

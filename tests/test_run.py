@@ -80,9 +80,11 @@ def spawn(args):
     )
 
 
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120, lines: int = 0) -> None:
+    """Until `path` exists (and holds `lines` lines: metrics.jsonl's first line is the run's readiness point, the
+    first step done, after which a SIGTERM saves a checkpoint)."""
     t = time.time()
-    while not path.exists():
+    while not path.exists() or (lines and path.read_text().count("\n") < lines):
         if proc.poll() is not None:
             raise AssertionError(f"run ended before {path} appeared:\n{proc.stdout.read()}")
         if time.time() - t > timeout:
@@ -131,11 +133,7 @@ def test_sigkill_then_auto_resume_gives_the_uninterrupted_losses(tmp_path, sampl
 @pytest.mark.slow
 def test_sigterm_saves_and_exits_with_code_4(tmp_path, sample_dir):
     proc = spawn(run_args(tmp_path, sample_dir, tmp_path / "out", "--set", "schedule.epochs=200"))
-    metrics = tmp_path / "out/metrics.jsonl"
-    wait_for(metrics, proc)
-    while not metrics.read_text().count("\n") >= 3:  # a few steps into training
-        assert proc.poll() is None
-        time.sleep(0.05)
+    wait_for(tmp_path / "out/metrics.jsonl", proc, lines=3)  # a few steps into training
     proc.send_signal(signal.SIGTERM)
     log = proc.communicate(timeout=120)[0]
     assert proc.returncode == 4, log
@@ -155,10 +153,21 @@ def test_sigterm_saves_and_exits_with_code_4(tmp_path, sample_dir):
             tmp_path, sample_dir, tmp_path / "out2", "--set", "schedule.epochs=200", "--set", "misc.auto_resume=true"
         )
     )
-    wait_for(tmp_path / "out2/metrics.jsonl", again)
+    wait_for(tmp_path / "out2/metrics.jsonl", again, lines=1)  # ready: its first step is done
     again.send_signal(signal.SIGTERM)
     log = again.communicate(timeout=120)[0]
     assert again.returncode == 4 and f"resumed from {tmp_path}/ckpt/latest.pt: step {step}" in log, log
+
+
+def test_sigterm_during_startup_exits_4_and_loses_nothing(tmp_path, sample_dir):
+    """A preempted start-up (here: the model built, the first step compiling) stops at once, exit 4, no checkpoint."""
+    proc = spawn(run_args(tmp_path, sample_dir, tmp_path / "out", "--set", "misc.compile=true"))
+    wait_for(tmp_path / "out/config.yaml", proc)  # written when the trainer starts building the model
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 4, log
+    assert "received SIGTERM during start-up, before the first step was done: stopped; nothing was lost" in log
+    assert "Traceback" not in log and not (tmp_path / "ckpt/latest.pt").exists()
 
 
 def tiny_cfg(tmp_path, data, *extra):
@@ -234,6 +243,26 @@ def test_failed_save_leaves_latest_loadable(tmp_path, monkeypatch):
     latest = load_checkpoint(tmp_path / "latest.pt")
     assert latest["step"] == 1 and torch.equal(latest["model"]["w"], torch.ones(3))
     assert not list(tmp_path.rglob("*.tmp"))  # no debris
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_naming_the_last_good_one(tmp_path, sample_dir, monkeypatch):
+    cfg = tiny_cfg(tmp_path, sample_dir, "checkpointing.save_freq_steps=2")
+    save = CheckpointManager.save
+
+    def full_disk_after_the_first(self, state, name, *a, **k):
+        if name != "step-2":
+            raise CheckpointError(
+                f"could not write {self.root / name / 'model.pt'}: [Errno 28] No space left on device"
+            )
+        return save(self, state, name, *a, **k)
+
+    monkeypatch.setattr(CheckpointManager, "save", full_disk_after_the_first)
+    with pytest.raises(CheckpointError) as e:
+        train(cfg, log=lambda m: None)
+    assert str(e.value) == (
+        f"could not write {tmp_path}/ckpt/step-4/model.pt: [Errno 28] No space left on device; stopped at step 4, "
+        f"the newest good checkpoint is {tmp_path}/ckpt/step-2/model.pt"
+    )
 
 
 def test_mismatched_checkpoint_is_refused(tmp_path, sample_dir):
@@ -473,9 +502,15 @@ def test_a_second_ctrl_c_exits_130_without_a_traceback(tmp_path, capsys, monkeyp
     """The first SIGINT asks for a checkpoint; a second one ends the process at once: exit 130, one line."""
     import mae_fast.train
     from mae_fast.cli import EXIT_INTERRUPTED, main
+    from mae_fast.preempt import StoppedAtStartup
     from mae_fast.train import StopFlag
 
     with StopFlag() as stop:
+        with pytest.raises(KeyboardInterrupt):  # before the first step is done: at once, nothing to save
+            stop._handle(signal.SIGINT, None)
+        with pytest.raises(StoppedAtStartup):
+            stop._handle(signal.SIGTERM, None)
+        stop.starting = False  # the loop runs
         stop._handle(signal.SIGINT, None)
         assert stop.signal == signal.SIGINT  # the first: finish the step, save, exit 4
         with pytest.raises(KeyboardInterrupt):

@@ -169,7 +169,9 @@ def test_cli_make_shards_and_scan_name_a_truncated_and_a_missing_shard(tree, tmp
     assert "shard-000003.tar (truncated" in err and "shard-000007.tar (missing)" in err
     with pytest.raises(DatasetScanError, match=r"shard-000003.tar \(truncated.*shard-000007.tar \(missing"):
         loader(str(dst))  # what the train loop meets before it builds a model
-    with pytest.raises(ShardReadError, match="shard-000003.tar ends at byte"):
+    with pytest.raises(
+        ShardReadError, match="shard-000003.tar changed during the run: .* bytes, .* when the run started"
+    ):
         opened.read_run(3, int(opened.starts[3]), int(opened.starts[4]))
     # a rerun repairs it
     assert main(["make-shards", str(src), str(dst), "--shard-size-mb", str(PER_SHARD / 2**20)]) == 0
@@ -375,3 +377,21 @@ def test_gpu_mixed_decoding_of_shards_keeps_order_and_statistics(tree, photos):
     x, y = x.float().cpu(), y.float()
     assert torch.allclose(x.mean((0, 2, 3)), y.mean((0, 2, 3)), atol=0.08)
     assert torch.allclose(x.std((0, 2, 3)), y.std((0, 2, 3)), atol=0.08)
+
+
+def test_make_shards_rebuilds_a_bad_index_and_never_writes_through_a_planted_link(tree, tmp_path):
+    src, _, _ = tree
+    dst = tmp_path / "dst"
+    first = make_shards(str(src), str(dst), shard_bytes=PER_SHARD, progress=False)
+    whole = {p.name: p.read_bytes() for p in dst.iterdir()}
+    idx = dst / "shard-000002.idx"
+    idx.write_text(idx.read_text().replace(" 512 ", " -512 ", 1))  # a negative first offset
+    (dst / "shard-000005.tar").unlink()
+    precious = tmp_path / "precious"
+    precious.write_text("untouched")
+    for name in (".shard-000005.tar.tmp", "shard-000005.idx.tmp", "manifest.json.tmp"):
+        (dst / name).symlink_to(precious)  # where make-shards writes before it renames
+    again = make_shards(str(src), str(dst), shard_bytes=PER_SHARD, progress=False)
+    assert again.written == 2 and again.shards == first.shards  # the bad index's shard and the missing one
+    assert {p.name: p.read_bytes() for p in dst.iterdir()} == whole  # exactly a clean run's bytes, no link left
+    assert precious.read_text() == "untouched"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -307,3 +308,45 @@ def test_bench_loader_times_the_folder_and_its_shards(tmp_path, photos, capsys):
     assert "--shards: data.data_path" in capsys.readouterr().err
     assert main(["bench-loader", demo, *tiny(tmp_path, shards), "--backend", "pil"]) == 2
     assert "shards are read by DALI only" in capsys.readouterr().err
+
+
+def _lose(shard: Path, how: str) -> None:
+    if how == "deleted":
+        shard.unlink()
+    elif how == "truncated":
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    else:  # replaced by another shard of the same size: caught by its first header, before anything is decoded
+        size, other = shard.stat().st_size, (shard.parent / "shard-000000.tar").read_bytes()
+        shard.write_bytes(other[:size] + bytes(max(0, size - len(other))))
+
+
+@needs_dali
+@pytest.mark.parametrize("how", ["deleted", "truncated", "replaced"])
+def test_a_shard_lost_during_a_run_stops_it_with_a_checkpoint_and_it_resumes(tmp_path, photos, how):
+    from mae_fast.train import train
+
+    _, shards = photos
+    data = tmp_path / "shards"
+    shutil.copytree(shards, data)
+    victim = data / "shard-000003.tar"
+    kept = victim.read_bytes()
+    sets = tiny(tmp_path, data, "data.shuffle_buffer=8", "schedule.epochs=4")[1::2]
+    seen = []
+
+    def tamper(snapshot, losses):  # at the first log point: the shard is read again in every epoch after this
+        seen.append(snapshot)
+        if len(seen) == 1:
+            _lose(victim, how)
+
+    with pytest.raises(DatasetScanError) as e:
+        train(load_config(ROOT / "configs/demo.yaml", sets), log=lambda m: None, on_log=tamper)
+    message = str(e.value)
+    why = {"deleted": "cannot be read (No such file", "truncated": "changed during the run: ", "replaced": "no longer"}
+    assert f"{victim} " in message and why[how] in message, message
+    step = int(re.search(r"stopped at step (\d+), saved", message).group(1))
+    saved = tmp_path / f"ckpt/step-{step}/model.pt"
+    assert saved.exists() and f"misc.resume={saved}" in message and 1 <= step < 24
+    assert torch.load(saved, weights_only=True)["data"][0]["batch"] % 2 == 0  # a whole step: 2 micro-batches each
+    victim.write_bytes(kept)  # the shard is back: the run continues from the checkpoint to its end
+    result = train(load_config(ROOT / "configs/demo.yaml", [*sets, f"misc.resume={saved}"]), log=lambda m: None)
+    assert result.start_step == step and result.steps_done == 24
