@@ -173,13 +173,17 @@ def _model_commands(sub) -> None:
     p.add_argument("checkpoint", help="a mae-fast checkpoint, an official MAE one, or a timm export (.safetensors)")
     p.add_argument("--train", required=True, metavar="DIR", help="labelled images, DIR/<class>/*.JPEG: the kNN bank")
     p.add_argument("--val", required=True, metavar="DIR", help="labelled images; its classes must be in --train's")
-    p.add_argument("--k", type=int, default=20, help="neighbours that vote (weighted by exp(similarity / 0.07))")
+    p.add_argument("--k", type=bounded(int, 1, 10**6), default=20, help="neighbours that vote (exp(similarity / 0.07))")
     p.add_argument("--linear", action="store_true", help="also train a linear probe on the cached features")
-    p.add_argument("--max-train", type=int, default=0, metavar="N", help="a uniform random N train images (0: all)")
-    p.add_argument("--batch-size", "--batch", dest="batch", type=int, default=128, help="images per forward pass")
-    p.add_argument("--num-threads", "--workers", dest="workers", type=int, default=4, help="DALI threads")
+    p.add_argument(
+        "--max-train", type=bounded(int, 0, 2**40), default=0, metavar="N", help="N random train images (0: all)"
+    )
+    p.add_argument("--batch-size", "--batch", dest="batch", type=bounded(int, 1, 4096), default=128, help="per forward")
+    p.add_argument(
+        "--num-threads", "--workers", dest="workers", type=bounded(int, 1, 256), default=4, help="DALI threads"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--seed", type=int, default=0, help="of the train subsample and the linear probe")
+    p.add_argument("--seed", type=bounded(int, 0, 2**32 - 1), default=0, help="of the train subsample and the probe")
     p.add_argument("--json", default=None, metavar="PATH", help="write the results, checkpoint step and versions here")
     p.set_defaults(run=_eval)
 
@@ -382,12 +386,15 @@ def _export(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     """`mae-fast eval`: every argument and the --json destination checked, the folders scanned, then the
     checkpoint loaded and evaluated; the numbers printed (and written to --json with the step and versions)."""
+    from .pipelines.validate import check_file
+
     _check_eval_args(args)
     if args.json:
-        _check_writable_file(args.json, "--json")
+        check_file(args.json, "--json")
     import torch
 
     from .evaluate import EvalOptions, Evaluator, scan_labelled
+    from .observe import versions
     from .runtime import resolve_device
     from .weights import load_encoder
 
@@ -420,7 +427,7 @@ def _eval(args: argparse.Namespace) -> int:
             "val": str(args.val),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             **{k: v for k, v in result.to_dict().items() if k != "epoch"},
-            "versions": _versions(),
+            "versions": versions(),
         }
         try:  # checked before the work; a disk that filled up since is still one line
             Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
@@ -431,34 +438,11 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _check_eval_args(args: argparse.Namespace) -> None:
-    """The eval command's numbers within their bounds and a device that exists, before any work (exit 2)."""
-    bounds = [
-        ("--k", args.k, 1, 10**6),
-        ("--max-train", args.max_train, 0, 2**40),
-        ("--batch-size", args.batch, 1, 4096),
-    ]
-    bounds += [("--num-threads", args.workers, 1, 256), ("--seed", args.seed, 0, 2**32 - 1)]
-    for flag, value, lo, hi in bounds:
-        if not lo <= value <= hi:
-            raise ConfigError(f"{flag}: must be in [{lo}, {hi}], got {value}")
+    """What the parser's bounds cannot say, before any work (exit 2): the probe's train set, a device that exists."""
     if args.linear and args.max_train == 1:
         raise ConfigError("--max-train 1 --linear: the linear probe needs at least 2 train images")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
         raise ConfigError(f"--device: expected auto, cpu, cuda or cuda:N, got {args.device!r}")
-
-
-def _check_writable_file(path: str, flag: str) -> None:
-    """A file can be written at `path`: not a folder, its folder made and written to (a test file, removed)."""
-    import tempfile
-
-    if Path(path).is_dir():
-        raise ConfigError(f"{flag} {path}: is a folder; give the path of a file")
-    try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=Path(path).parent, prefix=".mae-fast-write-test-"):
-            pass
-    except OSError as e:
-        raise ConfigError(f"{flag} {path}: cannot write ({e.strerror or e})") from None
 
 
 def _format_eval(r) -> str:
@@ -476,27 +460,6 @@ def _format_eval(r) -> str:
     if r.skipped:
         lines.append(f"left out {len(r.skipped)} file(s) that cannot be decoded: {', '.join(r.skipped)}")
     return "\n".join(lines)
-
-
-def _versions() -> dict[str, str | None]:
-    """torch, DALI, timm and mae-fast versions (None for one not installed)."""
-    import importlib.metadata
-
-    import torch
-
-    out: dict[str, str | None] = {"torch": torch.__version__}
-    try:
-        import nvidia.dali
-
-        out["dali"] = nvidia.dali.__version__
-    except ImportError:
-        out["dali"] = None
-    for name in ("timm", "mae-fast"):
-        try:
-            out[name.replace("-", "_")] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name.replace("-", "_")] = None
-    return out
 
 
 def _make_sample_data(args: argparse.Namespace) -> int:

@@ -31,17 +31,17 @@ def place(tmp_path_factory):
 
 # every case names a checkpoint and folders that do not exist: the value must be refused before they are looked at
 BAD = {
-    "--json to a folder": (["--json", "{t}"], "--json {t}: is a folder; give the path of a file"),
-    "--json under a file": (["--json", "{t}/a-file/e.json"], "--json {t}/a-file/e.json: cannot write"),
-    "--batch-size 0": (["--batch-size", "0"], "--batch-size: must be in [1, 4096], got 0"),
-    "--batch-size -4": (["--batch-size", "-4"], "--batch-size: must be in [1, 4096], got -4"),
-    "--batch-size 10**12": (["--batch-size", str(10**12)], f"--batch-size: must be in [1, 4096], got {10**12}"),
-    "--num-threads 0": (["--num-threads", "0"], "--num-threads: must be in [1, 256], got 0"),
-    "--num-threads -2": (["--num-threads", "-2"], "--num-threads: must be in [1, 256], got -2"),
-    "--seed -1": (["--seed", "-1"], "--seed: must be in [0, 4294967295], got -1"),
+    "--json to a folder": (["--json", "{t}"], "--json {t}: it is a folder; give a file name"),
+    "--json under a file": (["--json", "{t}/a-file/e.json"], "--json {t}/a-file/e.json: cannot write into {t}/a-file"),
+    "--batch-size 0": (["--batch-size", "0"], "argument --batch-size/--batch: must be in [1, 4096], got 0"),
+    "--batch-size -4": (["--batch-size", "-4"], "argument --batch-size/--batch: must be in [1, 4096], got -4"),
+    "--batch-size 10**12": (["--batch-size", str(10**12)], f"argument --batch-size/--batch: must be in [1, 4096], got {10**12}"),
+    "--num-threads 0": (["--num-threads", "0"], "argument --num-threads/--workers: must be in [1, 256], got 0"),
+    "--num-threads -2": (["--num-threads", "-2"], "argument --num-threads/--workers: must be in [1, 256], got -2"),
+    "--seed -1": (["--seed", "-1"], "argument --seed: must be in [0, 4294967295], got -1"),
     "--device bogus": (["--device", "bogus"], "--device: expected auto, cpu, cuda or cuda:N, got 'bogus'"),
     "--max-train 1 --linear": (["--max-train", "1", "--linear"], "--max-train 1 --linear: the linear probe needs"),
-    "--k 0": (["--k", "0"], "--k: must be in [1, 1000000], got 0"),
+    "--k 0": (["--k", "0"], "argument --k: must be in [1, 1000000], got 0"),
 }  # fmt: skip
 
 
@@ -52,8 +52,10 @@ def test_a_bad_eval_argument_is_one_error_line_before_any_work(place, case):
     run = run_eval(place, "nope.pt", "--train", place / "no-train", "--val", place / "no-val", *extra)
     assert run.returncode == 2, run.stderr
     assert "Traceback" not in run.stderr and message.replace("{t}", str(place)) in run.stderr, run.stderr
-    (line,) = [x for x in run.stderr.splitlines() if x.startswith("error: ")]
-    assert line == run.stderr.strip()  # nothing else: no work was started
+    lines = run.stderr.strip().splitlines()
+    (line,) = [x for x in lines if x.startswith("error: ")]
+    # nothing else (argparse's usage before a bad number at most): no work was started
+    assert line == lines[-1] and all(x.startswith(("usage: ", " ")) for x in lines[:-1])
     assert not (place / "a-file").is_dir() and sorted(p.name for p in place.iterdir()) == ["a-file"]
 
 
