@@ -50,6 +50,10 @@ class StoreError(OSError):
     """A read or write that failed for good: names the object (its URL) and what the store said."""
 
 
+class ObjectChanged(StoreError):
+    """The object is no longer the version that was checked (replaced or rewritten since)."""
+
+
 def is_remote(path: str) -> bool:
     return str(path).startswith(REMOTE)
 
@@ -64,8 +68,9 @@ class Storage(Protocol):
 
     def where(self, name: str) -> str: ...
     def list(self) -> dict[str, int]: ...
+    def head(self, name: str) -> tuple[int, str | None]: ...
     def read(self, name: str) -> bytes: ...
-    def read_ranges(self, name: str, ranges: list[tuple[int, int]]) -> list[memoryview]: ...
+    def read_ranges(self, name: str, ranges: list[tuple[int, int]], tag: str | None = None) -> list[memoryview]: ...
 
 
 class LocalStorage:
@@ -82,11 +87,15 @@ class LocalStorage:
         with os.scandir(self.url) as it:
             return {e.name: e.stat().st_size for e in it if e.is_file()}
 
+    def head(self, name: str) -> tuple[int, str | None]:
+        """(bytes, None): a file has no version tag (ShardSet checks a shard's first header instead)."""
+        return os.path.getsize(self.where(name)), None
+
     def read(self, name: str) -> bytes:
         with open(self.where(name), "rb") as f:
             return f.read()
 
-    def read_ranges(self, name: str, ranges: list[tuple[int, int]]) -> list[memoryview]:
+    def read_ranges(self, name: str, ranges: list[tuple[int, int]], tag: str | None = None) -> list[memoryview]:
         """The bytes [start, end) of each range, in one open; StoreError when the file ends before one of them."""
         out = []
         with open(self.where(name), "rb", buffering=0) as f:
@@ -148,18 +157,30 @@ class ObjectStorage:
 
         return self._call(self.url + "/", listing, listing=True)
 
+    def head(self, name: str) -> tuple[int, str | None]:
+        """(bytes, version tag): the object's size and ETag."""
+        import obstore
+
+        meta = self._call(self.where(name), lambda: obstore.head(self.store, name))
+        return int(meta["size"]), meta.get("e_tag")
+
     def read(self, name: str) -> bytes:
         import obstore
 
         return self._call(self.where(name), lambda: bytes(obstore.get(self.store, name).bytes()))
 
-    def read_ranges(self, name: str, ranges: list[tuple[int, int]]) -> list[memoryview]:
-        """The bytes [start, end) of each range: one GET per range, up to 8 in flight; StoreError when the object
-        ends before a range does (it shrank, or was replaced, since its index was read)."""
+    def read_ranges(self, name: str, ranges: list[tuple[int, int]], tag: str | None = None) -> list[memoryview]:
+        """The bytes [start, end) of each range: one GET per range, up to 8 in flight. With `tag` (an ETag from
+        head), ObjectChanged when the object is another version now (If-Match); StoreError when it ends before a
+        range does."""
         import obstore
 
+        options = {"if_match": tag} if tag else {}
+
         def get(r: tuple[int, int]) -> memoryview:
-            got = self._call(self.where(name), lambda: obstore.get_range(self.store, name, start=r[0], end=r[1]))
+            got = self._call(
+                self.where(name), lambda: obstore.get(self.store, name, options={"range": r, **options}).bytes()
+            )
             view = memoryview(got)
             if len(view) != r[1] - r[0]:
                 raise StoreError(f"{self.where(name)} ends at byte {r[0] + len(view)}, {r[1]} were expected")
@@ -174,6 +195,10 @@ class ObjectStorage:
                 return fn()
             except Exception as e:
                 status, said = _status(e), _said(e)
+                if status == 412 or type(e).__name__ == "PreconditionError":
+                    raise ObjectChanged(
+                        f"{what} changed since it was checked ({said}): replaced or rewritten"
+                    ) from None
                 if not _transient(e, status):
                     raise StoreError(_plain(what, e, status, said, listing)) from None
                 if attempt == self.retries:

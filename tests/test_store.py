@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from servers import CREDENTIALS, NGINX, FaultProxy, nginx, s3_client, s3_server, upload_folder
 
-from mae_fast.pipelines.store import LocalStorage, ObjectStorage, StoreError, open_storage, redact
+from mae_fast.pipelines.store import LocalStorage, ObjectChanged, ObjectStorage, StoreError, open_storage, redact
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 FAST = {"allow_http": True, "backoff_s": 0.01, "max_backoff_s": 0.05}
@@ -146,3 +146,23 @@ def test_an_unknown_option_names_itself():
 def test_credentials_are_redacted_for_printing():
     shown = redact({"endpoint": "http://x", "secret_access_key": "s3cr3t", "session_token": "t", "allow_http": True})
     assert shown == {"endpoint": "http://x", "secret_access_key": "***", "session_token": "***", "allow_http": True}
+
+
+@pytest.mark.parametrize("kind", ["s3", "http"])
+def test_a_replaced_object_is_caught_by_its_tag(tmp_path, kind, request):
+    (tmp_path / "obj.bin").write_bytes(b"a" * 4096)
+    with s3_server() if kind == "s3" else nginx(tmp_path) as url:
+        if kind == "s3":
+            upload_folder(url, tmp_path, "bucket", "t")
+            store = _s3(url, "s3://bucket/t")
+        else:
+            store = ObjectStorage(url, FAST, warn=lambda m: None)
+        size, tag = store.head("obj.bin")
+        assert size == 4096 and tag
+        assert bytes(store.read_ranges("obj.bin", [(0, 4)], tag=tag)[0]) == b"aaaa"
+        (tmp_path / "obj.bin").write_bytes(b"b" * 4096)  # the same size, other bytes, written later:
+        os.utime(tmp_path / "obj.bin", (1e9, 1e9))  # nginx's ETag is (mtime in seconds, size)
+        if kind == "s3":
+            upload_folder(url, tmp_path, "bucket", "t")
+        with pytest.raises(ObjectChanged, match=r"obj.bin changed since it was checked"):
+            store.read_ranges("obj.bin", [(0, 4)], tag=tag)
