@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import os
 import random
 import shutil
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -234,12 +236,47 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path} is not a readable checkpoint: {_why_unreadable(path, e)}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} is not a checkpoint (it holds a {type(obj).__name__})")
-    if obj.get("format") == "mae-fast" and int(obj.get("version", 1)) > FORMAT_VERSION:
+    if obj.get("format") == "mae-fast":
+        _check_fields(obj, path)
+    elif "model" in obj:
+        _check_state_dict(obj["model"], path, "model")
+    return obj
+
+
+def _check_fields(ckpt: dict, path: Path) -> None:
+    """The fields of a mae-fast checkpoint that its readers use (resume, weights, eval), where present: types
+    and bounds, each failure a CheckpointError naming the file and the field (a missing one is the reader's to
+    name: weights need only "model"). The tensors' shapes are load_state_dict's to check."""
+
+    def check(key: str, kind: type, where: dict = ckpt, prefix: str = "") -> Any:
+        value = where.get(key)
+        if key in where and (not isinstance(value, kind) or (isinstance(value, bool) and kind is int)):
+            raise CheckpointError(f"{path}: {prefix}{key}: expected {kind.__name__}, got {type(value).__name__}")
+        return value
+
+    version = check("version", int) or 1
+    if version > FORMAT_VERSION:
         raise CheckpointError(
-            f"{path} was written by a newer mae-fast (checkpoint format {obj.get('version')}; this version reads "
+            f"{path} was written by a newer mae-fast (checkpoint format {version}; this version reads "
             f"up to {FORMAT_VERSION}): upgrade mae-fast to load it"
         )
-    return obj
+    if "model" in ckpt:
+        _check_state_dict(ckpt["model"], path, "model")
+    if (check("step", int) or 0) < 0:
+        raise CheckpointError(f"{path}: step: must be >= 0, got {ckpt['step']}")
+    check("optimizer", dict)
+    check("derived", dict)
+    model_cfg = check("model", dict, check("config", dict) or {}, "config.")
+    check("norm_pix_loss", bool, model_cfg or {}, "config.model.")
+    for key in ("rng", "data"):
+        states = check(key, list) or []
+        if not all(isinstance(x, dict) for x in states):
+            raise CheckpointError(f"{path}: {key}: expected one state (an object) per rank")
+
+
+def _check_state_dict(sd: Any, path: Path, key: str) -> None:
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise CheckpointError(f"{path}: {key}: expected a state dict (names -> tensors)")
 
 
 class RunFolderError(ValueError):
@@ -269,9 +306,18 @@ class RunLock:
 
         try:  # also the check, before any work, that the folder can be written
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            # O_NOFOLLOW: a link planted at the lock's name is refused, never written through;
+            # O_NONBLOCK: a FIFO there cannot hang the open (it is refused below, as anything but a file is)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise RunFolderError(
+                    f"{self.key}: {self.path} is a symbolic link; refused (a run writes its lock there): remove it"
+                ) from None
             raise RunFolderError(f"{self.key}: cannot write to {self.path.parent} ({e.strerror or e})") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise RunFolderError(f"{self.key}: {self.path} is not a regular file; refused: remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -282,10 +328,13 @@ class RunLock:
                 f"its own checkpointing.checkpoint_dir / logging.output_dir (if no such run exists, delete "
                 f"{self.path})"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(
-            fd, f"host {socket.gethostname()}, pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}".encode()
-        )
+        text = f"host {socket.gethostname()}, pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, text.encode())
+        except OSError as e:  # a full disk: nothing of the run is written yet
+            os.close(fd)
+            raise RunFolderError(f"{self.key}: cannot write {self.path} ({e.strerror or e})") from None
         self._fd = fd
         return self
 

@@ -4,11 +4,11 @@ make-sample-data, visualize, export, eval); errors meant for the user print one 
 from __future__ import annotations
 
 import argparse
-import os
+import math
 import re
 import shlex
 import sys
-from pathlib import Path
+from collections.abc import Callable
 
 from .config import ConfigError, load_config
 
@@ -17,6 +17,41 @@ from .config import ConfigError, load_config
 # 4 stopped by SIGTERM/SIGINT after saving a checkpoint (the message says how to continue);
 # 130 interrupted again (a second Ctrl-C) before the checkpoint was written: nothing saved.
 EXIT_ERROR, EXIT_USAGE, EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
+
+
+def bounded(kind: type = int, lo: float | None = None, hi: float | None = None) -> Callable[[str], int | float]:
+    """An argparse `type=`: the text as a `kind` (int or float; a float must be finite) in [lo, hi]. Anything else
+    is argparse's one error line naming the option and the bounds, exit 2 (EXIT_USAGE), as the config's values are."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+            ) from None
+        if (
+            (kind is float and not math.isfinite(value))
+            or (lo is not None and value < lo)
+            or (hi is not None and value > hi)
+        ):
+            raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi}], got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse's messages name the type
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse ending a bad command line as every other bad input ends: one `error:` line (after the usage), exit 2."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"error: {self.prog}: {message}\n")
+
+
+COUNT = bounded(int, 1, 10**6)  # steps, batches, images: at least one
+WORKERS = bounded(int, 1, 1024)  # threads or processes
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
@@ -32,7 +67,7 @@ def _add_config(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mae-fast", description="Fast MAE pretraining with DALI and torch.compile")
+    parser = _Parser(prog="mae-fast", description="Fast MAE pretraining with DALI and torch.compile")
     sub = parser.add_subparsers(dest="command", required=True)
     _training_commands(sub)
     _data_commands(sub)
@@ -44,14 +79,16 @@ def _training_commands(sub) -> None:
     """train and the benchmark harness"""
     p = sub.add_parser("train", help="pretrain an MAE as the config says")
     _add_config(p)
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (> 0)")
+    p.add_argument(
+        "--max-steps", type=bounded(int, 1, 10**12), default=None, help="stop after this many optimizer steps (> 0)"
+    )
     p.set_defaults(run=_train)
 
     p = sub.add_parser("bench-step", help="time the training step on synthetic data")
     _add_config(p)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--batch", type=int, default=None, help="micro-batch (default: the config's)")
+    p.add_argument("--steps", type=COUNT, default=20)
+    p.add_argument("--warmup", type=bounded(int, 0, 10**6), default=5)
+    p.add_argument("--batch", type=COUNT, default=None, help="micro-batch (default: the config's)")
     p.add_argument("--compare", action="store_true", help="also time the official reference step")
     p.add_argument("--profile", default=None, metavar="PATH", help="write the profiler's kernel table of the step here")
     p.add_argument(
@@ -67,8 +104,8 @@ def _training_commands(sub) -> None:
 
     p = sub.add_parser("bench", help="the whole harness: loaders, step and end to end, each with its baseline")
     _add_config(p)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--batches", type=int, default=40)
+    p.add_argument("--steps", type=COUNT, default=30)
+    p.add_argument("--batches", type=COUNT, default=40)
     p.add_argument("--out-dir", default="benchmarks/results", help="JSON results go here ('' for none)")
     p.set_defaults(run=_bench)
 
@@ -77,8 +114,8 @@ def _training_commands(sub) -> None:
     p.add_argument("--backend", choices=["dali", "pil", "both"], default="both")
     p.add_argument("--shards", default=None, metavar="DIR", help="also time DALI over these shards of the same images")
     p.add_argument("--folder", default=None, metavar="DIR", help="(data_path shards) also time the image folder")
-    p.add_argument("--batches", type=int, default=50)
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--batches", type=COUNT, default=50)
+    p.add_argument("--warmup", type=bounded(int, 0, 10**6), default=5)
     p.add_argument("--json", default=None)
     p.set_defaults(run=_bench_loader)
 
@@ -87,21 +124,23 @@ def _data_commands(sub) -> None:
     """data folders and shards"""
     p = sub.add_parser("scan", help="list and check the images of a data folder (cached)")
     p.add_argument("data_path")
-    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--workers", type=WORKERS, default=8)
     p.add_argument("--cache-dir", default=None, help="cache the file list here (default: in DATA_PATH)")
     p.set_defaults(run=_scan)
 
     p = sub.add_parser("make-shards", help="convert an image folder into WebDataset tar shards with DALI indexes")
     p.add_argument("src", help="ImageNet-style (SRC/<class>/*.JPEG) or flat image folder")
     p.add_argument("dst", help="folder for shard-000000.tar ..., an .idx beside each, and manifest.json")
-    p.add_argument("--shard-size-mb", type=float, default=512, help="tar size per shard, at most (MiB)")
-    p.add_argument("--workers", type=int, default=8, help="threads that check and write")
+    p.add_argument(
+        "--shard-size-mb", type=bounded(float, 1e-3, 2**20), default=512, help="tar size per shard, at most (MiB)"
+    )
+    p.add_argument("--workers", type=WORKERS, default=8, help="threads that check and write")
     p.add_argument("--cache-dir", default=None, help="the scan's cache (default: in SRC)")
     p.set_defaults(run=_make_shards)
 
     p = sub.add_parser("make-sample-data", help="write a small ImageNet-like JPEG folder from real photos")
     p.add_argument("out_dir")
-    p.add_argument("--n", type=int, default=256)
+    p.add_argument("--n", type=COUNT, default=256, help="images to write")
 
     p.set_defaults(run=_make_sample_data)
 
@@ -112,8 +151,8 @@ def _model_commands(sub) -> None:
     p.add_argument("checkpoint", help="a mae-fast checkpoint (model.pt, latest.pt, final.pt) or an official MAE one")
     p.add_argument("--images", nargs="+", required=True, help="image files, one row each")
     p.add_argument("--out", default="recon.png")
-    p.add_argument("--mask-ratio", type=float, default=0.75)
-    p.add_argument("--seed", type=int, default=0, help="seed of the random mask")
+    p.add_argument("--mask-ratio", type=bounded(float, 0, 1), default=0.75)
+    p.add_argument("--seed", type=bounded(int, 0, 2**32 - 1), default=0, help="seed of the random mask")
     p.add_argument(
         "--norm-pix",
         choices=["auto", "on", "off"],
@@ -147,11 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .checkpoint import CheckpointError, RunFolderError
     from .metrics import NonFiniteLoss
-    from .pipelines.scan import DatasetScanError
+    from .pipelines.validate import DatasetScanError, DestinationError, WriteError
 
     codes = {
         ConfigError: EXIT_USAGE,
         DatasetScanError: EXIT_USAGE,
+        DestinationError: EXIT_USAGE,
+        WriteError: EXIT_ERROR,
         NonFiniteLoss: EXIT_DIVERGED,
         CheckpointError: EXIT_ERROR,
         RunFolderError: EXIT_USAGE,
@@ -169,8 +210,6 @@ def main(argv: list[str] | None = None) -> int:
 def _train(args: argparse.Namespace) -> int:
     from .train import train
 
-    if args.max_steps is not None and args.max_steps < 1:
-        raise ConfigError(f"--max-steps must be positive, got {args.max_steps}")
     result = train(load_config(args.config, args.overrides), max_steps=args.max_steps)
     if not result.preempted:
         return 0
@@ -246,9 +285,11 @@ def _scan(args: argparse.Namespace) -> int:
         if found.bad:
             print(f"{len(found.bad)} source files were left out by make-shards (listed in its manifest.json)")
         if found.problems:
-            raise DatasetScanError(format_problems(found.problems, len(found.tars)))
+            raise DatasetScanError(f"{found.root}: " + format_problems(found.problems, len(found.tars)))
     else:
         result = scan_dataset(args.data_path, cache_dir=args.cache_dir, num_workers=args.workers)
+        for note in result.notes:  # a scan cache that was rebuilt or not written
+            print(f"warning: {note}", file=sys.stderr)
         print(f"{len(result.files)} images in {len(result.classes) or 1} classes under {args.data_path}")
         if result.bad:
             print(format_bad(result))
@@ -258,8 +299,6 @@ def _scan(args: argparse.Namespace) -> int:
 def _make_shards(args: argparse.Namespace) -> int:
     from .pipelines.shards import make_shards
 
-    if not args.shard_size_mb > 0 or args.workers < 1:
-        raise ConfigError(f"need --shard-size-mb > 0 and --workers >= 1, got {args.shard_size_mb}, {args.workers}")
     report = make_shards(
         args.src,
         args.dst,
@@ -277,11 +316,13 @@ def _make_shards(args: argparse.Namespace) -> int:
 
 
 def _visualize(args: argparse.Namespace) -> int:
+    from .pipelines.validate import check_file
     from .visualize import visualize_files
     from .weights import load_mae
 
     if not 0 < args.mask_ratio < 1:
         raise ConfigError(f"--mask-ratio must be in (0, 1), got {args.mask_ratio}")
+    check_file(args.out, "--out")
     loaded = load_mae(args.checkpoint, None if args.norm_pix == "auto" else args.norm_pix == "on")
     print("\n".join(loaded.notes))
     try:
@@ -293,19 +334,14 @@ def _visualize(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .checkpoint import CheckpointError
-    from .export import export_program, export_timm, export_torchscript
+    from .export import ensure_finite, export_program, export_timm, export_torchscript
+    from .pipelines.validate import check_file
     from .weights import load_mae
 
-    folder = Path(args.out).parent
-    try:  # before the model is loaded: a path that cannot be written is known at once
-        folder.mkdir(parents=True, exist_ok=True)
-        if not os.access(folder, os.W_OK):
-            raise PermissionError(13, "Permission denied")
-    except OSError as e:
-        raise CheckpointError(f"--out {args.out}: cannot write ({e.strerror or e})") from None
+    check_file(args.out, "--out")  # before the model is loaded: a path that cannot be written is known at once
     loaded = load_mae(args.checkpoint)
     print("\n".join(loaded.notes))
+    ensure_finite(loaded.model, args.checkpoint)
     if args.format == "timm":
         how = export_timm(loaded.model, loaded.model_type, args.out)
         print(f"wrote {args.out}; load it with\n  import timm\n  model = {how}")
@@ -338,11 +374,14 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _make_sample_data(args: argparse.Namespace) -> int:
-    if args.n < 1:
-        raise ConfigError(f"--n must be positive, got {args.n}")
     from .pipelines.sample_data import make_sample_data
+    from .pipelines.validate import WriteError, check_folder
 
-    print(f"sample data in {make_sample_data(args.out_dir, n=args.n)}")
+    out = check_folder(args.out_dir, "make-sample-data DIR")
+    try:
+        print(f"sample data in {make_sample_data(out, n=args.n)}")
+    except OSError as e:  # a full disk part-way: the files written are kept, a rerun writes the rest
+        raise WriteError(f"{e.filename or out}: not written ({e.strerror or e}); run it again to finish") from None
     return 0
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .checkpoint import CheckpointError, check_finite
 from .model import MAEArch, MaskedAutoencoderViT
 
 # mae-fast preset -> the timm model with the same encoder
@@ -30,6 +31,16 @@ class Encoder(nn.Module):
 
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
         return self.mae.forward_features(imgs)[:, 0]
+
+
+def ensure_finite(mae: MaskedAutoencoderViT, source: str) -> None:
+    """CheckpointError if a weight of `mae` (read from `source`) is NaN or inf: such an export would only
+    give NaN features (training never saves such weights; a file damaged or written elsewhere may hold them)."""
+    if bad := check_finite(mae):
+        raise CheckpointError(
+            f"{source}: the weights are not finite ({len(bad)} tensors hold NaN or inf: {', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}); nothing exported"
+        )
 
 
 def encoder_state_dict(mae: MaskedAutoencoderViT) -> dict[str, torch.Tensor]:

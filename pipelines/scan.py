@@ -21,6 +21,7 @@ seconds, reading them takes minutes.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import multiprocessing
@@ -30,6 +31,8 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from PIL import Image
+
+from .validate import DatasetScanError, FormatError, inside, need, need_list, read_json
 
 IMAGE_EXTS: tuple[str, ...] = (".jpg", ".jpeg", ".png")  # compared lower-case
 CACHE_NAME = ".mae_fast_scan.json"
@@ -49,10 +52,6 @@ _OTHER_FORMATS = (
     (b"MM\0*", "TIFF"),
 )
 _TAIL_BYTES = 1024  # EOI may be followed by padding; IEND is the last 12 bytes
-
-
-class DatasetScanError(Exception):
-    """The dataset folder is missing, not a folder, or holds no usable image."""
 
 
 @dataclass
@@ -94,7 +93,12 @@ def scan_dataset(
     fingerprint = _fingerprint(classes, entries + [(rel, -1, 0, 0) for rel, _ in skipped])
     cache_path = _cache_path(root, cache_dir)
 
-    cached = _read_cache(cache_path, root, fingerprint)
+    notes = []
+    try:
+        cached = _read_cache(cache_path, root, fingerprint, classes, entries, skipped)
+    except FormatError as e:  # reported, rebuilt, never trusted
+        cached = None
+        notes.append(f"scan cache {e.file} is invalid ({e.field}: {e.problem}); scanned again and rewritten")
     if cached is not None:
         result = _result_from_cache(root, cached)
         result.from_cache, result.cache_path = True, cache_path
@@ -119,6 +123,7 @@ def scan_dataset(
         "bad": bad,
     }
     result = _result_from_cache(root, payload)
+    result.notes.extend(notes)
     if not result.files:
         raise DatasetScanError(
             f"none of the {len(entries)} image files in {root} is a valid JPEG or PNG: " + format_bad(result)
@@ -165,22 +170,44 @@ def _walk(folder: str, rel: str, out: list, skipped: list, seen: set) -> None:
                 if entry.is_dir() or _is_image_name(entry.name):
                     skipped.append((shown, "its name is not valid UTF-8"))
                 continue
-            if entry.is_dir():
-                subdirs.append(entry.name)
-            elif _is_image_name(entry.name):
-                if entry.is_file():
-                    st = entry.stat()
-                    out.append((f"{rel}{entry.name}", st.st_size, st.st_mtime_ns))
-                elif entry.is_symlink():
-                    skipped.append((shown, "broken symbolic link"))
+            try:
+                if entry.is_dir():
+                    subdirs.append(entry.name)
+                elif _is_image_name(entry.name):
+                    if entry.is_file():
+                        st = entry.stat()
+                        out.append((f"{rel}{entry.name}", st.st_size, st.st_mtime_ns))
+                    elif entry.is_symlink():
+                        skipped.append((shown, "broken symbolic link"))
+            except OSError as e:  # a link loop between files (ELOOP), a name gone since the listing
+                if _is_image_name(entry.name):
+                    skipped.append((shown, _unreadable(e)))
     for name in subdirs:
         path = os.path.join(folder, name)
-        st = os.stat(path)
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            skipped.append((f"{rel}{name}/", _unreadable(e)))
+            continue
         if (st.st_dev, st.st_ino) in seen:
             skipped.append((f"{rel}{name}/", "symbolic-link loop (a folder already walked)"))
             continue
         seen.add((st.st_dev, st.st_ino))
         _walk(path, f"{rel}{name}/", out, skipped, seen)
+
+
+def _unreadable(e: OSError) -> str:
+    if e.errno == errno.ELOOP:
+        return "symbolic-link loop"
+    return f"unreadable ({e.strerror or e})"
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    """entry.is_dir(), False where it cannot be told (a link loop: the walk reports it as a file would be)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 def _printable(name: str) -> str:
@@ -196,7 +223,7 @@ def _list_images(root: str) -> tuple[list[str], list[tuple[str, int, int, int]],
     (so a flat folder may also hold, say, a cache folder).
     """
     with os.scandir(root) as it:
-        subdirs = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+        subdirs = sorted(e.name for e in it if not e.name.startswith(".") and _is_dir(e))
     classes: list[str] = []
     entries: list[tuple[str, int, int, int]] = []
     skipped: list[tuple[str, str]] = []
@@ -227,11 +254,14 @@ def _walk_files(root: str, out: list, skipped: list) -> None:
             except UnicodeEncodeError:
                 skipped.append((_printable(entry.name), "its name is not valid UTF-8"))
                 continue
-            if entry.is_file():
-                st = entry.stat()
-                out.append((entry.name, st.st_size, st.st_mtime_ns))
-            elif entry.is_symlink():
-                skipped.append((entry.name, "broken symbolic link"))
+            try:
+                if entry.is_file():
+                    st = entry.stat()
+                    out.append((entry.name, st.st_size, st.st_mtime_ns))
+                elif entry.is_symlink():
+                    skipped.append((entry.name, "broken symbolic link"))
+            except OSError as e:  # a link loop between files (ELOOP)
+                skipped.append((entry.name, _unreadable(e)))
 
 
 def _fingerprint(classes: list[str], entries: list[tuple[str, int, int, int]]) -> str:
@@ -340,19 +370,42 @@ def _cache_path(root: str, cache_dir: str | None) -> str:
     return os.path.join(os.path.abspath(cache_dir), f"mae_fast_scan-{tag}.json")
 
 
-def _read_cache(path: str, root: str, fingerprint: str) -> dict | None:
-    try:
-        with open(path) as f:
-            payload = json.load(f)
-    except (OSError, ValueError):
+def _read_cache(
+    path: str,
+    root: str,
+    fingerprint: str,
+    classes: list[str],
+    entries: list[tuple[str, int, int, int]],
+    skipped: list[tuple[str, str]],
+) -> dict | None:
+    """The cache at `path` if it describes this very listing, None if there is none or it is stale (another
+    version, root or fingerprint). Raises FormatError (file and field) for a cache that is damaged or lists
+    anything but the listed files of `root` with their listed labels: such a cache is never trusted."""
+    if not os.path.lexists(path):
         return None
-    ok = (
-        isinstance(payload, dict)
-        and payload.get("version") == CACHE_VERSION
-        and payload.get("root") == root
-        and payload.get("fingerprint") == fingerprint
-    )
-    return payload if ok else None
+    payload = read_json(path)
+    need(payload, "version", (int, str, float, type(None)), path)
+    if payload["version"] != CACHE_VERSION or payload.get("root") != root or payload.get("fingerprint") != fingerprint:
+        return None
+    if need_list(payload, "classes", str, path) != classes:
+        raise FormatError(path, "classes", "not the class folders of the listing its fingerprint names")
+    files, labels = need_list(payload, "files", str, path), need_list(payload, "labels", int, path)
+    if len(labels) != len(files):
+        raise FormatError(path, "labels", f"{len(labels)} labels for {len(files)} files")
+    listed = {rel: label for rel, label, _, _ in entries}
+    for i, (rel, label) in enumerate(zip(files, labels, strict=True)):
+        if listed.get(inside(rel, path, f"files[{i}]")) != label:
+            why = (
+                "not an image file of the folder"
+                if rel not in listed
+                else f"label {label}, the folder says {listed[rel]}"
+            )
+            raise FormatError(path, f"files[{i}]", f"{rel[:200]!r}: {why}")
+    known = set(listed) | {rel for rel, _ in skipped}
+    for i, item in enumerate(need_list(payload, "bad", list, path)):
+        if len(item) != 2 or not all(isinstance(x, str) for x in item) or item[0] not in known:
+            raise FormatError(path, f"bad[{i}]", "expected [path of a listed file, reason]")
+    return payload
 
 
 def _write_cache(path: str, payload: dict) -> str | None:

@@ -49,6 +49,7 @@ import numpy as np
 
 from .common import batches_per_epoch
 from .scan import DatasetScanError, _fingerprint, _list_images, scan_dataset
+from .validate import FormatError, WriteError, check_folder, inside, need, need_list, read_json
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "mae-fast-shards"
@@ -86,7 +87,7 @@ class ReadStats:
 
 
 class ShardReadError(OSError):
-    """A shard ended before the bytes its index names (truncated or replaced since it was opened)."""
+    """A shard cannot be read as its index says: gone, truncated or replaced since the run started."""
 
 
 @dataclass
@@ -98,34 +99,70 @@ class _Index:
     sizes: np.ndarray  # (n,) int64
     end: int  # the byte after the last member's data
     ends: list[tuple[str, int, int]]  # (member name, data offset, size) of the first and the last member
+    tar_size: int = 0  # the tar's size when _check_shard checked it against this index
+
+
+MAX_INDEX_BYTES = 256 << 20  # an index this large would describe millions of samples in one shard
 
 
 def read_index(path: str) -> _Index:
-    """Parse a wds2idx index ("v1.2 N", then per sample: ext offset size name, per member)."""
-    with open(path) as f:
-        lines = f.read().splitlines()
-    if not lines or not lines[0].startswith(INDEX_VERSION + " "):
-        raise ValueError(f"not a {INDEX_VERSION} WebDataset index (first line {lines[:1]})")
-    count = int(lines[0].split()[1])
+    """Parse and check a wds2idx index ("v1.2 N", then per sample: ext offset size name, per member).
+
+    Every member's data must start on a tar block after a header (offset >= 512, a multiple of 512), after the
+    previous member's data (the members in order); its name must end with its extension. The data's end
+    (_Index.end) is checked against the tar's size by _check_shard. Raises FormatError naming the file, the line
+    and the field.
+    """
+    try:
+        if os.path.getsize(path) > MAX_INDEX_BYTES:
+            raise FormatError(path, "(file)", f"larger than {MAX_INDEX_BYTES >> 20} MiB: not an index")
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError:
+        raise FormatError(path, "(file)", "not UTF-8 text (binary?)") from None
+    except OSError as e:
+        raise FormatError(path, "(file)", f"unreadable ({e.strerror or e})") from None
+    head = lines[0].split() if lines else []
+    if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit():
+        raise FormatError(path, "line 1", f"expected '{INDEX_VERSION} <samples>', got {(lines or [''])[0][:80]!r}")
+    count = int(head[1])
     if len(lines) - 1 != count:
-        raise ValueError(f"the header says {count} samples, the index lists {len(lines) - 1}")
+        raise FormatError(path, "line 1", f"the header says {count} samples, the index lists {len(lines) - 1}")
     keys, offsets, sizes, end = [], np.empty(count, np.int64), np.empty(count, np.int64), 0
     first = last = None
     for i, line in enumerate(lines[1:]):
-        parts = line.split()
-        if not parts or len(parts) % 4:
-            raise ValueError(f"line {i + 2}: expected (ext offset size name) per member, got {line!r}")
-        members = [(parts[k], int(parts[k + 1]), int(parts[k + 2]), parts[k + 3]) for k in range(0, len(parts), 4)]
+        members = _members(path, i + 2, line, end)
         image = next((m for m in members if m[0].lower() in IMAGE_MEMBERS), None)
         if image is None:
-            raise ValueError(f"line {i + 2}: sample {members[0][3]} has no {'/'.join(IMAGE_MEMBERS)} member")
+            raise FormatError(path, f"line {i + 2}", f"sample {members[0][3]} has no {'/'.join(IMAGE_MEMBERS)} member")
         ext, offsets[i], sizes[i], name = image
         keys.append(name[: -len(ext) - 1])
-        first = first or min(members, key=lambda m: m[1])
-        last = max(members, key=lambda m: m[1])
-        end = max(end, last[1] + last[2])
+        first = first or members[0]
+        last = members[-1]
+        end = last[1] + last[2]
     ends = [(m[3], m[1], m[2]) for m in (first, last) if m is not None]
     return _Index(keys, offsets, sizes, end, ends)
+
+
+def _members(path: str, n: int, line: str, end: int) -> list[tuple[str, int, int, str]]:
+    """The checked (ext, offset, size, name) of each member on index line `n`; `end`: where the previous data ends."""
+    parts = line.split()
+    if not parts or len(parts) % 4:
+        raise FormatError(path, f"line {n}", f"expected (ext offset size name) per member, got {line[:120]!r}")
+    members = []
+    for k in range(0, len(parts), 4):
+        ext, offset, size, name = parts[k : k + 4]
+        where = f"line {n}, member {k // 4 + 1}"
+        if not (offset.isdigit() and size.isdigit()):
+            raise FormatError(path, where, f"offset and size must be non-negative integers, got {offset!r} {size!r}")
+        offset, size = int(offset), int(size)
+        if offset % _BLOCK or offset < _padded(end) + _BLOCK:
+            raise FormatError(path, f"{where}: offset", f"{offset} is not a tar block after the previous member's data")
+        if not name.endswith("." + ext) or len(name) == len(ext) + 1:
+            raise FormatError(path, f"{where}: name", f"{name[:120]!r} does not end with its extension .{ext}")
+        members.append((ext, offset, size, name))
+        end = offset + size
+    return members
 
 
 @dataclass
@@ -140,6 +177,10 @@ class ShardSet:
     sizes: np.ndarray  # (N,) int64: image bytes
     classes: list[str] | None  # None: no class labels (a flat source, or shards from another tool)
     bad: list[tuple[str, str]] = field(default_factory=list)  # source files make_shards left out
+    # per shard, as open_shards checked it: the tar's size and its first member (name, data offset, size);
+    # read_run checks both at each open, so a shard replaced during a run is caught before it is decoded
+    tar_sizes: list[int] | None = None
+    heads: list[tuple[str, int, int]] | None = None
 
     def __post_init__(self) -> None:
         self.starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)  # (S + 1,)
@@ -165,22 +206,48 @@ class ShardSet:
         end = int(self.offsets[stop - 1] + self.sizes[stop - 1])
         buf = bytearray(end - base)
         view, pos, reads = memoryview(buf), 0, 0
-        with open(os.path.join(self.root, self.tars[shard]), "rb", buffering=0) as f:
-            f.seek(base)
-            while pos < len(buf):
-                n = f.readinto(view[pos : pos + READ_CHUNK])
-                if not n:
-                    raise ShardReadError(
-                        f"{self.tars[shard]} ends at byte {base + pos}, its index needs {end}: truncated? "
-                        f"(mae-fast scan {self.root} checks every shard)"
-                    )
-                pos, reads = pos + n, reads + 1
+        try:
+            with open(os.path.join(self.root, self.tars[shard]), "rb", buffering=0) as f:
+                self._check_unchanged(shard, f)
+                f.seek(base)
+                while pos < len(buf):
+                    n = f.readinto(view[pos : pos + READ_CHUNK])
+                    if not n:
+                        raise ShardReadError(
+                            f"{self._shard_path(shard)} ends at byte {base + pos}, its index needs {end}: truncated? "
+                            f"(mae-fast scan {self.root} checks every shard)"
+                        )
+                    pos, reads = pos + n, reads + 1
+        except ShardReadError:
+            raise
+        except OSError as e:  # gone (deleted, a mount lost), unreadable
+            raise ShardReadError(f"{self._shard_path(shard)} cannot be read ({e.strerror or e})") from None
         if stats is not None:
             stats.add(1, reads, len(buf))
         return {
             i: np.frombuffer(buf, np.uint8, count=int(self.sizes[i]), offset=int(self.offsets[i]) - base)
             for i in range(first, stop)
         }
+
+    def _shard_path(self, shard: int) -> str:
+        return os.path.join(self.root, self.tars[shard])
+
+    def _check_unchanged(self, shard: int, f) -> None:
+        """ShardReadError if the open shard `f` is not the one checked at the start: another size, or another
+        first member header (one 512-byte read)."""
+        if self.tar_sizes is None or self.heads is None:
+            return
+        size = os.fstat(f.fileno()).st_size
+        if size != self.tar_sizes[shard]:
+            raise ShardReadError(
+                f"{self._shard_path(shard)} changed during the run: {size} bytes, {self.tar_sizes[shard]} when the "
+                f"run started (truncated or replaced)"
+            )
+        if not _header_matches(f, *self.heads[shard]):
+            raise ShardReadError(
+                f"{self._shard_path(shard)} changed during the run: its first member is no longer "
+                f"{self.heads[shard][0]} (replaced by another shard of the same size)"
+            )
 
     def read_sample(self, sample: int, stats: ReadStats | None = None) -> np.ndarray:
         """One sample's image bytes (a small random read: for the rare sample outside a block)."""
@@ -202,15 +269,51 @@ def is_shard_path(path: str) -> bool:
 
 
 def read_manifest(path: str) -> dict | None:
-    """The manifest in folder `path` (or the file `path`), None if there is none."""
+    """The manifest in folder `path` (or the file `path`), None if there is none; FormatError (file and field)
+    for one that is damaged or not make-shards' (see _check_manifest)."""
     file = path if os.path.isfile(path) else os.path.join(path, MANIFEST_NAME)
-    if not os.path.exists(file):
+    if not os.path.lexists(file):
         return None
-    with open(file) as f:
-        manifest = json.load(f)
-    if manifest.get("format") != MANIFEST_FORMAT or manifest.get("version") != MANIFEST_VERSION:
-        raise DatasetScanError(f"{file} is not a {MANIFEST_FORMAT} v{MANIFEST_VERSION} manifest")
+    manifest = read_json(file)
+    if need(manifest, "format", (str, type(None)), file) != MANIFEST_FORMAT:
+        raise FormatError(file, "format", f"not a {MANIFEST_FORMAT} manifest")
+    if need(manifest, "version", int, file) != MANIFEST_VERSION:
+        raise FormatError(file, "version", f"{manifest['version']}; this mae-fast reads version {MANIFEST_VERSION}")
+    _check_manifest(manifest, file)
     return manifest
+
+
+def _check_manifest(manifest: dict, file: str) -> None:
+    """The fields a reader uses: complete, shards (plain *.tar names, each once, with samples >= 1 and bytes >= 0),
+    num_samples (their sum), classes (null or distinct names), bad ([path inside the source, reason] pairs)."""
+    need(manifest, "complete", bool, file)
+    shards = need_list(manifest, "shards", dict, file)
+    if not shards:
+        raise FormatError(file, "shards", "empty: no shard listed")
+    names = set()
+    for i, shard in enumerate(shards):
+        name = need(shard, "name", str, file, f"shards[{i}].")
+        if os.path.basename(name) != name or not name.endswith(".tar") or name.startswith(".") or name in names:
+            raise FormatError(
+                file, f"shards[{i}].name", f"{name[:120]!r} is not a shard file name (or is listed twice)"
+            )
+        names.add(name)
+        if need(shard, "samples", int, file, f"shards[{i}].") < 1:
+            raise FormatError(file, f"shards[{i}].samples", f"must be >= 1, got {shard['samples']}")
+        if "bytes" in shard and need(shard, "bytes", int, file, f"shards[{i}].") < 0:
+            raise FormatError(file, f"shards[{i}].bytes", f"must be >= 0, got {shard['bytes']}")
+    total = sum(s["samples"] for s in shards)
+    if "num_samples" in manifest and need(manifest, "num_samples", int, file) != total:
+        raise FormatError(file, "num_samples", f"{manifest['num_samples']}, the shards hold {total}")
+    classes = need(manifest, "classes", (list, type(None)), file)
+    if classes is not None:
+        need_list(manifest, "classes", str, file)
+        if not classes or len(set(classes)) != len(classes):
+            raise FormatError(file, "classes", "must be null or distinct class names")
+    for i, item in enumerate(need_list(manifest, "bad", list, file) if "bad" in manifest else []):
+        if len(item) != 2 or not all(isinstance(x, str) for x in item):
+            raise FormatError(file, f"bad[{i}]", "expected [path, reason]")
+        inside(item[0], file, f"bad[{i}]")
 
 
 def _locate(path: str) -> tuple[str, dict | None, list[str], list[int] | None]:
@@ -253,30 +356,42 @@ def _check_shard(root: str, tar: str, expected: int | None) -> tuple[_Index | No
         return None, f"no index {os.path.basename(idx)} (make it with: wds2idx {path})"
     try:
         index = read_index(idx)
-    except (OSError, ValueError, IndexError) as e:
-        return None, f"unreadable index {os.path.basename(idx)}: {e}"
+    except FormatError as e:
+        return None, f"bad index {os.path.basename(idx)}: {e.field}: {e.problem} (rebuild it: make-shards, or wds2idx)"
     if expected is not None and len(index.keys) != expected:
         return index, f"the manifest says {expected} samples, the index {len(index.keys)}"
     if not index.keys:
         return index, "no samples"
-    size = os.path.getsize(path)
-    if size < index.end:
-        return index, f"truncated: {size} bytes, its index needs {index.end}"
-    with open(path, "rb") as f:
-        for name, offset, nbytes in index.ends:
-            f.seek(offset - _BLOCK)
-            header = f.read(_BLOCK)
-            got = header[:100].split(b"\0")[0].decode(errors="replace")
-            try:
-                got_size = int(header[124:136].split(b"\0")[0].strip() or b"-1", 8)
-            except ValueError:
-                got_size = -1
-            if header[257:262] != b"ustar" or got_size != nbytes or not (name.startswith(got) or name.endswith(got)):
-                return (
-                    index,
-                    f"does not match its index: no tar header for {name} ({nbytes} bytes) at {offset - _BLOCK}",
-                )
+    try:
+        with open(path, "rb") as f:
+            size = index.tar_size = os.fstat(f.fileno()).st_size
+            if size < index.end:
+                return index, f"truncated: {size} bytes, its index needs {index.end}"
+            for name, offset, nbytes in index.ends:
+                if not _header_matches(f, name, offset, nbytes):
+                    return (
+                        index,
+                        f"does not match its index: no tar header for {name} ({nbytes} bytes) at {offset - _BLOCK}",
+                    )
+    except OSError as e:
+        return index, f"unreadable ({e.strerror or e})"
     return index, None
+
+
+def _header_matches(f, name: str, offset: int, nbytes: int) -> bool:
+    """Is the tar header before `offset` in file `f` the one of member `name` with `nbytes` of data?"""
+    header = os.pread(f.fileno(), _BLOCK, offset - _BLOCK)
+    got = header[:100].split(b"\0")[0].decode(errors="replace")
+    try:
+        got_size = int(header[124:136].split(b"\0")[0].strip() or b"-1", 8)
+    except ValueError:
+        got_size = -1
+    return (
+        header[257:262] == b"ustar"
+        and got_size == nbytes
+        and bool(got)
+        and (name.startswith(got) or name.endswith(got))
+    )
 
 
 @dataclass
@@ -335,6 +450,8 @@ def open_shards(path: str, workers: int = 16) -> ShardSet:
         sizes=np.concatenate([index.sizes for index in indexes]),
         classes=manifest.get("classes") if manifest else None,
         bad=[tuple(b) for b in manifest.get("bad", [])] if manifest else [],
+        tar_sizes=[index.tar_size for index in indexes],
+        heads=[index.ends[0] for index in indexes],
     )
 
 
@@ -474,24 +591,33 @@ def _write_shard(src: str, dst: str, name: str, samples: list[_Sample], advance)
     idx_path = index_path(dst, name)
     tmp_tar, tmp_idx = os.path.join(dst, f".{name}.tmp"), idx_path + ".tmp"
     lines = []
-    with tarfile.open(tmp_tar, "w", format=tarfile.GNU_FORMAT) as tf:
-        for s in samples:
-            with open(os.path.join(src, s.rel), "rb") as f:
-                data = f.read()
-            members = [(s.ext, data)] + ([("cls", str(s.label).encode())] if s.label is not None else [])
-            line = []
-            for ext, payload in members:
-                info = tarfile.TarInfo(f"{s.key}.{ext}")
-                info.size, info.mtime, info.mode = len(payload), 0, 0o644  # mtime 0: the same bytes every run
-                tf.addfile(info, io.BytesIO(payload))
-                offset = tf.offset - _padded(len(payload))  # the data ends (padded) where tarfile stands now
-                line.append(f"{ext} {offset} {len(payload)} {info.name}")
-            lines.append(" ".join(line))
-            advance(1)
-    with open(tmp_idx, "w") as f:
-        f.write(f"{INDEX_VERSION} {len(lines)}\n" + "".join(line + "\n" for line in lines))
-    os.replace(tmp_tar, tar_path)
-    os.replace(tmp_idx, idx_path)  # last: an index beside a tar means the tar is whole
+    try:
+        with tarfile.open(tmp_tar, "w", format=tarfile.GNU_FORMAT) as tf:
+            for s in samples:
+                with open(os.path.join(src, s.rel), "rb") as f:
+                    data = f.read()
+                members = [(s.ext, data)] + ([("cls", str(s.label).encode())] if s.label is not None else [])
+                line = []
+                for ext, payload in members:
+                    info = tarfile.TarInfo(f"{s.key}.{ext}")
+                    info.size, info.mtime, info.mode = len(payload), 0, 0o644  # mtime 0: the same bytes every run
+                    tf.addfile(info, io.BytesIO(payload))
+                    offset = tf.offset - _padded(len(payload))  # the data ends (padded) where tarfile stands now
+                    line.append(f"{ext} {offset} {len(payload)} {info.name}")
+                lines.append(" ".join(line))
+                advance(1)
+        with open(tmp_idx, "w") as f:
+            f.write(f"{INDEX_VERSION} {len(lines)}\n" + "".join(line + "\n" for line in lines))
+        os.replace(tmp_tar, tar_path)
+        os.replace(tmp_idx, idx_path)  # last: an index beside a tar means the tar is whole
+    except OSError as e:  # a full disk, a source file gone: the shard is left out whole, a rerun writes it
+        for tmp in (tmp_tar, tmp_idx):
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        source = f"; reading {e.filename}" if e.filename else ""
+        raise WriteError(
+            f"{tar_path}: not written ({e.strerror or e}{source}); run make-shards again to finish"
+        ) from None
     return os.path.getsize(tar_path)
 
 
@@ -515,6 +641,7 @@ def make_shards(
     """
     if shard_bytes < 1 or workers < 1:
         raise ValueError(f"need shard_bytes >= 1 and workers >= 1, got {shard_bytes}, {workers}")
+    dst = check_folder(dst, "make-shards DST")  # before the scan: a destination that cannot be written is known at once
     scanned = scan_dataset(src, cache_dir=cache_dir, num_workers=workers, progress=progress)
     root = scanned.root
     classes, entries, _ = _list_images(root)  # the scan's listing again: its fingerprint and the sizes
@@ -532,8 +659,6 @@ def make_shards(
     groups = _cut(samples, shard_bytes)
     names = [f"shard-{k:06d}.tar" for k in range(len(groups))]
 
-    dst = os.path.abspath(os.path.expanduser(dst))
-    os.makedirs(dst, exist_ok=True)
     old = read_manifest(dst)
     if old is not None and {k: old.get(k) for k in settings} != settings:
         differ = ", ".join(k for k in settings if old.get(k) != settings[k])
@@ -578,9 +703,14 @@ def make_shards(
 
 def _write_json(path: str, payload: dict) -> None:
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(payload, f, indent=1)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise WriteError(f"{path}: not written ({e.strerror or e}); run make-shards again to finish") from None
 
 
 @contextlib.contextmanager

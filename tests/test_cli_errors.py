@@ -42,8 +42,8 @@ CASES = {
     "huge prefetch": (["train", DEMO, "--set", "data.prefetch=100000"], 2, "data.prefetch: must be in [1, 32] batches"),
     "--set typo": (["train", DEMO, "--set", "optimization.lrr=1"], 2, "--set optimization.lrr=1: optimization.lrr: unknown key; did you mean optimization.lr?"),
     "unwritable checkpoint_dir": (["train", DEMO, "--set", "checkpointing.checkpoint_dir={t}/a-file/c"], 2, "checkpointing.checkpoint_dir: cannot write to {t}/a-file/c"),
-    "unwritable export": (["export", "{t}/shape.pt", "--out", "{t}/a-file/e.safetensors"], 1, "--out {t}/a-file/e.safetensors: cannot write"),
-    "negative sample count": (["make-sample-data", "{t}/s", "--n", "-5"], 2, "--n must be positive, got -5"),
+    "unwritable export": (["export", "{t}/shape.pt", "--out", "{t}/a-file/e.safetensors"], 2, "--out {t}/a-file/e.safetensors: cannot write into {t}/a-file: it is a file"),
+    "negative sample count": (["make-sample-data", "{t}/s", "--n", "-5"], 2, "argument --n: must be in [1, 1000000], got -5"),
 }  # fmt: skip
 
 

@@ -116,12 +116,14 @@ def test_timm_export_loads_strictly_and_matches(tmp_path, trained):
 
 
 def test_export_to_an_unwritable_path_is_one_error_line(tmp_path, trained, capsys):
-    from mae_fast.cli import EXIT_ERROR
+    from mae_fast.cli import EXIT_USAGE
 
     _, ckpt = trained
     (tmp_path / "a-file").write_text("")
     for fmt in ("timm", "torchscript"):
-        assert main(["export", str(ckpt), "--format", fmt, "--out", str(tmp_path / "a-file/enc.out")]) == EXIT_ERROR
+        assert (
+            main(["export", str(ckpt), "--format", fmt, "--out", str(tmp_path / "a-file/enc.out")]) == EXIT_USAGE
+        )  # a bad argument, found before the model is built
         err = capsys.readouterr().err
         assert err.startswith(f"error: --out {tmp_path}/a-file/enc.out: cannot write") and "Traceback" not in err
 

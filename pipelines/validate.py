@@ -1,0 +1,147 @@
+"""What the validating readers of mae-fast's files share, and the checks of a destination before any work.
+
+Each on-disk format has one reader that checks every field it uses (the scan cache: scan._read_cache; a shard
+index: shards.read_index; the manifest: shards.read_manifest) and raises FormatError naming the file and the
+field. A destination (a folder or a file to write) is checked with a real test file before anything is read or
+computed, so a bad one is known at once (DestinationError); a write that fails part-way (a full disk) is a
+WriteError naming the path. None of these is ever a traceback: the command line prints their message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+MAX_JSON_BYTES = 1 << 30  # a manifest or scan cache larger than this is not one (ImageNet's cache: ~60 MB)
+
+
+class DatasetScanError(Exception):
+    """The dataset folder is missing, not a folder, or holds no usable image."""
+
+
+class FormatError(DatasetScanError):
+    """A file mae-fast reads (scan cache, shard index, manifest) is damaged or not what it claims: names the file
+    and the field."""
+
+    def __init__(self, file: str, field: str, problem: str):
+        super().__init__(f"{file}: {field}: {problem}")
+        self.file, self.field, self.problem = file, field, problem
+
+
+class DestinationError(Exception):
+    """A path to be written is not a writable folder (or file name): found before any work (exit 2)."""
+
+
+class WriteError(Exception):
+    """A write failed part-way (a full disk, a file system gone read-only): names the path (exit 1)."""
+
+
+# ---------------------------------------------------------------- JSON fields
+
+
+def read_json(path: str) -> Any:
+    """The JSON value in `path`; FormatError for a file that is not one (a folder, empty, binary, not JSON)."""
+    try:
+        if os.path.getsize(path) > MAX_JSON_BYTES:
+            raise FormatError(path, "(file)", f"larger than {MAX_JSON_BYTES >> 20} MiB")
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except UnicodeDecodeError:
+        raise FormatError(path, "(file)", "not UTF-8 text (binary?)") from None
+    except ValueError as e:  # json.JSONDecodeError
+        raise FormatError(path, "(file)", f"not JSON ({e})" if os.path.getsize(path) else "empty file") from None
+    except OSError as e:
+        raise FormatError(path, "(file)", f"unreadable ({e.strerror or e})") from None
+
+
+def need(obj: Any, key: str, kind: type | tuple[type, ...], file: str, where: str = "") -> Any:
+    """obj[key], which must be a `kind` (a bool is not an int); FormatError naming `where + key` otherwise."""
+    name = f"{where}{key}"
+    if not isinstance(obj, dict):
+        raise FormatError(file, where.rstrip(".") or "(top level)", f"expected an object, got {_kind(obj)}")
+    if key not in obj:
+        raise FormatError(file, name, "missing")
+    value = obj[key]
+    if not _is(value, kind):
+        raise FormatError(file, name, f"expected {_names(kind)}, got {_kind(value)}")
+    return value
+
+
+def need_list(obj: Any, key: str, kind: type | tuple[type, ...], file: str, where: str = "") -> list:
+    """obj[key], a list of `kind` items."""
+    items = need(obj, key, list, file, where)
+    for i, item in enumerate(items):
+        if not _is(item, kind):
+            raise FormatError(file, f"{where}{key}[{i}]", f"expected {_names(kind)}, got {_kind(item)}")
+    return items
+
+
+def inside(rel: str, file: str, name: str) -> str:
+    """`rel` as a path relative to a root that stays under it (no absolute path, no '..', no NUL byte)."""
+    parts = rel.replace("\\", "/").split("/")
+    if not rel or "\0" in rel or os.path.isabs(rel) or ".." in parts:
+        raise FormatError(file, name, f"{rel[:200]!r} is not a path inside the folder")
+    return rel
+
+
+def _is(value: Any, kind: type | tuple[type, ...]) -> bool:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds:
+        return False
+    return isinstance(value, kinds)
+
+
+def _names(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    words = {int: "an integer", str: "a string", list: "a list", dict: "an object", bool: "true/false"}
+    return " or ".join(words.get(k, "null" if k is type(None) else k.__name__) for k in kinds)
+
+
+def _kind(value: Any) -> str:
+    text = json.dumps(value)[:60] if isinstance(value, (str, int, float, bool)) else type(value).__name__
+    return {type(None).__name__: "null", "dict": "an object", "list": "a list"}.get(text, text)
+
+
+# ---------------------------------------------------------------- destinations
+
+
+def check_folder(path: str, what: str) -> str:
+    """Make sure `path` is a folder this process can write (created if missing, a test file written and removed);
+    returns it absolute. DestinationError naming `what` (an argument or config key) and the path otherwise."""
+    path = os.path.abspath(os.path.expanduser(path))
+    problem = _folder_problem(path)
+    if problem:
+        raise DestinationError(f"{what} {path}: {problem}")
+    return path
+
+
+def check_file(path: str, what: str) -> str:
+    """Make sure the file `path` can be written: not a folder, in a folder check_folder accepts; returns it absolute."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.isdir(path):
+        raise DestinationError(f"{what} {path}: it is a folder; give a file name")
+    problem = _folder_problem(os.path.dirname(path))
+    if problem:
+        raise DestinationError(f"{what} {path}: cannot write into {os.path.dirname(path)}: {problem}")
+    return path
+
+
+def _folder_problem(path: str) -> str | None:
+    """Why `path` is not a writable folder (None: it is one, now created): it is a file, or a real test file
+    cannot be written there (no permission, a read-only or full file system, a path under a file)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        return "it is a file, not a folder"
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, test = tempfile.mkstemp(prefix=".mae-fast-write-test.", dir=path)
+        try:
+            os.write(fd, b"mae-fast")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(test)
+    except OSError as e:
+        return f"cannot write there ({e.strerror or e})"
+    return None
