@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import sys
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -70,7 +71,9 @@ class Storage(Protocol):
     def list(self) -> dict[str, int]: ...
     def head(self, name: str) -> tuple[int, str | None]: ...
     def read(self, name: str) -> bytes: ...
-    def read_ranges(self, name: str, ranges: list[tuple[int, int]], tag: str | None = None) -> list[memoryview]: ...
+    def read_ranges(
+        self, name: str, ranges: list[tuple[int, int]], version: tuple[int, str | None] | None = None
+    ) -> list[memoryview]: ...
 
 
 class LocalStorage:
@@ -95,10 +98,16 @@ class LocalStorage:
         with open(self.where(name), "rb") as f:
             return f.read()
 
-    def read_ranges(self, name: str, ranges: list[tuple[int, int]], tag: str | None = None) -> list[memoryview]:
-        """The bytes [start, end) of each range, in one open; StoreError when the file ends before one of them."""
+    def read_ranges(
+        self, name: str, ranges: list[tuple[int, int]], version: tuple[int, str | None] | None = None
+    ) -> list[memoryview]:
+        """The bytes [start, end) of each range, in one open. ObjectChanged when the file's size is no longer
+        version[0]; StoreError when it ends before a range does."""
         out = []
         with open(self.where(name), "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            if version is not None and size != version[0]:
+                raise ObjectChanged(f"{self.where(name)}: {size} bytes, {version[0]} when it was checked")
             for start, end in ranges:
                 buf = bytearray(end - start)
                 view, pos = memoryview(buf), 0
@@ -119,22 +128,25 @@ class ObjectStorage:
     installed); Google's application default credentials (GOOGLE_APPLICATION_CREDENTIALS). `options`
     (data.storage_options) adds the rest: client settings (allow_http, timeout, connect_timeout, ...),
     store settings (endpoint, region, ...), and mae-fast's retry policy (retries, backoff_s, max_backoff_s).
+    It pickles as its URL and options (ranks each open their own client).
     """
 
-    def __init__(self, url: str, options: Mapping[str, Any] | None = None, warn: Callable[[str], None] = print):
+    def __init__(self, url: str, options: Mapping[str, Any] | None = None, warn: Callable[[str], None] | None = None):
+        self.url, self.options = url.rstrip("/"), dict(options or {})
+        self.retries = int(self.options.get("retries", 5))
+        self.backoff_s = float(self.options.get("backoff_s", 0.2))
+        self.max_backoff_s = float(self.options.get("max_backoff_s", 10.0))
+        self.warn, self.warned = warn or _stderr, False
+        self._open()
+
+    def _open(self) -> None:
         from obstore.store import from_url  # here: a folder run never needs it
 
-        options = dict(options or {})
-        self.url = url.rstrip("/")
-        self.retries = int(options.pop("retries", 5))
-        self.backoff_s = float(options.pop("backoff_s", 0.2))
-        self.max_backoff_s = float(options.pop("max_backoff_s", 10.0))
-        self.warn, self.warned = warn, False
         client = {"timeout": "60s", "connect_timeout": "10s"}  # a stalled read fails (and is retried), never hangs
-        client.update({k: v for k, v in options.items() if k in _CLIENT_KEYS})
-        config = {k: v for k, v in options.items() if k not in _CLIENT_KEYS}
+        client.update({k: v for k, v in self.options.items() if k in _CLIENT_KEYS})
+        config = {k: v for k, v in self.options.items() if k not in _CLIENT_KEYS | _OWN_KEYS}
         kwargs: dict[str, Any] = {}
-        if url.startswith("s3://") and os.environ.get("AWS_PROFILE"):
+        if self.url.startswith("s3://") and os.environ.get("AWS_PROFILE"):
             kwargs["credential_provider"] = _boto3_credentials()
         try:
             self.store = from_url(
@@ -143,6 +155,13 @@ class ObjectStorage:
         except Exception as e:  # an unknown option, a malformed URL
             raise StoreError(f"{self.url}: cannot open the store ({_said(e)})") from None
         self.pool = ThreadPoolExecutor(8, thread_name_prefix="store")
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("store", "pool")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._open()
 
     def where(self, name: str) -> str:
         return f"{self.url}/{name}"
@@ -169,19 +188,24 @@ class ObjectStorage:
 
         return self._call(self.where(name), lambda: bytes(obstore.get(self.store, name).bytes()))
 
-    def read_ranges(self, name: str, ranges: list[tuple[int, int]], tag: str | None = None) -> list[memoryview]:
-        """The bytes [start, end) of each range: one GET per range, up to 8 in flight. With `tag` (an ETag from
-        head), ObjectChanged when the object is another version now (If-Match); StoreError when it ends before a
-        range does."""
+    def read_ranges(
+        self, name: str, ranges: list[tuple[int, int]], version: tuple[int, str | None] | None = None
+    ) -> list[memoryview]:
+        """The bytes [start, end) of each range: one GET per range, up to 8 in flight. With `version` (size, ETag
+        from head), ObjectChanged when the object is another version now (If-Match, and its size); StoreError
+        when it ends before a range does."""
         import obstore
 
-        options = {"if_match": tag} if tag else {}
+        options = {"if_match": version[1]} if version and version[1] else {}
+
+        def fetch(r: tuple[int, int]) -> tuple[int, memoryview]:  # the GET and its body: retried together
+            result = obstore.get(self.store, name, options={"range": r, **options})
+            return result.meta["size"], memoryview(result.bytes())
 
         def get(r: tuple[int, int]) -> memoryview:
-            got = self._call(
-                self.where(name), lambda: obstore.get(self.store, name, options={"range": r, **options}).bytes()
-            )
-            view = memoryview(got)
+            size, view = self._call(self.where(name), lambda: fetch(r))
+            if version is not None and size != version[0]:
+                raise ObjectChanged(f"{self.where(name)}: {size} bytes, {version[0]} when it was checked")
             if len(view) != r[1] - r[0]:
                 raise StoreError(f"{self.where(name)} ends at byte {r[0] + len(view)}, {r[1]} were expected")
             return view
@@ -196,9 +220,7 @@ class ObjectStorage:
             except Exception as e:
                 status, said = _status(e), _said(e)
                 if status == 412 or type(e).__name__ == "PreconditionError":
-                    raise ObjectChanged(
-                        f"{what} changed since it was checked ({said}): replaced or rewritten"
-                    ) from None
+                    raise ObjectChanged(f"{what}: another version than the one checked ({said})") from None
                 if not _transient(e, status):
                     raise StoreError(_plain(what, e, status, said, listing)) from None
                 if attempt == self.retries:
@@ -209,13 +231,16 @@ class ObjectStorage:
                 time.sleep(min(self.max_backoff_s, self.backoff_s * 2**attempt) * random.uniform(0.5, 1.0))
         raise AssertionError("unreachable")
 
-    def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
 
-
-def open_storage(path: str, options: Mapping[str, Any] | None = None, warn: Callable[[str], None] = print) -> Storage:
+def open_storage(
+    path: str, options: Mapping[str, Any] | None = None, warn: Callable[[str], None] | None = None
+) -> Storage:
     """The Storage of a folder path or a store URL."""
     return ObjectStorage(path, options, warn) if is_remote(path) else LocalStorage(path)
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _boto3_credentials() -> Any:

@@ -159,10 +159,27 @@ def test_a_replaced_object_is_caught_by_its_tag(tmp_path, kind, request):
             store = ObjectStorage(url, FAST, warn=lambda m: None)
         size, tag = store.head("obj.bin")
         assert size == 4096 and tag
-        assert bytes(store.read_ranges("obj.bin", [(0, 4)], tag=tag)[0]) == b"aaaa"
+        assert bytes(store.read_ranges("obj.bin", [(0, 4)], (size, tag))[0]) == b"aaaa"
         (tmp_path / "obj.bin").write_bytes(b"b" * 4096)  # the same size, other bytes, written later:
         os.utime(tmp_path / "obj.bin", (1e9, 1e9))  # nginx's ETag is (mtime in seconds, size)
         if kind == "s3":
             upload_folder(url, tmp_path, "bucket", "t")
-        with pytest.raises(ObjectChanged, match=r"obj.bin changed since it was checked"):
-            store.read_ranges("obj.bin", [(0, 4)], tag=tag)
+        with pytest.raises(ObjectChanged, match=r"obj.bin: another version than the one checked"):
+            store.read_ranges("obj.bin", [(0, 4)], (size, tag))
+
+
+def test_a_store_pickles_as_its_url_and_options(s3, folder):
+    import pickle
+
+    store = ObjectStorage("s3://bucket/data/set", {**FAST, "endpoint": s3})  # warns on stderr: picklable
+    store = pickle.loads(pickle.dumps(store))  # a ShardSet is broadcast to the ranks
+    assert store.read("small.txt") == b"v1.2 3\n"
+
+
+def test_a_changed_size_is_caught(tmp_path):
+    (tmp_path / "f.bin").write_bytes(b"x" * 100)
+    local = LocalStorage(str(tmp_path))
+    version = local.head("f.bin")
+    (tmp_path / "f.bin").write_bytes(b"x" * 50)
+    with pytest.raises(ObjectChanged, match=r"f.bin: 50 bytes, 100 when it was checked"):
+        local.read_ranges("f.bin", [(0, 10)], version)
