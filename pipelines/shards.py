@@ -27,9 +27,9 @@ per rank) while each rank reads whole shards, or long runs of one, sequentially:
 
 The order is a pure function of (seed, epoch, rank), so a resume at (epoch, batch) recomputes it.
 
-Everything here reads local (or mounted network) files. Object stores (s3://, http(s)://) are not
-supported yet: every byte read goes through ShardSet.read_run / read_sample (one ranged read per run
-of samples), which is where a ranged GET would go; open_shards refuses such a URL by name.
+The shards are read through a store.Storage: a local (or mounted) folder, or an object store prefix
+(s3://, gs://, http(s)://). Every byte read goes through ShardSet.read_run / read_sample: one ranged
+read per run of samples (a GET in a store), checked against the version of the shard checked at the start.
 """
 
 from __future__ import annotations
@@ -49,16 +49,15 @@ import numpy as np
 
 from .common import batches_per_epoch
 from .scan import DatasetScanError, _fingerprint, _list_images, scan_dataset
-from .validate import FormatError, WriteError, check_folder, inside, need, need_list, read_json
+from .store import LocalStorage, ObjectChanged, Storage, StoreError, is_remote, open_storage
+from .validate import FormatError, WriteError, check_folder, inside, need, need_list, parse_json
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "mae-fast-shards"
 MANIFEST_VERSION = 1
 INDEX_VERSION = "v1.2"  # the index format of DALI's wds2idx
 IMAGE_MEMBERS = ("jpg", "jpeg", "png")  # the member of a sample that holds its image
-READ_CHUNK = 8 << 20  # bytes per read call: long sequential reads, bounded syscalls
 _BLOCK = 512  # tar block size
-_REMOTE = ("s3://", "gs://", "http://", "https://")
 
 
 def _padded(size: int) -> int:
@@ -99,25 +98,36 @@ class _Index:
     sizes: np.ndarray  # (n,) int64
     end: int  # the byte after the last member's data
     ends: list[tuple[str, int, int]]  # (member name, data offset, size) of the first and the last member
-    tar_size: int = 0  # the tar's size when _check_shard checked it against this index
+    version: tuple[int, str | None] = (0, None)  # the tar's (size, ETag) when _check_shard checked it
 
 
 MAX_INDEX_BYTES = 256 << 20  # an index this large would describe millions of samples in one shard
 
 
 def read_index(path: str) -> _Index:
-    """Parse and check a wds2idx index ("v1.2 N", then per sample: ext offset size name, per member).
+    """The checked index in the file `path` (see load_index)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    storage = LocalStorage(folder)
+    try:
+        size = storage.head(name)[0]
+    except OSError as e:
+        raise FormatError(path, "(file)", f"unreadable ({e.strerror or e})") from None
+    return load_index(storage, name, size)
+
+
+def load_index(storage: Storage, name: str, size: int) -> _Index:
+    """Parse and check a wds2idx index ("v1.2 N", then per sample: ext offset size name, per member) of `size` bytes.
 
     Every member's data must start on a tar block after a header (offset >= 512, a multiple of 512), after the
     previous member's data (the members in order); its name must end with its extension. The data's end
     (_Index.end) is checked against the tar's size by _check_shard. Raises FormatError naming the file, the line
     and the field.
     """
+    path = storage.where(name)
     try:
-        if os.path.getsize(path) > MAX_INDEX_BYTES:
+        if size > MAX_INDEX_BYTES:
             raise FormatError(path, "(file)", f"larger than {MAX_INDEX_BYTES >> 20} MiB: not an index")
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        lines = storage.read(name).decode("utf-8").splitlines()
     except UnicodeDecodeError:
         raise FormatError(path, "(file)", "not UTF-8 text (binary?)") from None
     except OSError as e:
@@ -169,7 +179,7 @@ def _members(path: str, n: int, line: str, end: int) -> list[tuple[str, int, int
 class ShardSet:
     """The samples of a folder of shards, numbered 0..N-1 shard after shard, in file order."""
 
-    root: str  # the folder (absolute)
+    storage: Storage  # the folder or store prefix the shards are in
     tars: list[str]  # shard file names, in manifest (or sorted) order
     counts: np.ndarray  # (S,) samples per shard
     names: list[str]  # (N,) printable sample names "shard-000003.tar:<key>"
@@ -177,13 +187,19 @@ class ShardSet:
     sizes: np.ndarray  # (N,) int64: image bytes
     classes: list[str] | None  # None: no class labels (a flat source, or shards from another tool)
     bad: list[tuple[str, str]] = field(default_factory=list)  # source files make_shards left out
-    # per shard, as open_shards checked it: the tar's size and its first member (name, data offset, size);
-    # read_run checks both at each open, so a shard replaced during a run is caught before it is decoded
-    tar_sizes: list[int] | None = None
+    # per shard, as open_shards checked it: (size, ETag or None) and its first member (name, data offset, size);
+    # read_run checks them at each read (a store: If-Match; a file: its size and first header), so a shard
+    # replaced during a run is caught before it is decoded
+    versions: list[tuple[int, str | None]] | None = None
     heads: list[tuple[str, int, int]] | None = None
 
     def __post_init__(self) -> None:
         self.starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)  # (S + 1,)
+
+    @property
+    def root(self) -> str:
+        """The folder, or the store URL, as printed in messages."""
+        return self.storage.url
 
     def __len__(self) -> int:
         return len(self.names)
@@ -200,54 +216,36 @@ class ShardSet:
         return int(np.searchsorted(self.starts, sample, side="right")) - 1
 
     def read_run(self, shard: int, first: int, stop: int, stats: ReadStats | None = None) -> dict[int, np.ndarray]:
-        """The images of samples first..stop-1 (all in `shard`): one open, then sequential reads of
-        READ_CHUNK over the byte range they span. Returns {sample: zero-copy view of its bytes}."""
+        """The images of samples first..stop-1 (all in `shard`): one ranged read of the byte range they span
+        (a file: one open and reads of up to 8 MB; a store: one GET), checked against the shard's version.
+        Returns {sample: zero-copy view of its bytes}; ShardReadError names a shard gone, changed or unreadable."""
         base = int(self.offsets[first])
         end = int(self.offsets[stop - 1] + self.sizes[stop - 1])
-        buf = bytearray(end - base)
-        view, pos, reads = memoryview(buf), 0, 0
+        where, version = self.storage.where(self.tars[shard]), self.versions[shard] if self.versions else None
+        # no ETag (a file): the first member's header is read with the run and compared with the index
+        head = self.heads[shard] if self.heads and not (version and version[1]) else None
+        ranges = [(base, end)] + ([(head[1] - _BLOCK, head[1])] if head else [])
         try:
-            with open(os.path.join(self.root, self.tars[shard]), "rb", buffering=0) as f:
-                self._check_unchanged(shard, f)
-                f.seek(base)
-                while pos < len(buf):
-                    n = f.readinto(view[pos : pos + READ_CHUNK])
-                    if not n:
-                        raise ShardReadError(
-                            f"{self._shard_path(shard)} ends at byte {base + pos}, its index needs {end}: truncated? "
-                            f"(mae-fast scan {self.root} checks every shard)"
-                        )
-                    pos, reads = pos + n, reads + 1
-        except ShardReadError:
-            raise
-        except OSError as e:  # gone (deleted, a mount lost), unreadable
-            raise ShardReadError(f"{self._shard_path(shard)} cannot be read ({e.strerror or e})") from None
+            views = self.storage.read_ranges(self.tars[shard], ranges, version)
+        except ObjectChanged as e:
+            now = f"{e.size} bytes, {e.expected} when the run started" if e.size is not None else str(e)
+            raise ShardReadError(f"{where} changed during the run: {now} (truncated or replaced)") from None
+        except OSError as e:  # gone (deleted, a mount lost), unreadable, a store still failing after its retries
+            raise ShardReadError(
+                f"{where} cannot be read ({e if isinstance(e, StoreError) else e.strerror or e}); "
+                f"(mae-fast scan {self.root} checks every shard)"
+            ) from None
+        if head and not _header_ok(views[1], head[0], head[2]):
+            raise ShardReadError(
+                f"{where} changed during the run: its first member is no longer {head[0]} "
+                f"(replaced by another shard of the same size)"
+            )
         if stats is not None:
-            stats.add(1, reads, len(buf))
+            stats.add(1, 1, len(views[0]))  # one open, one read of the run (the header check: 512 bytes)
         return {
-            i: np.frombuffer(buf, np.uint8, count=int(self.sizes[i]), offset=int(self.offsets[i]) - base)
+            i: np.frombuffer(views[0], np.uint8, count=int(self.sizes[i]), offset=int(self.offsets[i]) - base)
             for i in range(first, stop)
         }
-
-    def _shard_path(self, shard: int) -> str:
-        return os.path.join(self.root, self.tars[shard])
-
-    def _check_unchanged(self, shard: int, f) -> None:
-        """ShardReadError if the open shard `f` is not the one checked at the start: another size, or another
-        first member header (one 512-byte read)."""
-        if self.tar_sizes is None or self.heads is None:
-            return
-        size = os.fstat(f.fileno()).st_size
-        if size != self.tar_sizes[shard]:
-            raise ShardReadError(
-                f"{self._shard_path(shard)} changed during the run: {size} bytes, {self.tar_sizes[shard]} when the "
-                f"run started (truncated or replaced)"
-            )
-        if not _header_matches(f, *self.heads[shard]):
-            raise ShardReadError(
-                f"{self._shard_path(shard)} changed during the run: its first member is no longer "
-                f"{self.heads[shard][0]} (replaced by another shard of the same size)"
-            )
 
     def read_sample(self, sample: int, stats: ReadStats | None = None) -> np.ndarray:
         """One sample's image bytes (a small random read: for the rare sample outside a block)."""
@@ -258,7 +256,7 @@ class ShardSet:
 def is_shard_path(path: str) -> bool:
     """Does `path` name shards: a manifest file, or a folder holding a manifest or *.tar files?"""
     path = os.path.expanduser(path)
-    if path.startswith(_REMOTE):
+    if is_remote(path):
         return True
     if os.path.isfile(path):
         return path.endswith(".json")
@@ -271,10 +269,23 @@ def is_shard_path(path: str) -> bool:
 def read_manifest(path: str) -> dict | None:
     """The manifest in folder `path` (or the file `path`), None if there is none; FormatError (file and field)
     for one that is damaged or not make-shards' (see _check_manifest)."""
-    file = path if os.path.isfile(path) else os.path.join(path, MANIFEST_NAME)
-    if not os.path.lexists(file):
+    folder, name = (os.path.split(path)) if os.path.isfile(path) else (path, MANIFEST_NAME)
+    if not os.path.lexists(os.path.join(folder, name)):
         return None
-    manifest = read_json(file)
+    return load_manifest(LocalStorage(folder), name)
+
+
+def load_manifest(storage: Storage, name: str = MANIFEST_NAME) -> dict | None:
+    """The checked manifest `name` in `storage`, None if there is none."""
+    file = storage.where(name)
+    try:
+        manifest = parse_json(storage.read(name), file)
+    except FileNotFoundError:
+        return None
+    except OSError as e:  # a folder, unreadable; a store still failing after its retries
+        raise FormatError(
+            file, "(file)", f"unreadable ({e if isinstance(e, StoreError) else e.strerror or e})"
+        ) from None
     if need(manifest, "format", (str, type(None)), file) != MANIFEST_FORMAT:
         raise FormatError(file, "format", f"not a {MANIFEST_FORMAT} manifest")
     if need(manifest, "version", int, file) != MANIFEST_VERSION:
@@ -316,71 +327,106 @@ def _check_manifest(manifest: dict, file: str) -> None:
         inside(item[0], file, f"bad[{i}]")
 
 
-def _locate(path: str) -> tuple[str, dict | None, list[str], list[int] | None]:
-    """(folder, manifest, shard names, expected counts) of a shard folder or manifest."""
+@dataclass
+class _Located:
+    """A shard folder or store prefix: its storage, manifest, shard names, the counts the manifest expects, and
+    {name: bytes} of its files (None where the store cannot list: an HTTP server; the sizes are then asked)."""
+
+    storage: Storage
+    manifest: dict | None
+    tars: list[str]
+    counts: list[int] | None
+    sizes: dict[str, int] | None
+
+
+def _locate(path: str, options: dict | None = None) -> _Located:
+    """The shards of a folder, a manifest file, or a store prefix (s3://, gs://, http(s)://)."""
     path = os.path.expanduser(path)
-    if path.startswith(_REMOTE):
-        raise DatasetScanError(
-            f"{path}: object stores are not supported yet (local or mounted folders only); copy the shards "
-            f"to a file system, or mount the bucket"
-        )
-    if not os.path.exists(path):
-        raise DatasetScanError(f"shard path does not exist: {path}")
-    root = os.path.abspath(os.path.dirname(path) if os.path.isfile(path) else path)
-    manifest = read_manifest(path)
+    name = MANIFEST_NAME
+    if is_remote(path):
+        if path.endswith(".json"):
+            path, name = path.rsplit("/", 1)
+        storage = open_storage(path, options)
+    else:
+        if not os.path.exists(path):
+            raise DatasetScanError(f"shard path does not exist: {path}")
+        if os.path.isfile(path):
+            path, name = os.path.split(os.path.abspath(path))
+        storage = LocalStorage(path)
+    manifest = load_manifest(storage, name)
+    try:
+        sizes = storage.list()
+    except StoreError as e:
+        if manifest is None or "cannot list" not in str(e):
+            raise DatasetScanError(str(e)) from None
+        sizes = None  # an HTTP server: the manifest names the shards, each is asked its size
     if manifest is not None:
         if not manifest.get("complete"):
-            raise DatasetScanError(f"{root}: make-shards did not finish; run it again to complete the shards")
+            raise DatasetScanError(f"{storage.url}: make-shards did not finish; run it again to complete the shards")
         shards = manifest["shards"]
-        return root, manifest, [s["name"] for s in shards], [int(s["samples"]) for s in shards]
-    tars = sorted(name for name in os.listdir(root) if name.endswith(".tar") and not name.startswith("."))
+        return _Located(storage, manifest, [s["name"] for s in shards], [int(s["samples"]) for s in shards], sizes)
+    tars = sorted(n for n in sizes or {} if n.endswith(".tar") and not n.startswith("."))
     if not tars:
-        raise DatasetScanError(f"no shards (*.tar) and no {MANIFEST_NAME} in {root}")
-    return root, None, tars, None
+        raise DatasetScanError(f"no shards (*.tar) and no {MANIFEST_NAME} in {storage.url}")
+    return _Located(storage, None, tars, None, sizes)
+
+
+def index_name(tar: str) -> str:
+    return tar[: -len(".tar")] + ".idx"
 
 
 def index_path(root: str, tar: str) -> str:
-    return os.path.join(root, tar[: -len(".tar")] + ".idx")
+    return os.path.join(root, index_name(tar))
 
 
-def _check_shard(root: str, tar: str, expected: int | None) -> tuple[_Index | None, str | None]:
+def _check_shard(at: _Located, tar: str, expected: int | None) -> tuple[_Index | None, str | None]:
     """(index, None) if shard `tar` is whole and matches its index, else (index or None, what is wrong).
 
-    Cheap: a stat and two 512-byte reads. The tar must hold every byte its index names, and the
-    headers of its first and last member must give the name and size the index gives.
+    Cheap: its size (and, in a store, its ETag), the index, and two 512-byte reads. The tar must hold every byte
+    its index names, and the headers of its first and last member must give the name and size the index gives.
     """
-    path, idx = os.path.join(root, tar), index_path(root, tar)
-    if not os.path.exists(path):
-        return None, "missing"
-    if not os.path.exists(idx):
-        return None, f"no index {os.path.basename(idx)} (make it with: wds2idx {path})"
+    storage, idx = at.storage, index_name(tar)
     try:
-        index = read_index(idx)
+        size, tag = (at.sizes[tar], None) if at.sizes is not None and not is_remote(storage.url) else storage.head(tar)
+        index_size = at.sizes[idx] if at.sizes is not None else storage.head(idx)[0]
+    except (KeyError, FileNotFoundError):
+        if at.sizes is not None and tar not in at.sizes or at.sizes is None and not _exists(storage, tar):
+            return None, "missing"
+        return None, f"no index {idx} (make it with: wds2idx {storage.where(tar)})"
+    except OSError as e:
+        return None, f"unreadable ({e})"
+    try:
+        index = load_index(storage, idx, index_size)
     except FormatError as e:
-        return None, f"bad index {os.path.basename(idx)}: {e.field}: {e.problem} (rebuild it: make-shards, or wds2idx)"
+        return None, f"bad index {idx}: {e.field}: {e.problem} (rebuild it: make-shards, or wds2idx)"
     if expected is not None and len(index.keys) != expected:
         return index, f"the manifest says {expected} samples, the index {len(index.keys)}"
     if not index.keys:
         return index, "no samples"
+    index.version = (size, tag)
+    if size < index.end:
+        return index, f"truncated: {size} bytes, its index needs {index.end}"
     try:
-        with open(path, "rb") as f:
-            size = index.tar_size = os.fstat(f.fileno()).st_size
-            if size < index.end:
-                return index, f"truncated: {size} bytes, its index needs {index.end}"
-            for name, offset, nbytes in index.ends:
-                if not _header_matches(f, name, offset, nbytes):
-                    return (
-                        index,
-                        f"does not match its index: no tar header for {name} ({nbytes} bytes) at {offset - _BLOCK}",
-                    )
+        headers = storage.read_ranges(tar, [(offset - _BLOCK, offset) for _, offset, _ in index.ends], index.version)
     except OSError as e:
-        return index, f"unreadable ({e.strerror or e})"
+        return index, f"unreadable ({e if isinstance(e, StoreError) else e.strerror or e})"
+    for header, (name, offset, nbytes) in zip(headers, index.ends, strict=True):
+        if not _header_ok(header, name, nbytes):
+            return index, f"does not match its index: no tar header for {name} ({nbytes} bytes) at {offset - _BLOCK}"
     return index, None
 
 
-def _header_matches(f, name: str, offset: int, nbytes: int) -> bool:
-    """Is the tar header before `offset` in file `f` the one of member `name` with `nbytes` of data?"""
-    header = os.pread(f.fileno(), _BLOCK, offset - _BLOCK)
+def _exists(storage: Storage, name: str) -> bool:
+    try:
+        storage.head(name)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _header_ok(header: bytes | memoryview, name: str, nbytes: int) -> bool:
+    """Is `header` (512 bytes) the tar header of member `name` with `nbytes` of data?"""
+    header = bytes(header)
     got = header[:100].split(b"\0")[0].decode(errors="replace")
     try:
         got_size = int(header[124:136].split(b"\0")[0].strip() or b"-1", 8)
@@ -406,21 +452,22 @@ class ShardScan:
     bad: list[tuple[str, str]]  # source files make_shards left out (relative path, reason)
 
 
-def _check_all(root: str, tars: list[str], counts: list[int] | None, workers: int = 16) -> list:
-    expected = counts or [None] * len(tars)
-    with ThreadPoolExecutor(max(1, min(workers, len(tars)))) as pool:  # threads: hides a network FS's latency
-        return list(pool.map(lambda a: _check_shard(root, *a), zip(tars, expected, strict=True)))
+def _check_all(at: _Located, workers: int = 16) -> list:
+    expected = at.counts or [None] * len(at.tars)
+    with ThreadPoolExecutor(max(1, min(workers, len(at.tars)))) as pool:  # threads: hide a network's latency
+        return list(pool.map(lambda a: _check_shard(at, *a), zip(at.tars, expected, strict=True)))
 
 
-def scan_shards(path: str, workers: int = 16) -> ShardScan:
+def scan_shards(path: str, workers: int = 16, options: dict | None = None) -> ShardScan:
     """Count the samples from the index files and check each shard against its index (seconds for ImageNet)."""
-    root, manifest, tars, counts = _locate(path)
-    checked = _check_all(root, tars, counts, workers)
-    problems = [(tar, why) for tar, (_, why) in zip(tars, checked, strict=True) if why]
+    at = _locate(path, options)
+    checked = _check_all(at, workers)
+    problems = [(tar, why) for tar, (_, why) in zip(at.tars, checked, strict=True) if why]
     samples = sum(len(index.keys) for index, why in checked if index is not None and not why)
+    manifest = at.manifest
     classes = manifest.get("classes") if manifest else None
     bad = [tuple(b) for b in manifest.get("bad", [])] if manifest else []
-    return ShardScan(root, tars, samples, classes, problems, bad)
+    return ShardScan(at.storage.url, at.tars, samples, classes, problems, bad)
 
 
 def format_problems(problems: list[tuple[str, str]], total: int, limit: int = 5) -> str:
@@ -429,45 +476,45 @@ def format_problems(problems: list[tuple[str, str]], total: int, limit: int = 5)
     return f"{len(problems)} of {total} shards unusable: {shown}{more}"
 
 
-def open_shards(path: str, workers: int = 16) -> ShardSet:
-    """Read the indexes of a shard folder (or manifest) after checking every shard.
+def open_shards(path: str, workers: int = 16, options: dict | None = None) -> ShardSet:
+    """Read the indexes of a shard folder, manifest or store prefix after checking every shard.
 
     Raises DatasetScanError naming each missing, truncated or mismatched shard, before any model is built.
+    `options`: the store's (data.storage_options).
     """
-    root, manifest, tars, counts = _locate(path)
-    checked = _check_all(root, tars, counts, workers)
-    problems = [(tar, why) for tar, (_, why) in zip(tars, checked, strict=True) if why]
+    at = _locate(path, options)
+    checked = _check_all(at, workers)
+    problems = [(tar, why) for tar, (_, why) in zip(at.tars, checked, strict=True) if why]
     if problems:
-        raise DatasetScanError(f"{root}: " + format_problems(problems, len(tars)))
-    indexes = [index for index, _ in checked]
-    names = [f"{tar}:{key}" for tar, index in zip(tars, indexes, strict=True) for key in index.keys]
+        raise DatasetScanError(f"{at.storage.url}: " + format_problems(problems, len(at.tars)))
+    indexes, manifest = [index for index, _ in checked], at.manifest
+    names = [f"{tar}:{key}" for tar, index in zip(at.tars, indexes, strict=True) for key in index.keys]
     return ShardSet(
-        root=root,
-        tars=tars,
+        storage=at.storage,
+        tars=at.tars,
         counts=np.array([len(index.keys) for index in indexes], np.int64),
         names=names,
         offsets=np.concatenate([index.offsets for index in indexes]),
         sizes=np.concatenate([index.sizes for index in indexes]),
         classes=manifest.get("classes") if manifest else None,
         bad=[tuple(b) for b in manifest.get("bad", [])] if manifest else [],
-        tar_sizes=[index.tar_size for index in indexes],
+        versions=[index.version for index in indexes],
         heads=[index.ends[0] for index in indexes],
     )
 
 
-def count_samples(path: str) -> int:
+def count_samples(path: str, options: dict | None = None) -> int:
     """Samples in a shard folder: from the manifest if there is one, else from the index headers
     (open_shards checks the shards; this only counts)."""
-    root, _, tars, counts = _locate(path)
-    if counts is not None:
-        return sum(counts)
+    at = _locate(path, options)
+    if at.counts is not None:
+        return sum(at.counts)
     total = 0
-    for tar in tars:
+    for tar in at.tars:
         try:
-            with open(index_path(root, tar)) as f:
-                total += int(f.readline().split()[1])
+            total += int(at.storage.read(index_name(tar)).split(b"\n", 1)[0].split()[1])
         except (OSError, ValueError, IndexError) as e:
-            raise DatasetScanError(f"{root}: {tar}: no readable index ({e})") from None
+            raise DatasetScanError(f"{at.storage.url}: {tar}: no readable index ({e})") from None
     return total
 
 
@@ -675,7 +722,9 @@ def make_shards(
     }
     _write_json(os.path.join(dst, MANIFEST_NAME), manifest)
 
-    checked = _check_all(dst, names, [len(g) for g in groups], workers)
+    storage = LocalStorage(dst)
+    at = _Located(storage, manifest, names, [len(g) for g in groups], storage.list())
+    checked = _check_all(at, workers)  # the shards already written whole (a rerun): kept
     todo = [k for k, (_, why) in enumerate(checked) if why]
     with _progress(progress, sum(len(groups[k]) for k in todo), f"writing {len(todo)} shards into {dst}") as advance:
         with ThreadPoolExecutor(workers) as pool:  # I/O bound: reads and writes release the GIL

@@ -51,8 +51,18 @@ class StoreError(OSError):
     """A read or write that failed for good: names the object (its URL) and what the store said."""
 
 
+class ObjectMissing(StoreError, FileNotFoundError):
+    """No object at that name (a 404 from the store)."""
+
+
 class ObjectChanged(StoreError):
-    """The object is no longer the version that was checked (replaced or rewritten since)."""
+    """The object is no longer the version that was checked (replaced or rewritten since): `size` is its size
+    now when that differs from `expected`; None when only its ETag says so."""
+
+    def __init__(self, where: str, size: int | None = None, expected: int | None = None, said: str = ""):
+        self.size, self.expected = size, expected
+        what = f"{size} bytes, {expected} when it was checked" if size is not None else f"another version ({said})"
+        super().__init__(f"{where}: {what}")
 
 
 def is_remote(path: str) -> bool:
@@ -107,7 +117,7 @@ class LocalStorage:
         with open(self.where(name), "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
             if version is not None and size != version[0]:
-                raise ObjectChanged(f"{self.where(name)}: {size} bytes, {version[0]} when it was checked")
+                raise ObjectChanged(self.where(name), size, version[0])
             for start, end in ranges:
                 buf = bytearray(end - start)
                 view, pos = memoryview(buf), 0
@@ -143,6 +153,10 @@ class ObjectStorage:
         from obstore.store import from_url  # here: a folder run never needs it
 
         client = {"timeout": "60s", "connect_timeout": "10s"}  # a stalled read fails (and is retried), never hangs
+        endpoint = str(
+            self.options.get("endpoint") or (os.environ.get("AWS_ENDPOINT_URL", "") if self.url[:5] == "s3://" else "")
+        )
+        client["allow_http"] = self.url.startswith("http://") or endpoint.startswith("http://")  # plain http, as named
         client.update({k: v for k, v in self.options.items() if k in _CLIENT_KEYS})
         config = {k: v for k, v in self.options.items() if k not in _CLIENT_KEYS | _OWN_KEYS}
         kwargs: dict[str, Any] = {}
@@ -205,7 +219,7 @@ class ObjectStorage:
         def get(r: tuple[int, int]) -> memoryview:
             size, view = self._call(self.where(name), lambda: fetch(r))
             if version is not None and size != version[0]:
-                raise ObjectChanged(f"{self.where(name)}: {size} bytes, {version[0]} when it was checked")
+                raise ObjectChanged(self.where(name), size, version[0])
             if len(view) != r[1] - r[0]:
                 raise StoreError(f"{self.where(name)} ends at byte {r[0] + len(view)}, {r[1]} were expected")
             return view
@@ -220,9 +234,10 @@ class ObjectStorage:
             except Exception as e:
                 status, said = _status(e), _said(e)
                 if status == 412 or type(e).__name__ == "PreconditionError":
-                    raise ObjectChanged(f"{what}: another version than the one checked ({said})") from None
+                    raise ObjectChanged(what, said=said) from None
                 if not _transient(e, status):
-                    raise StoreError(_plain(what, e, status, said, listing)) from None
+                    missing = (isinstance(e, FileNotFoundError) or status == 404) and "NoSuchBucket" not in str(e)
+                    raise (ObjectMissing if missing else StoreError)(_plain(what, e, status, said, listing)) from None
                 if attempt == self.retries:
                     raise StoreError(f"{what}: {said} (still failing after {self.retries} retries)") from None
                 if not self.warned:
