@@ -125,8 +125,16 @@ def _data_commands(sub) -> None:
     p = sub.add_parser("scan", help="list and check the images of a data folder (cached)")
     p.add_argument("data_path")
     p.add_argument("--workers", type=WORKERS, default=8)
-    p.add_argument("--cache-dir", default=None, help="cache the file list here (default: in DATA_PATH)")
+    p.add_argument("--cache-dir", default=None, help="cache the file list (shards: the indexes index-shards wrote)")
+    p.add_argument("--shards", default="*.tar", metavar="GLOB", help="shards: the tars to read (data.shards)")
     p.set_defaults(run=_scan)
+
+    p = sub.add_parser("index-shards", help="write the DALI index of each WebDataset tar written by another tool")
+    p.add_argument("path", help="a folder of *.tar, or s3://, gs://, http(s):// prefix holding them")
+    p.add_argument("--shards", default="*.tar", metavar="GLOB", help="the tars to index (data.shards)")
+    p.add_argument("--cache-dir", default="", help="where indexes go when PATH cannot be written (~/.cache/mae-fast)")
+    p.add_argument("--workers", type=WORKERS, default=8)
+    p.set_defaults(run=_index_shards)
 
     p = sub.add_parser("make-shards", help="convert an image folder into WebDataset tar shards with DALI indexes")
     p.add_argument("src", help="ImageNet-style (SRC/<class>/*.JPEG) or flat image folder")
@@ -279,7 +287,7 @@ def _scan(args: argparse.Namespace) -> int:
     from .pipelines.shards import format_problems, is_shard_path, scan_shards
 
     if is_shard_path(args.data_path):  # a folder of shards: counted from the indexes, each tar checked
-        found = scan_shards(args.data_path, workers=args.workers)
+        found = scan_shards(args.data_path, args.workers, pattern=args.shards, cache_dir=args.cache_dir or "")
         classes = f" in {len(found.classes)} classes" if found.classes else ""
         print(f"{found.samples} samples{classes} in {len(found.tars)} shards under {args.data_path}")
         if found.bad:
@@ -293,6 +301,22 @@ def _scan(args: argparse.Namespace) -> int:
         print(f"{len(result.files)} images in {len(result.classes) or 1} classes under {args.data_path}")
         if result.bad:
             print(format_bad(result))
+    return 0
+
+
+def _index_shards(args: argparse.Namespace) -> int:
+    from .pipelines.index_shards import index_shards
+    from .pipelines.scan import DatasetScanError
+    from .pipelines.shards import format_problems
+
+    r = index_shards(args.path, args.shards, args.cache_dir, args.workers)
+    print(f"{r.written} indexes written into {r.written_to}; {r.scan.samples} samples in {len(r.scan.tars)} shards")
+    if r.skipped:
+        shown = ", ".join(f"{name} ({why})" for name, why in r.skipped[:5])
+        print(f"{len(r.skipped)} samples left out of the indexes: {shown}")
+    problems = r.failed + [p for p in r.scan.problems if p[0] not in dict(r.failed)]
+    if problems:
+        raise DatasetScanError(f"{r.scan.root}: " + format_problems(problems, len(r.scan.tars)))
     return 0
 
 

@@ -120,11 +120,12 @@ class DataConfig:
     hw_decoder_load: float | None = None  # DALI's share for the hardware JPEG decoder; None = DALI default
     synthetic_images: int = 1281167  # images per epoch with backend synthetic (ImageNet-1k's train size)
     make_sample: bool = False  # create a sample data set at data_path when it is missing (demo)
-    scan_cache_dir: str = ""  # where the checked file list is cached; "" = in data_path itself
+    scan_cache_dir: str = ""  # where the checked file list is cached ("": in data_path), and index-shards' indexes
     shuffle_buffer: int = 8192  # shards: samples shuffled together per rank; ~2 x this x mean JPEG size of memory
     # shards in an object store (s3://, gs://, http(s)://): settings beyond the standard environment variables,
     # e.g. {allow_http: true, endpoint: http://127.0.0.1:9000, timeout: 60s, retries: 5}; see pipelines/store.py
     storage_options: dict[str, str | int | float | bool] = field(default_factory=dict)
+    shards: str = "*.tar"  # shards: the tars of data_path to read (a glob: imagenet1k-train-*.tar)
     augmentation: Augmentation = field(default_factory=Augmentation)  # pipelines.common: checked there
 
     def __post_init__(self) -> None:

@@ -34,11 +34,14 @@ read per run of samples (a GET in a store), checked against the version of the s
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import fnmatch
 import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 import threading
 from collections.abc import Callable, Iterator
@@ -329,18 +332,27 @@ def _check_manifest(manifest: dict, file: str) -> None:
 
 @dataclass
 class _Located:
-    """A shard folder or store prefix: its storage, manifest, shard names, the counts the manifest expects, and
-    {name: bytes} of its files (None where the store cannot list: an HTTP server; the sizes are then asked)."""
+    """A shard folder or store prefix: its storage, manifest, shard names, the counts the manifest expects,
+    {name: bytes} of its files (None where the store cannot list: an HTTP server; sizes are then asked), and
+    the local folders that may hold indexes it lacks (index-shards' cache)."""
 
     storage: Storage
     manifest: dict | None
     tars: list[str]
     counts: list[int] | None
     sizes: dict[str, int] | None
+    caches: list[Storage] = field(default_factory=list)
 
 
-def _locate(path: str, options: dict | None = None) -> _Located:
-    """The shards of a folder, a manifest file, or a store prefix (s3://, gs://, http(s)://)."""
+SPLITS = {"train", "val", "valid", "validation", "test", "eval"}  # words that name a split in a shard name
+
+
+def _locate(path: str, options: dict | None = None, pattern: str = "*.tar", cache_dir: str = "") -> _Located:
+    """The shards of a folder, a manifest file, or a store prefix (s3://, gs://, http(s)://) that `pattern`
+    (data.shards) selects. A folder whose tar names hold several split words (train, val, test, ...) is refused
+    while the pattern is the default: it would train on every split."""
+    from .index_shards import index_cache
+
     path = os.path.expanduser(path)
     name = MANIFEST_NAME
     if is_remote(path):
@@ -360,23 +372,50 @@ def _locate(path: str, options: dict | None = None) -> _Located:
         if manifest is None or "cannot list" not in str(e):
             raise DatasetScanError(str(e)) from None
         sizes = None  # an HTTP server: the manifest names the shards, each is asked its size
+    cache = index_cache(storage.url, cache_dir)
+    caches = [LocalStorage(cache)] if os.path.isdir(cache) else []
     if manifest is not None:
         if not manifest.get("complete"):
             raise DatasetScanError(f"{storage.url}: make-shards did not finish; run it again to complete the shards")
-        shards = manifest["shards"]
-        return _Located(storage, manifest, [s["name"] for s in shards], [int(s["samples"]) for s in shards], sizes)
-    tars = sorted(n for n in sizes or {} if n.endswith(".tar") and not n.startswith("."))
+        shards = [s for s in manifest["shards"] if fnmatch.fnmatchcase(s["name"], pattern)]
+        if not shards:
+            raise DatasetScanError(f"{storage.where(name)}: no shard matches data.shards {pattern!r}")
+        tars, counts = [s["name"] for s in shards], [int(s["samples"]) for s in shards]
+        return _Located(storage, manifest, tars, counts, sizes, caches)
+    tars = sorted(n for n in sizes or {} if fnmatch.fnmatchcase(n, pattern) and not n.startswith("."))
     if not tars:
-        raise DatasetScanError(f"no shards (*.tar) and no {MANIFEST_NAME} in {storage.url}")
-    return _Located(storage, None, tars, None, sizes)
+        raise DatasetScanError(f"no shards ({pattern}) and no {MANIFEST_NAME} in {storage.url}")
+    splits = collections.Counter(w for t in tars for w in set(re.split(r"[^a-z]+", t.lower())) & SPLITS)
+    if len(splits) > 1 and pattern == "*.tar":
+        found = ", ".join(f"{n} named '{w}'" for w, n in sorted(splits.items()))
+        example = next(t for t in tars if "train" in t.lower()) if "train" in splits else tars[0]
+        raise DatasetScanError(
+            f"{storage.url} holds the shards of several splits ({found}); choose one with data.shards (--shards "
+            f"for scan and index-shards), e.g. data.shards: '{re.sub(r'[0-9]+(?=[^0-9]*$)', '*', example)}'"
+        )
+    return _Located(storage, None, tars, None, sizes, caches)
 
 
 def index_name(tar: str) -> str:
-    return tar[: -len(".tar")] + ".idx"
+    return tar[: -len(".tar")] + ".idx" if tar.endswith(".tar") else tar + ".idx"
 
 
 def index_path(root: str, tar: str) -> str:
     return os.path.join(root, index_name(tar))
+
+
+def _indexes(at: _Located, tar: str) -> list[tuple[Storage, int]]:
+    """Where the index of `tar` is, with its size: beside it, then in index-shards' cache (each that exists)."""
+    idx, found = index_name(tar), []
+    if at.sizes is None:  # a store that cannot list: asked
+        with contextlib.suppress(FileNotFoundError):
+            found.append((at.storage, at.storage.head(idx)[0]))
+    elif idx in at.sizes:
+        found.append((at.storage, at.sizes[idx]))
+    for cache in at.caches:
+        if os.path.isfile(cache.where(idx)):
+            found.append((cache, os.path.getsize(cache.where(idx))))
+    return found
 
 
 def _check_shard(at: _Located, tar: str, expected: int | None) -> tuple[_Index | None, str | None]:
@@ -384,44 +423,53 @@ def _check_shard(at: _Located, tar: str, expected: int | None) -> tuple[_Index |
 
     Cheap: its size (and, in a store, its ETag), the index, and two 512-byte reads. The tar must hold every byte
     its index names, and the headers of its first and last member must give the name and size the index gives.
+    An index beside the tar is tried first, then one in index-shards' cache.
     """
     storage, idx = at.storage, index_name(tar)
     try:
-        size, tag = (at.sizes[tar], None) if at.sizes is not None and not is_remote(storage.url) else storage.head(tar)
-        index_size = at.sizes[idx] if at.sizes is not None else storage.head(idx)[0]
-    except (KeyError, FileNotFoundError):
-        if at.sizes is not None and tar not in at.sizes or at.sizes is None and not _exists(storage, tar):
+        if at.sizes is not None and tar not in at.sizes:
             return None, "missing"
-        return None, f"no index {idx} (make it with: wds2idx {storage.where(tar)})"
+        size, tag = (at.sizes[tar], None) if at.sizes is not None and not is_remote(storage.url) else storage.head(tar)
+    except FileNotFoundError:
+        return None, "missing"
     except OSError as e:
         return None, f"unreadable ({e})"
-    try:
-        index = load_index(storage, idx, index_size)
-    except FormatError as e:
-        return None, f"bad index {idx}: {e.field}: {e.problem} (rebuild it: make-shards, or wds2idx)"
+    found = _indexes(at, tar)
+    if not found:
+        return None, f"no index {idx} (write the indexes with: mae-fast index-shards {storage.url})"
+    problem: tuple[_Index | None, str | None] = (None, None)
+    for where, index_size in found:
+        try:
+            index = load_index(where, idx, index_size)
+        except FormatError as e:
+            got = None, f"bad index {idx}: {e.field}: {e.problem} (rebuild it: mae-fast index-shards {storage.url})"
+        else:
+            got = _matches(storage, tar, index, (size, tag), expected)
+        if got[1] is None:
+            return got
+        problem = problem if problem[1] else got
+    return problem
+
+
+def _matches(
+    storage: Storage, tar: str, index: _Index, version: tuple[int, str | None], expected: int | None
+) -> tuple[_Index, str | None]:
+    """(index, None) if the tar (of `version`) holds what `index` says, else (index, what is wrong)."""
     if expected is not None and len(index.keys) != expected:
         return index, f"the manifest says {expected} samples, the index {len(index.keys)}"
     if not index.keys:
         return index, "no samples"
-    index.version = (size, tag)
-    if size < index.end:
-        return index, f"truncated: {size} bytes, its index needs {index.end}"
+    index.version = version
+    if version[0] < index.end:
+        return index, f"truncated: {version[0]} bytes, its index needs {index.end}"
     try:
-        headers = storage.read_ranges(tar, [(offset - _BLOCK, offset) for _, offset, _ in index.ends], index.version)
+        headers = storage.read_ranges(tar, [(offset - _BLOCK, offset) for _, offset, _ in index.ends], version)
     except OSError as e:
         return index, f"unreadable ({e if isinstance(e, StoreError) else e.strerror or e})"
     for header, (name, offset, nbytes) in zip(headers, index.ends, strict=True):
         if not _header_ok(header, name, nbytes):
             return index, f"does not match its index: no tar header for {name} ({nbytes} bytes) at {offset - _BLOCK}"
     return index, None
-
-
-def _exists(storage: Storage, name: str) -> bool:
-    try:
-        storage.head(name)
-    except FileNotFoundError:
-        return False
-    return True
 
 
 def _header_ok(header: bytes | memoryview, name: str, nbytes: int) -> bool:
@@ -458,9 +506,11 @@ def _check_all(at: _Located, workers: int = 16) -> list:
         return list(pool.map(lambda a: _check_shard(at, *a), zip(at.tars, expected, strict=True)))
 
 
-def scan_shards(path: str, workers: int = 16, options: dict | None = None) -> ShardScan:
+def scan_shards(
+    path: str, workers: int = 16, options: dict | None = None, pattern: str = "*.tar", cache_dir: str = ""
+) -> ShardScan:
     """Count the samples from the index files and check each shard against its index (seconds for ImageNet)."""
-    at = _locate(path, options)
+    at = _locate(path, options, pattern, cache_dir)
     checked = _check_all(at, workers)
     problems = [(tar, why) for tar, (_, why) in zip(at.tars, checked, strict=True) if why]
     samples = sum(len(index.keys) for index, why in checked if index is not None and not why)
@@ -476,13 +526,16 @@ def format_problems(problems: list[tuple[str, str]], total: int, limit: int = 5)
     return f"{len(problems)} of {total} shards unusable: {shown}{more}"
 
 
-def open_shards(path: str, workers: int = 16, options: dict | None = None) -> ShardSet:
+def open_shards(
+    path: str, workers: int = 16, options: dict | None = None, pattern: str = "*.tar", cache_dir: str = ""
+) -> ShardSet:
     """Read the indexes of a shard folder, manifest or store prefix after checking every shard.
 
     Raises DatasetScanError naming each missing, truncated or mismatched shard, before any model is built.
-    `options`: the store's (data.storage_options).
+    `options`: the store's (data.storage_options); `pattern`: the tars to read (data.shards); `cache_dir`: where
+    index-shards' cache is (data.scan_cache_dir; default ~/.cache/mae-fast).
     """
-    at = _locate(path, options)
+    at = _locate(path, options, pattern, cache_dir)
     checked = _check_all(at, workers)
     problems = [(tar, why) for tar, (_, why) in zip(at.tars, checked, strict=True) if why]
     if problems:
@@ -503,18 +556,20 @@ def open_shards(path: str, workers: int = 16, options: dict | None = None) -> Sh
     )
 
 
-def count_samples(path: str, options: dict | None = None) -> int:
+def count_samples(path: str, options: dict | None = None, pattern: str = "*.tar", cache_dir: str = "") -> int:
     """Samples in a shard folder: from the manifest if there is one, else from the index headers
     (open_shards checks the shards; this only counts)."""
-    at = _locate(path, options)
+    at = _locate(path, options, pattern, cache_dir)
     if at.counts is not None:
         return sum(at.counts)
     total = 0
     for tar in at.tars:
+        found = _indexes(at, tar)
         try:
-            total += int(at.storage.read(index_name(tar)).split(b"\n", 1)[0].split()[1])
+            total += int(found[0][0].read(index_name(tar)).split(b"\n", 1)[0].split()[1])
         except (OSError, ValueError, IndexError) as e:
-            raise DatasetScanError(f"{at.storage.url}: {tar}: no readable index ({e})") from None
+            why = e if found else f"none; write it with: mae-fast index-shards {at.storage.url}"
+            raise DatasetScanError(f"{at.storage.url}: {tar}: no readable index ({why})") from None
     return total
 
 

@@ -17,6 +17,7 @@ Credentials never appear in a message: only the URL of the object and the store'
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import re
@@ -24,7 +25,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 REMOTE = ("s3://", "gs://", "http://", "https://")
 # storage_options keys that configure the HTTP client (obstore's ClientConfig); every other key configures the
@@ -81,6 +82,7 @@ class Storage(Protocol):
     def list(self) -> dict[str, int]: ...
     def head(self, name: str) -> tuple[int, str | None]: ...
     def read(self, name: str) -> bytes: ...
+    def open(self, name: str) -> BinaryIO: ...
     def read_ranges(
         self, name: str, ranges: list[tuple[int, int]], version: tuple[int, str | None] | None = None
     ) -> list[memoryview]: ...
@@ -107,6 +109,9 @@ class LocalStorage:
     def read(self, name: str) -> bytes:
         with open(self.where(name), "rb") as f:
             return f.read()
+
+    def open(self, name: str) -> BinaryIO:
+        return open(self.where(name), "rb")
 
     def read_ranges(
         self, name: str, ranges: list[tuple[int, int]], version: tuple[int, str | None] | None = None
@@ -202,6 +207,13 @@ class ObjectStorage:
 
         return self._call(self.where(name), lambda: bytes(obstore.get(self.store, name).bytes()))
 
+    def open(self, name: str) -> BinaryIO:
+        """The object as a file read front to back (buffered GETs of 8 MB): for a tar read once, whole."""
+        import obstore
+
+        reader = self._call(self.where(name), lambda: obstore.open_reader(self.store, name, buffer_size=8 << 20))
+        return io.BufferedReader(_Reader(reader), 8 << 20)
+
     def read_ranges(
         self, name: str, ranges: list[tuple[int, int]], version: tuple[int, str | None] | None = None
     ) -> list[memoryview]:
@@ -245,6 +257,25 @@ class ObjectStorage:
                     self.warn(f"WARNING: {what}: {said}; retrying with backoff (reported once)")
                 time.sleep(min(self.max_backoff_s, self.backoff_s * 2**attempt) * random.uniform(0.5, 1.0))
         raise AssertionError("unreachable")
+
+
+class _Reader(io.RawIOBase):
+    """obstore's ReadableFile as a raw binary file (it hands out obstore.Bytes; tarfile wants bytes)."""
+
+    def __init__(self, reader: Any) -> None:
+        self.reader = reader
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = memoryview(self.reader.read(len(buffer)))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self.reader.close()
+        super().close()
 
 
 def open_storage(
