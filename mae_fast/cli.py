@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .checkpoint import CheckpointError, RunFolderError
     from .metrics import NonFiniteLoss
+    from .pipelines.store import StoreError
     from .pipelines.validate import DatasetScanError, DestinationError, WriteError
 
     codes = {
@@ -201,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         DatasetScanError: EXIT_USAGE,
         DestinationError: EXIT_USAGE,
         WriteError: EXIT_ERROR,
+        StoreError: EXIT_ERROR,  # a store that failed for good while writing (reading one is a DatasetScanError)
         NonFiniteLoss: EXIT_DIVERGED,
         CheckpointError: EXIT_ERROR,
         RunFolderError: EXIT_USAGE,

@@ -47,7 +47,9 @@ import io
 import json
 import os
 import re
+import shutil
 import tarfile
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -702,8 +704,9 @@ def _cut(samples: list[_Sample], shard_bytes: int) -> list[list[_Sample]]:
     return shards
 
 
-def _write_shard(src: str, dst: str, name: str, samples: list[_Sample], advance) -> int:
-    """Write shard `name` and its index under temporary names, then rename them (index last). Returns its bytes."""
+def _write_shard(src: str, dst: str, name: str, samples: list[_Sample], advance, storage: Storage) -> int:
+    """Write shard `name` and its index under temporary names in folder `dst`, then rename them (index last); for a
+    store (`storage` is not dst), upload them (index last) and remove the local files. Returns the shard's bytes."""
     tar_path = os.path.join(dst, name)
     idx_path = index_path(dst, name)
     tmp_tar, tmp_idx = os.path.join(dst, f".{name}.tmp"), idx_path + ".tmp"
@@ -735,7 +738,12 @@ def _write_shard(src: str, dst: str, name: str, samples: list[_Sample], advance)
         raise WriteError(
             f"{tar_path}: not written ({e.strerror or e}{source}); run make-shards again to finish"
         ) from None
-    return os.path.getsize(tar_path)
+    size = os.path.getsize(tar_path)
+    if storage.url != dst:
+        for path in (tar_path, idx_path):  # a StoreError names the object, after the retries
+            storage.put(os.path.basename(path), path)
+            os.unlink(path)
+    return size
 
 
 def make_shards(
@@ -747,6 +755,7 @@ def make_shards(
     seed: int = 0,
     cache_dir: str | None = None,
     progress: bool = True,
+    options: dict | None = None,
 ) -> MakeShardsReport:
     """Convert an ImageNet-style or flat image folder into WebDataset shards in `dst` (see the module docstring).
 
@@ -754,11 +763,22 @@ def make_shards(
     a shard. Samples go into shards in an order drawn from `seed`, at most shard_bytes of tar each;
     `workers` threads write shards in parallel. Run again after an interruption, it keeps the shards
     already complete and writes the rest; a `dst` holding shards of another source or other settings
-    is refused.
+    is refused. `dst` may be s3://bucket/prefix or gs://bucket/prefix (`options`: the store's): each shard
+    is written into a local temporary folder (under `cache_dir` if given) and uploaded as it is done
+    (its index after it), the manifest last, so a store prefix with a manifest is complete.
     """
     if shard_bytes < 1 or workers < 1:
         raise ValueError(f"need shard_bytes >= 1 and workers >= 1, got {shard_bytes}, {workers}")
-    dst = check_folder(dst, "make-shards DST")  # before the scan: a destination that cannot be written is known at once
+    if is_remote(dst):  # each shard is written into a local folder, then uploaded; the manifest goes last
+        if not dst.startswith(("s3://", "gs://")):
+            raise DatasetScanError(f"make-shards DST {dst}: shards can be written to a folder, s3:// or gs://")
+        storage: Storage = open_storage(dst, options)
+        work = tempfile.mkdtemp(
+            prefix="mae-fast-shards-", dir=check_folder(cache_dir, "--cache-dir") if cache_dir else None
+        )
+    else:  # before the scan: a destination that cannot be written is known at once
+        storage = LocalStorage(check_folder(dst, "make-shards DST"))
+        work = dst = storage.url
     scanned = scan_dataset(src, cache_dir=cache_dir, num_workers=workers, progress=progress)
     root = scanned.root
     classes, entries, _ = _list_images(root)  # the scan's listing again: its fingerprint and the sizes
@@ -776,7 +796,7 @@ def make_shards(
     groups = _cut(samples, shard_bytes)
     names = [f"shard-{k:06d}.tar" for k in range(len(groups))]
 
-    old = read_manifest(dst)
+    old = load_manifest(storage)
     if old is not None and {k: old.get(k) for k in settings} != settings:
         differ = ", ".join(k for k in settings if old.get(k) != settings[k])
         raise DatasetScanError(
@@ -790,25 +810,30 @@ def make_shards(
         "shards": [{"name": n, "samples": len(g)} for n, g in zip(names, groups, strict=True)],
         "bad": [[os.path.relpath(p, root), why] for p, why in scanned.bad],
     }
-    _write_json(os.path.join(dst, MANIFEST_NAME), manifest)
+    if work == dst:
+        _write_json(os.path.join(dst, MANIFEST_NAME), manifest)
 
-    storage = LocalStorage(dst)
     at = _Located(storage, manifest, names, [len(g) for g in groups], storage.list())
     checked = _check_all(at, workers)  # the shards already written whole (a rerun): kept
     todo = [k for k, (_, why) in enumerate(checked) if why]
+    written = {name: at.sizes.get(name, 0) for name in names}
     with _progress(progress, sum(len(groups[k]) for k in todo), f"writing {len(todo)} shards into {dst}") as advance:
         with ThreadPoolExecutor(workers) as pool:  # I/O bound: reads and writes release the GIL
-            futures = [pool.submit(_write_shard, root, dst, names[k], groups[k], advance) for k in todo]
+            futures = [pool.submit(_write_shard, root, work, names[k], groups[k], advance, storage) for k in todo]
             try:
-                for f in futures:
-                    f.result()
+                for k, f in zip(todo, futures, strict=True):
+                    written[names[k]] = f.result()
             except BaseException:
                 pool.shutdown(cancel_futures=True)  # finish the shards being written, start no more
                 raise
     for entry, name in zip(manifest["shards"], names, strict=True):
-        entry["bytes"] = os.path.getsize(os.path.join(dst, name))
+        entry["bytes"] = written[name]
     manifest["complete"] = True
-    _write_json(os.path.join(dst, MANIFEST_NAME), manifest)
+    if work == dst:
+        _write_json(os.path.join(dst, MANIFEST_NAME), manifest)
+    else:
+        storage.put(MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
+        shutil.rmtree(work, ignore_errors=True)
     return MakeShardsReport(
         dst=dst,
         shards=len(names),

@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
 REMOTE = ("s3://", "gs://", "http://", "https://")
@@ -184,6 +185,13 @@ class ObjectStorage:
 
     def where(self, name: str) -> str:
         return f"{self.url}/{name}"
+
+    def put(self, name: str, data: bytes | str) -> None:
+        """Write object `name` from bytes or a local file's path (large files in parts, by obstore)."""
+        import obstore
+
+        body = Path(data) if isinstance(data, str) else data
+        self._call(self.where(name), lambda: obstore.put(self.store, name, body))
 
     def list(self) -> dict[str, int]:
         """{name: bytes} of the objects directly under the prefix (not in deeper 'folders')."""

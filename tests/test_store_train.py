@@ -28,14 +28,18 @@ DEMO = str(ROOT / "configs/demo.yaml")
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    """48 sample photographs as shards (about 7 of them), with their manifest and indexes."""
+def sample(tmp_path_factory) -> Path:
+    """48 sample photographs."""
     from mae_fast.pipelines.sample_data import make_sample_data
 
-    root = Path(tmp_path_factory.mktemp("data"))
-    folder = make_sample_data(str(root / "sample"), n=48)
-    make_shards(folder, str(root / "shards"), shard_bytes=SHARD_BYTES, workers=2, progress=False)
-    return root / "shards"
+    return Path(make_sample_data(str(tmp_path_factory.mktemp("data") / "sample"), n=48))
+
+
+@pytest.fixture(scope="module")
+def shards(sample) -> Path:
+    """The sample as shards (about 7 of them), with their manifest and indexes."""
+    make_shards(str(sample), str(sample.parent / "shards"), shard_bytes=SHARD_BYTES, workers=2, progress=False)
+    return sample.parent / "shards"
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +154,41 @@ def test_refused_credentials_stop_before_training_with_one_line(tmp_path, shards
     err = capsys.readouterr().err
     assert re.search(r"error: .*s3://bucket/shards/manifest.json: the store refused the credentials \(403", err), err
     assert "not-the-secret" not in err
+
+
+def test_make_shards_to_s3_interrupted_then_completed_by_a_rerun(tmp_path, sample, shards, s3, monkeypatch, capsys):
+    """`mae-fast make-shards SRC s3://bucket/made`: uploads that fail part-way (the store stops answering after
+    five objects) leave no manifest; a rerun keeps what was uploaded whole and ends with the local copy's bytes."""
+    from mae_fast.pipelines.store import ObjectStorage, StoreError
+
+    put, calls = ObjectStorage.put, []
+
+    def failing_put(self, name, data):
+        calls.append(name)
+        if len(calls) > 5:
+            raise StoreError(f"{self.where(name)}: 503 Service Unavailable (still failing after 5 retries)")
+        put(self, name, data)
+
+    make = [
+        "make-shards",
+        str(sample),
+        "s3://bucket/made",
+        "--shard-size-mb",
+        str(SHARD_BYTES / 2**20),
+        "--workers",
+        "1",
+    ]
+    monkeypatch.setattr(ObjectStorage, "put", failing_put)
+    assert main(make) == 1
+    assert "s3://bucket/made/" in capsys.readouterr().err
+    client = s3_client(s3)
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket="bucket", Prefix="made/").get("Contents", [])}
+    assert "made/manifest.json" not in keys and 0 < len(keys) <= 5
+    monkeypatch.setattr(ObjectStorage, "put", put)
+    assert main(make) == 0
+    assert "of them already complete" in capsys.readouterr().out
+    for f in shards.iterdir():
+        body = client.get_object(Bucket="bucket", Key=f"made/{f.name}")["Body"].read()
+        assert body == f.read_bytes(), f.name  # the same shards, indexes and manifest as make-shards to a folder
+    assert main(["scan", "s3://bucket/made"]) == 0
+    assert "48 samples in 4 classes in 40 shards under s3://bucket/made" in capsys.readouterr().out
