@@ -114,6 +114,7 @@ def _training_commands(sub) -> None:
     p.add_argument("--backend", choices=["dali", "pil", "both"], default="both")
     p.add_argument("--shards", default=None, metavar="DIR", help="also time DALI over these shards of the same images")
     p.add_argument("--folder", default=None, metavar="DIR", help="(data_path shards) also time the image folder")
+    p.add_argument("--store", default=None, metavar="URL", help="(data_path shards) also time their copy in a store")
     p.add_argument("--batches", type=COUNT, default=50)
     p.add_argument("--warmup", type=bounded(int, 0, 10**6), default=5)
     p.add_argument("--json", default=None)
@@ -278,6 +279,7 @@ def _bench_loader(args: argparse.Namespace) -> int:
             warmup=args.warmup,
             shards=args.shards,
             folder=args.folder,
+            store=args.store,
         ),
         args.json,
     )

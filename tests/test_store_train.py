@@ -4,6 +4,7 @@ faults that change nothing, and the errors that stop a run before it starts."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -37,7 +38,7 @@ def sample(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def shards(sample) -> Path:
-    """The sample as shards (about 7 of them), with their manifest and indexes."""
+    """The sample as shards (40 of them), with their manifest and indexes."""
     make_shards(str(sample), str(sample.parent / "shards"), shard_bytes=SHARD_BYTES, workers=2, progress=False)
     return sample.parent / "shards"
 
@@ -192,3 +193,15 @@ def test_make_shards_to_s3_interrupted_then_completed_by_a_rerun(tmp_path, sampl
         assert body == f.read_bytes(), f.name  # the same shards, indexes and manifest as make-shards to a folder
     assert main(["scan", "s3://bucket/made"]) == 0
     assert "48 samples in 4 classes in 40 shards under s3://bucket/made" in capsys.readouterr().out
+
+
+def test_bench_loader_times_the_store_against_the_local_copy(tmp_path, shards, s3):
+    out = tmp_path / "loader.json"
+    cfg = str(ROOT / "configs/bench_cpu.yaml")
+    sets = ["--set", f"data.data_path={shards}", "--set", "data.shuffle_buffer=32"]
+    args = ["bench-loader", cfg, *sets, "--store", "s3://bucket/shards", "--backend", "dali", "--batches", "3"]
+    assert main([*args, "--warmup", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    local, store = result["results"]["shards"], result["results"]["store"]
+    assert local["format"] == store["format"] == "shards" and store["reads"]["reads"] > 0
+    assert store["requests_per_s"] > 0 and result["ratio_store_over_local"] == store["img_s"] / local["img_s"]
