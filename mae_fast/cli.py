@@ -294,6 +294,14 @@ def _scan(args: argparse.Namespace) -> int:
         found = scan_shards(args.data_path, args.workers, pattern=args.shards, cache_dir=args.cache_dir or "")
         classes = f" in {len(found.classes)} classes" if found.classes else ""
         print(f"{found.samples} samples{classes} in {len(found.tars)} shards under {args.data_path}")
+        seen = sorted({c for v in found.labelled.values() for c in v})
+        if seen:
+            order = (
+                "class-sorted (a shard holds one or two classes): the loader's lanes mix them (README: Mixing)"
+                if found.class_sorted()
+                else "classes mixed within shards"
+            )
+            print(f"labels (.cls of 8 samples a shard): {len(seen)} classes seen; {order}")
         if found.bad:
             print(f"{len(found.bad)} source files were left out by make-shards (listed in its manifest.json)")
         if found.problems:

@@ -110,6 +110,7 @@ class _Index:
     sizes: np.ndarray  # (n,) int64
     end: int  # the byte after the last member's data
     ends: list[tuple[str, int, int]]  # (member name, data offset, size) of the first and the last member
+    labels: np.ndarray  # (n, 2) int64: (data offset, size) of each sample's .cls member; (0, 0) where it has none
     version: tuple[int, str | None] = (0, None)  # the tar's (size, ETag) when _check_shard checked it
 
 
@@ -151,6 +152,7 @@ def load_index(storage: Storage, name: str, size: int) -> _Index:
     if len(lines) - 1 != count:
         raise FormatError(path, "line 1", f"the header says {count} samples, the index lists {len(lines) - 1}")
     keys, offsets, sizes, end = [], np.empty(count, np.int64), np.empty(count, np.int64), 0
+    labels = np.zeros((count, 2), np.int64)
     first = last = None
     for i, line in enumerate(lines[1:]):
         members = _members(path, i + 2, line, end)
@@ -159,11 +161,14 @@ def load_index(storage: Storage, name: str, size: int) -> _Index:
             raise FormatError(path, f"line {i + 2}", f"sample {members[0][3]} has no {'/'.join(IMAGE_MEMBERS)} member")
         ext, offsets[i], sizes[i], name = image
         keys.append(name[: -len(ext) - 1])
+        label = next((m for m in members if m[0].lower() == "cls"), None)
+        if label is not None and label[2] <= 32:  # a class index in ASCII digits
+            labels[i] = label[1:3]
         first = first or members[0]
         last = members[-1]
         end = last[1] + last[2]
     ends = [(m[3], m[1], m[2]) for m in (first, last) if m is not None]
-    return _Index(keys, offsets, sizes, end, ends)
+    return _Index(keys, offsets, sizes, end, ends, labels)
 
 
 def _members(path: str, n: int, line: str, end: int) -> list[tuple[str, int, int, str]]:
@@ -507,6 +512,13 @@ class ShardScan:
     classes: list[str] | None
     problems: list[tuple[str, str]]  # (shard name, what is wrong)
     bad: list[tuple[str, str]]  # source files make_shards left out (relative path, reason)
+    labelled: dict[str, list[int]] = field(default_factory=dict)  # shard -> the .cls of up to 8 samples spread over it
+
+    def class_sorted(self) -> bool:
+        """Do the shards look class-sorted: most hold one or two of the classes seen, and there are more?"""
+        per_shard = [len(set(v)) for v in self.labelled.values() if v]
+        seen = {c for v in self.labelled.values() for c in v}
+        return bool(per_shard) and len(seen) > 2 and float(np.median(per_shard)) <= 2
 
 
 def _check_all(at: _Located, workers: int = 16) -> list:
@@ -526,7 +538,21 @@ def scan_shards(
     manifest = at.manifest
     classes = manifest.get("classes") if manifest else None
     bad = [tuple(b) for b in manifest.get("bad", [])] if manifest else []
-    return ShardScan(at.storage.url, at.tars, samples, classes, problems, bad)
+    fine = [(tar, index) for tar, (index, why) in zip(at.tars, checked, strict=True) if not why]
+    with ThreadPoolExecutor(max(1, min(workers, len(fine) or 1))) as pool:
+        labels = dict(zip([t for t, _ in fine], pool.map(lambda a: _labels(at.storage, *a), fine), strict=True))
+    return ShardScan(at.storage.url, at.tars, samples, classes, problems, bad, labels)
+
+
+def _labels(storage: Storage, tar: str, index: _Index, n: int = 8) -> list[int]:
+    """The class indexes (.cls members) of up to n samples spread over a shard: one small ranged read each."""
+    picks = [i for i in np.linspace(0, len(index.keys) - 1, n).astype(int).tolist() if index.labels[i, 1]]
+    ranges = [(int(index.labels[i, 0]), int(index.labels[i].sum())) for i in dict.fromkeys(picks)]
+    try:
+        texts = storage.read_ranges(tar, ranges, index.version) if ranges else []
+    except OSError:
+        return []
+    return [int(t) for t in (bytes(v).strip() for v in texts) if t.isdigit()]
 
 
 def format_problems(problems: list[tuple[str, str]], total: int, limit: int = 5) -> str:

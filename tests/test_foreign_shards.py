@@ -138,3 +138,19 @@ def test_store_shards_are_indexed_into_a_cache_the_run_uses(tmp_path, photos, mo
         run = tiny(tmp_path, "s3://bucket/wds", f"data.scan_cache_dir={cache}", "data.shuffle_buffer=16")
         assert main(["train", DEMO, *run]) == 0
         assert "data: 32 samples in 2 shards in s3://bucket/wds" in capsys.readouterr().out
+
+
+def test_scan_reports_the_classes_and_whether_the_shards_are_class_sorted(tmp_path, photos, capsys):
+    import webdataset as wds
+
+    for name, label in (("sorted", lambda i: i // 8), ("mixed", lambda i: i % 4)):
+        (tmp_path / name).mkdir()
+        with wds.ShardWriter(str(tmp_path / name / "part-%04d.tar"), maxcount=8, verbose=0) as sink:
+            for i, jpeg in enumerate(photos):
+                sink.write({"__key__": f"s{i:04d}", "jpg": jpeg, "cls": label(i)})
+        assert main(["index-shards", str(tmp_path / name)]) == 0
+        capsys.readouterr()
+        assert main(["scan", str(tmp_path / name)]) == 0
+        out = capsys.readouterr().out
+        assert "32 samples in 4 shards" in out and "labels (.cls of 8 samples a shard): 4 classes seen" in out
+        assert ("class-sorted" in out) == (name == "sorted") and ("classes mixed" in out) == (name == "mixed")

@@ -128,11 +128,11 @@ def test_interrupted_make_shards_is_completed_by_a_rerun(tmp_path, monkeypatch):
 
     write = shards_module._write_shard
 
-    def interrupted(src_, dst_, name, samples, advance):
+    def interrupted(src_, dst_, name, samples, advance, storage):
         if name == "shard-000002.tar":
             (tmp_path / "dst" / f".{name}.tmp").write_bytes(b"half a tar")
             raise KeyboardInterrupt
-        return write(src_, dst_, name, samples, advance)
+        return write(src_, dst_, name, samples, advance, storage)
 
     monkeypatch.setattr(shards_module, "_write_shard", interrupted)
     with pytest.raises(KeyboardInterrupt):
