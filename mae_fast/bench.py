@@ -22,6 +22,7 @@ from .metrics import card_peak
 from .model import arch_for, model_flops_per_image
 from .observe import versions
 from .peers import compiled_reference_step, reference_step
+from .pipelines.store import is_remote
 from .runtime import device_name, seed_everything, setup_device, sync
 from .step import build_train_step, model_from_config
 
@@ -224,16 +225,24 @@ def bench_loader(
     warmup: int = 5,
     shards: str | None = None,
     folder: str | None = None,
+    store: str | None = None,
     log: Log = print,
 ) -> dict:
     """img/s, MB/s (encoded image bytes) and ms per batch of the DALI and/or PIL loaders over the config's data,
     same run, same data. `shards` (data.data_path a folder) or `folder` (data.data_path shards): the same images
-    in the other format, read by DALI too, for the shards / folder ratio; PIL reads the folder only."""
+    in the other format, read by DALI too, for the shards / folder ratio; PIL reads the folder only. `store` (an
+    s3://, gs:// or http(s):// copy of data.data_path's shards): DALI over it too, for the store / local ratio
+    and the store's requests per second."""
     device = setup_device(cfg.misc.device)
     paths, datasets = _loader_data(cfg, shards, folder, log)
+    if store:
+        if "shards" not in paths or is_remote(paths["shards"]):
+            raise ConfigError(f"--store {store}: data.data_path must be the local copy of its shards")
+        paths["store"] = store
+        datasets["store"] = find_dataset(replace(cfg, data=replace(cfg.data, data_path=store, format="shards")))
     names = ["dali", "pil"] if backend == "both" else [backend]
     runs = [(name, "folder") for name in names if "folder" in datasets]
-    runs += [("dali", "shards")] if "shards" in datasets and "dali" in names else []
+    runs += [("dali", fmt) for fmt in ("shards", "store") if fmt in datasets and "dali" in names]
     if "shards" in datasets and ("dali", "shards") not in runs:
         raise ConfigError("--backend pil: shards are read by DALI only; use --backend dali or both")
     if "pil" in names and "folder" not in datasets:
@@ -244,7 +253,7 @@ def bench_loader(
         raise ValueError(f"data.data_path: {num_images} images, fewer than one batch of {batch}")
     results: dict[str, dict] = {}
     for name, fmt in runs:
-        key = "shards" if fmt == "shards" else name
+        key = name if fmt == "folder" else fmt
         run_cfg = replace(cfg, data=replace(cfg.data, backend=name, data_path=paths[fmt]))
         per_epoch = num_images // batch
         results[key] = _time_loader(run_cfg, datasets[fmt], key, batch, per_epoch, batches, warmup, device, log)
@@ -257,6 +266,9 @@ def bench_loader(
     if "dali" in results and "shards" in results:
         out["ratio_shards_over_folder"] = results["shards"]["img_s"] / results["dali"]["img_s"]
         log(f"shards / folder (DALI): {out['ratio_shards_over_folder']:.2f}x")
+    if "store" in results:
+        out["ratio_store_over_local"] = results["store"]["img_s"] / results["shards"]["img_s"]
+        log(f"store / local shards (DALI): {out['ratio_store_over_local']:.2f}x")
     return out
 
 
@@ -293,7 +305,9 @@ def _time_loader(
     loader, _, desc = build_loader(cfg, dataset, batch, per_epoch, device)
     log(f"{key}: {desc}, batch {batch}, {cfg.data.input_size}px")
     timed = TimedBatches(loader)
+    t0 = time.perf_counter()
     sec = _loop(timed, lambda images: None, batches, warmup, device)[0] / batches
+    wall = time.perf_counter() - t0
     b = timed.next()
     mean_bytes = _mean_image_bytes(dataset)
     result = {
@@ -308,9 +322,13 @@ def _time_loader(
         "output_device": str(b.device),
         "dtype": str(b.dtype),
     }
+    rate = ""
     if dataset.shards is not None:
-        result["reads"] = loader.read_stats.as_dict()  # opens, read calls, bytes (whole blocks)
-    log(f"{key:>6}: {batch / sec:,.1f} img/s  {result['MB_s']:,.1f} MB/s  {1000 * sec:.1f} ms/batch")
+        result["reads"] = loader.read_stats.as_dict()  # opens, read calls (a store: GETs), bytes (whole blocks)
+        # over the loop's wall time, warm-up and the reader's read-ahead included
+        result["requests_per_s"] = result["reads"]["reads"] / wall
+        rate = f"  {result['requests_per_s']:,.1f} requests/s"
+    log(f"{key:>6}: {batch / sec:,.1f} img/s  {result['MB_s']:,.1f} MB/s  {1000 * sec:.1f} ms/batch{rate}")
     loader.close()
     return result
 

@@ -116,6 +116,7 @@ def _training_commands(sub) -> None:
     p.add_argument("--backend", choices=["dali", "pil", "both"], default="both")
     p.add_argument("--shards", default=None, metavar="DIR", help="also time DALI over these shards of the same images")
     p.add_argument("--folder", default=None, metavar="DIR", help="(data_path shards) also time the image folder")
+    p.add_argument("--store", default=None, metavar="URL", help="(data_path shards) also time their copy in a store")
     p.add_argument("--batches", type=COUNT, default=50)
     p.add_argument("--warmup", type=bounded(int, 0, 10**6), default=5)
     p.add_argument("--json", default=None)
@@ -127,8 +128,16 @@ def _data_commands(sub) -> None:
     p = sub.add_parser("scan", help="list and check the images of a data folder (cached)")
     p.add_argument("data_path")
     p.add_argument("--workers", type=WORKERS, default=8)
-    p.add_argument("--cache-dir", default=None, help="cache the file list here (default: in DATA_PATH)")
+    p.add_argument("--cache-dir", default=None, help="cache the file list (shards: the indexes index-shards wrote)")
+    p.add_argument("--shards", default="*.tar", metavar="GLOB", help="shards: the tars to read (data.shards)")
     p.set_defaults(run=_scan)
+
+    p = sub.add_parser("index-shards", help="write the DALI index of each WebDataset tar written by another tool")
+    p.add_argument("path", help="a folder of *.tar, or s3://, gs://, http(s):// prefix holding them")
+    p.add_argument("--shards", default="*.tar", metavar="GLOB", help="the tars to index (data.shards)")
+    p.add_argument("--cache-dir", default="", help="where indexes go when PATH cannot be written (~/.cache/mae-fast)")
+    p.add_argument("--workers", type=WORKERS, default=8)
+    p.set_defaults(run=_index_shards)
 
     p = sub.add_parser("make-shards", help="convert an image folder into WebDataset tar shards with DALI indexes")
     p.add_argument("src", help="ImageNet-style (SRC/<class>/*.JPEG) or flat image folder")
@@ -192,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .checkpoint import CheckpointError, RunFolderError
     from .metrics import NonFiniteLoss
+    from .pipelines.store import StoreError
     from .pipelines.validate import DatasetScanError, DestinationError, WriteError
 
     codes = {
@@ -199,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         DatasetScanError: EXIT_USAGE,
         DestinationError: EXIT_USAGE,
         WriteError: EXIT_ERROR,
+        StoreError: EXIT_ERROR,  # a store that failed for good while writing (reading one is a DatasetScanError)
         NonFiniteLoss: EXIT_DIVERGED,
         CheckpointError: EXIT_ERROR,
         RunFolderError: EXIT_USAGE,
@@ -295,6 +306,7 @@ def _bench_loader(args: argparse.Namespace) -> int:
             warmup=args.warmup,
             shards=args.shards,
             folder=args.folder,
+            store=args.store,
         ),
         args.json,
     )
@@ -306,9 +318,17 @@ def _scan(args: argparse.Namespace) -> int:
     from .pipelines.shards import format_problems, is_shard_path, scan_shards
 
     if is_shard_path(args.data_path):  # a folder of shards: counted from the indexes, each tar checked
-        found = scan_shards(args.data_path, workers=args.workers)
+        found = scan_shards(args.data_path, args.workers, pattern=args.shards, cache_dir=args.cache_dir or "")
         classes = f" in {len(found.classes)} classes" if found.classes else ""
         print(f"{found.samples} samples{classes} in {len(found.tars)} shards under {args.data_path}")
+        seen = sorted({c for v in found.labelled.values() for c in v})
+        if seen:
+            order = (
+                "class-sorted (a shard holds one or two classes): the loader's lanes mix them (README: Mixing)"
+                if found.class_sorted()
+                else "classes mixed within shards"
+            )
+            print(f"labels (.cls of 8 samples a shard): {len(seen)} classes seen; {order}")
         if found.bad:
             print(f"{len(found.bad)} source files were left out by make-shards (listed in its manifest.json)")
         if found.problems:
@@ -320,6 +340,22 @@ def _scan(args: argparse.Namespace) -> int:
         print(f"{len(result.files)} images in {len(result.classes) or 1} classes under {args.data_path}")
         if result.bad:
             print(format_bad(result))
+    return 0
+
+
+def _index_shards(args: argparse.Namespace) -> int:
+    from .pipelines.index_shards import index_shards
+    from .pipelines.scan import DatasetScanError
+    from .pipelines.shards import format_problems
+
+    r = index_shards(args.path, args.shards, args.cache_dir, args.workers)
+    print(f"{r.written} indexes written into {r.written_to}; {r.scan.samples} samples in {len(r.scan.tars)} shards")
+    if r.skipped:
+        shown = ", ".join(f"{name} ({why})" for name, why in r.skipped[:5])
+        print(f"{len(r.skipped)} samples left out of the indexes: {shown}")
+    problems = r.failed + [p for p in r.scan.problems if p[0] not in dict(r.failed)]
+    if problems:
+        raise DatasetScanError(f"{r.scan.root}: " + format_problems(problems, len(r.scan.tars)))
     return 0
 
 

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import yaml
 
 from .pipelines.common import Augmentation
+from .pipelines.store import redact
 from .presets import PRESETS
 
 
@@ -119,8 +120,12 @@ class DataConfig:
     hw_decoder_load: float | None = None  # DALI's share for the hardware JPEG decoder; None = DALI default
     synthetic_images: int = 1281167  # images per epoch with backend synthetic (ImageNet-1k's train size)
     make_sample: bool = False  # create a sample data set at data_path when it is missing (demo)
-    scan_cache_dir: str = ""  # where the checked file list is cached; "" = in data_path itself
+    scan_cache_dir: str = ""  # where the checked file list is cached ("": in data_path), and index-shards' indexes
     shuffle_buffer: int = 8192  # shards: samples shuffled together per rank; ~2 x this x mean JPEG size of memory
+    # shards in an object store (s3://, gs://, http(s)://): settings beyond the standard environment variables,
+    # e.g. {allow_http: true, endpoint: http://127.0.0.1:9000, timeout: 60s, retries: 5}; see pipelines/store.py
+    storage_options: dict[str, str | int | float | bool] = field(default_factory=dict)
+    shards: str = "*.tar"  # shards: the tars of data_path to read (a glob: imagenet1k-train-*.tar)
     augmentation: Augmentation = field(default_factory=Augmentation)  # pipelines.common: checked there
 
     def __post_init__(self) -> None:
@@ -257,8 +262,13 @@ class Config:
             f"must be a positive multiple of the patch size {patch} of {self.model.type}, got {size}",
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def to_dict(self, redacted: bool = False) -> dict[str, Any]:
+        """The config as plain data; `redacted`: credentials in data.storage_options replaced by '***' (what is
+        printed, saved beside the run and kept in checkpoints)."""
+        out = dataclasses.asdict(self)
+        if redacted:
+            out["data"]["storage_options"] = redact(out["data"]["storage_options"])
+        return out
 
 
 # -- building dataclasses from plain dicts, strictly --------------------------------------------
@@ -305,6 +315,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if len(errors) == 1:  # Optional[X]: X's own message says more
             raise errors[0]
         raise ConfigError(f"{key}: must be {', or '.join(_describe(a) for a in args)}, got {_excerpt(value)}")
+    if origin is dict:
+        _, value_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {_excerpt(value)}")
+        return {str(k): _coerce(v, value_tp, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
@@ -511,8 +526,8 @@ def lr_warnings(cfg: Config) -> list[str]:
 
 
 def resolved(cfg: Config, derived: Derived | None) -> dict[str, Any]:
-    """The config with its derived values: what is printed at start and saved with the run."""
-    out = cfg.to_dict()
+    """The config with its derived values: what is printed at start and saved with the run (no credentials)."""
+    out = cfg.to_dict(redacted=True)
     if derived is not None:
         out["derived"] = dataclasses.asdict(derived)
     return out

@@ -95,7 +95,7 @@ def find_shards(cfg: Config) -> Dataset:
             f"dali backend (set data.backend: dali), or point data.data_path at the image folder"
         )
     try:
-        shard_set = open_shards(d.data_path)
+        shard_set = open_shards(d.data_path, options=d.storage_options, pattern=d.shards, cache_dir=d.scan_cache_dir)
     except DatasetScanError as e:
         guessed = d.format == "auto" and Path(d.data_path).is_dir() and not _has_manifest(d.data_path)
         why = " (data.format auto read it as shards: it holds *.tar files; data.format: folder reads its images)"

@@ -474,7 +474,7 @@ class Trainer:
                 step=self.step,
                 rng=gather(self.d, rng_state()),
                 data=gather(self.d, self.loader.state()),
-                config=self.cfg.to_dict(),
+                config=self.cfg.to_dict(redacted=True),
                 derived=self.derived,
             )
         path = None

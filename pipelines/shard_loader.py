@@ -1,7 +1,8 @@
 """ShardLoader: DaliLoader's pipeline fed from WebDataset tar shards instead of a folder of files.
 
-    shard bytes  _BlockReader      whole blocks of samples, each read as a few long sequential runs of
-                                   a shard (shards.ShardSet.read_run), the next block in a background thread
+    shard bytes  _BlockReader      whole blocks of samples, each read as runs of shards (a ranged read
+                                   each, shards.ShardSet.read_run, up to 8 in flight), the next block
+                                   in a background thread
     encoded      fn.external_source  the encoded images of the next batch, from _SampleFeed
     ...          the rest of pipelines/dali.py's graph: decode + random crop, resize, flip, normalize
 
@@ -46,6 +47,7 @@ class _BlockReader:
         self.shards = shards
         self.stats = ReadStats()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="shard-reader")
+        self._runs = ThreadPoolExecutor(8, thread_name_prefix="shard-runs")
         self._blocks: dict[tuple[int, int], Future] = {}  # (epoch, block) -> {sample: bytes}
 
     def block(
@@ -61,9 +63,10 @@ class _BlockReader:
         return self._blocks[key].result()
 
     def _read(self, samples: np.ndarray) -> dict[int, np.ndarray]:
+        """One block: a ranged read per run (a lane of the epoch plan), up to 8 in flight (a store's latency)."""
         out: dict[int, np.ndarray] = {}
-        for shard, first, stop in runs(samples, self.shards.starts):
-            out.update(self.shards.read_run(shard, first, stop, self.stats))
+        for got in self._runs.map(lambda r: self.shards.read_run(*r, self.stats), runs(samples, self.shards.starts)):
+            out.update(got)
         return out
 
     def close(self) -> None:
@@ -71,6 +74,7 @@ class _BlockReader:
             f.cancel()
         self._blocks.clear()
         self._pool.shutdown(wait=True)
+        self._runs.shutdown(wait=True)
 
 
 class _SampleFeed:

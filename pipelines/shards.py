@@ -22,24 +22,34 @@ per rank) while each rank reads whole shards, or long runs of one, sequentially:
     stream   the shards in an order drawn from (seed, epoch), each shard's samples in file order
     rank k   the k-th contiguous run of L * B samples of the stream (the tail of the stream is
              dropped: a few samples, from whichever shards come last in this epoch)
-    blocks   the rank's run cut into blocks of `block_size` samples (whole batches); each block is
-             read whole (a few long sequential reads), then shuffled, from (seed, epoch, rank)
+    lanes    the rank's run cut into k = min(64, block_size / 8) contiguous lanes, read round robin
+             block_size / k samples of each at a time: a block draws from k far-apart places of the stream
+             (as many shards, where the rank's run spans that many), so a batch mixes shards and classes
+             even when the shards are class-sorted; reads stay runs (128 samples, ~14 MB of ImageNet, at
+             the default buffer of 8192)
+    blocks   that read order cut into blocks of `block_size` samples (whole batches); each block is
+             read whole (a run per lane), then shuffled, from (seed, epoch, rank)
 
 The order is a pure function of (seed, epoch, rank), so a resume at (epoch, batch) recomputes it.
 
-Everything here reads local (or mounted network) files. Object stores (s3://, http(s)://) are not
-supported yet: every byte read goes through ShardSet.read_run / read_sample (one ranged read per run
-of samples), which is where a ranged GET would go; open_shards refuses such a URL by name.
+The shards are read through a store.Storage: a local (or mounted) folder, or an object store prefix
+(s3://, gs://, http(s)://). Every byte read goes through ShardSet.read_run / read_sample: one ranged
+read per run of samples (a GET in a store), checked against the version of the shard checked at the start.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import fnmatch
 import hashlib
 import io
 import json
 import os
+import re
+import shutil
 import tarfile
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -49,16 +59,17 @@ import numpy as np
 
 from .common import batches_per_epoch
 from .scan import DatasetScanError, _fingerprint, _list_images, scan_dataset
-from .validate import FormatError, WriteError, check_folder, inside, need, need_list, read_json
+from .store import LocalStorage, ObjectChanged, Storage, StoreError, is_remote, open_storage
+from .validate import FormatError, WriteError, check_folder, inside, need, need_list, parse_json
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "mae-fast-shards"
 MANIFEST_VERSION = 1
 INDEX_VERSION = "v1.2"  # the index format of DALI's wds2idx
 IMAGE_MEMBERS = ("jpg", "jpeg", "png")  # the member of a sample that holds its image
-READ_CHUNK = 8 << 20  # bytes per read call: long sequential reads, bounded syscalls
 _BLOCK = 512  # tar block size
-_REMOTE = ("s3://", "gs://", "http://", "https://")
+LANES = 64  # places of the stream a shuffle block draws from at once, at most (epoch_plan)
+MIN_RUN = 8  # samples a lane gives a block, at least: fewer lanes for a small shuffle_buffer (reads stay runs)
 
 
 def _padded(size: int) -> int:
@@ -99,25 +110,37 @@ class _Index:
     sizes: np.ndarray  # (n,) int64
     end: int  # the byte after the last member's data
     ends: list[tuple[str, int, int]]  # (member name, data offset, size) of the first and the last member
-    tar_size: int = 0  # the tar's size when _check_shard checked it against this index
+    labels: np.ndarray  # (n, 2) int64: (data offset, size) of each sample's .cls member; (0, 0) where it has none
+    version: tuple[int, str | None] = (0, None)  # the tar's (size, ETag) when _check_shard checked it
 
 
 MAX_INDEX_BYTES = 256 << 20  # an index this large would describe millions of samples in one shard
 
 
 def read_index(path: str) -> _Index:
-    """Parse and check a wds2idx index ("v1.2 N", then per sample: ext offset size name, per member).
+    """The checked index in the file `path` (see load_index)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    storage = LocalStorage(folder)
+    try:
+        size = storage.head(name)[0]
+    except OSError as e:
+        raise FormatError(path, "(file)", f"unreadable ({e.strerror or e})") from None
+    return load_index(storage, name, size)
+
+
+def load_index(storage: Storage, name: str, size: int) -> _Index:
+    """Parse and check a wds2idx index ("v1.2 N", then per sample: ext offset size name, per member) of `size` bytes.
 
     Every member's data must start on a tar block after a header (offset >= 512, a multiple of 512), after the
     previous member's data (the members in order); its name must end with its extension. The data's end
     (_Index.end) is checked against the tar's size by _check_shard. Raises FormatError naming the file, the line
     and the field.
     """
+    path = storage.where(name)
     try:
-        if os.path.getsize(path) > MAX_INDEX_BYTES:
+        if size > MAX_INDEX_BYTES:
             raise FormatError(path, "(file)", f"larger than {MAX_INDEX_BYTES >> 20} MiB: not an index")
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        lines = storage.read(name).decode("utf-8").splitlines()
     except UnicodeDecodeError:
         raise FormatError(path, "(file)", "not UTF-8 text (binary?)") from None
     except OSError as e:
@@ -129,6 +152,7 @@ def read_index(path: str) -> _Index:
     if len(lines) - 1 != count:
         raise FormatError(path, "line 1", f"the header says {count} samples, the index lists {len(lines) - 1}")
     keys, offsets, sizes, end = [], np.empty(count, np.int64), np.empty(count, np.int64), 0
+    labels = np.zeros((count, 2), np.int64)
     first = last = None
     for i, line in enumerate(lines[1:]):
         members = _members(path, i + 2, line, end)
@@ -137,11 +161,14 @@ def read_index(path: str) -> _Index:
             raise FormatError(path, f"line {i + 2}", f"sample {members[0][3]} has no {'/'.join(IMAGE_MEMBERS)} member")
         ext, offsets[i], sizes[i], name = image
         keys.append(name[: -len(ext) - 1])
+        label = next((m for m in members if m[0].lower() == "cls"), None)
+        if label is not None and label[2] <= 32:  # a class index in ASCII digits
+            labels[i] = label[1:3]
         first = first or members[0]
         last = members[-1]
         end = last[1] + last[2]
     ends = [(m[3], m[1], m[2]) for m in (first, last) if m is not None]
-    return _Index(keys, offsets, sizes, end, ends)
+    return _Index(keys, offsets, sizes, end, ends, labels)
 
 
 def _members(path: str, n: int, line: str, end: int) -> list[tuple[str, int, int, str]]:
@@ -169,7 +196,7 @@ def _members(path: str, n: int, line: str, end: int) -> list[tuple[str, int, int
 class ShardSet:
     """The samples of a folder of shards, numbered 0..N-1 shard after shard, in file order."""
 
-    root: str  # the folder (absolute)
+    storage: Storage  # the folder or store prefix the shards are in
     tars: list[str]  # shard file names, in manifest (or sorted) order
     counts: np.ndarray  # (S,) samples per shard
     names: list[str]  # (N,) printable sample names "shard-000003.tar:<key>"
@@ -177,13 +204,19 @@ class ShardSet:
     sizes: np.ndarray  # (N,) int64: image bytes
     classes: list[str] | None  # None: no class labels (a flat source, or shards from another tool)
     bad: list[tuple[str, str]] = field(default_factory=list)  # source files make_shards left out
-    # per shard, as open_shards checked it: the tar's size and its first member (name, data offset, size);
-    # read_run checks both at each open, so a shard replaced during a run is caught before it is decoded
-    tar_sizes: list[int] | None = None
+    # per shard, as open_shards checked it: (size, ETag or None) and its first member (name, data offset, size);
+    # read_run checks them at each read (a store: If-Match; a file: its size and first header), so a shard
+    # replaced during a run is caught before it is decoded
+    versions: list[tuple[int, str | None]] | None = None
     heads: list[tuple[str, int, int]] | None = None
 
     def __post_init__(self) -> None:
         self.starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)  # (S + 1,)
+
+    @property
+    def root(self) -> str:
+        """The folder, or the store URL, as printed in messages."""
+        return self.storage.url
 
     def __len__(self) -> int:
         return len(self.names)
@@ -200,54 +233,36 @@ class ShardSet:
         return int(np.searchsorted(self.starts, sample, side="right")) - 1
 
     def read_run(self, shard: int, first: int, stop: int, stats: ReadStats | None = None) -> dict[int, np.ndarray]:
-        """The images of samples first..stop-1 (all in `shard`): one open, then sequential reads of
-        READ_CHUNK over the byte range they span. Returns {sample: zero-copy view of its bytes}."""
+        """The images of samples first..stop-1 (all in `shard`): one ranged read of the byte range they span
+        (a file: one open and reads of up to 8 MB; a store: one GET), checked against the shard's version.
+        Returns {sample: zero-copy view of its bytes}; ShardReadError names a shard gone, changed or unreadable."""
         base = int(self.offsets[first])
         end = int(self.offsets[stop - 1] + self.sizes[stop - 1])
-        buf = bytearray(end - base)
-        view, pos, reads = memoryview(buf), 0, 0
+        where, version = self.storage.where(self.tars[shard]), self.versions[shard] if self.versions else None
+        # no ETag (a file): the first member's header is read with the run and compared with the index
+        head = self.heads[shard] if self.heads and not (version and version[1]) else None
+        ranges = [(base, end)] + ([(head[1] - _BLOCK, head[1])] if head else [])
         try:
-            with open(os.path.join(self.root, self.tars[shard]), "rb", buffering=0) as f:
-                self._check_unchanged(shard, f)
-                f.seek(base)
-                while pos < len(buf):
-                    n = f.readinto(view[pos : pos + READ_CHUNK])
-                    if not n:
-                        raise ShardReadError(
-                            f"{self._shard_path(shard)} ends at byte {base + pos}, its index needs {end}: truncated? "
-                            f"(mae-fast scan {self.root} checks every shard)"
-                        )
-                    pos, reads = pos + n, reads + 1
-        except ShardReadError:
-            raise
-        except OSError as e:  # gone (deleted, a mount lost), unreadable
-            raise ShardReadError(f"{self._shard_path(shard)} cannot be read ({e.strerror or e})") from None
+            views = self.storage.read_ranges(self.tars[shard], ranges, version)
+        except ObjectChanged as e:
+            now = f"{e.size} bytes, {e.expected} when the run started" if e.size is not None else str(e)
+            raise ShardReadError(f"{where} changed during the run: {now} (truncated or replaced)") from None
+        except OSError as e:  # gone (deleted, a mount lost), unreadable, a store still failing after its retries
+            raise ShardReadError(
+                f"{where} cannot be read ({e if isinstance(e, StoreError) else e.strerror or e}); "
+                f"(mae-fast scan {self.root} checks every shard)"
+            ) from None
+        if head and not _header_ok(views[1], head[0], head[2]):
+            raise ShardReadError(
+                f"{where} changed during the run: its first member is no longer {head[0]} "
+                f"(replaced by another shard of the same size)"
+            )
         if stats is not None:
-            stats.add(1, reads, len(buf))
+            stats.add(1, 1, len(views[0]))  # one open, one read of the run (the header check: 512 bytes)
         return {
-            i: np.frombuffer(buf, np.uint8, count=int(self.sizes[i]), offset=int(self.offsets[i]) - base)
+            i: np.frombuffer(views[0], np.uint8, count=int(self.sizes[i]), offset=int(self.offsets[i]) - base)
             for i in range(first, stop)
         }
-
-    def _shard_path(self, shard: int) -> str:
-        return os.path.join(self.root, self.tars[shard])
-
-    def _check_unchanged(self, shard: int, f) -> None:
-        """ShardReadError if the open shard `f` is not the one checked at the start: another size, or another
-        first member header (one 512-byte read)."""
-        if self.tar_sizes is None or self.heads is None:
-            return
-        size = os.fstat(f.fileno()).st_size
-        if size != self.tar_sizes[shard]:
-            raise ShardReadError(
-                f"{self._shard_path(shard)} changed during the run: {size} bytes, {self.tar_sizes[shard]} when the "
-                f"run started (truncated or replaced)"
-            )
-        if not _header_matches(f, *self.heads[shard]):
-            raise ShardReadError(
-                f"{self._shard_path(shard)} changed during the run: its first member is no longer "
-                f"{self.heads[shard][0]} (replaced by another shard of the same size)"
-            )
 
     def read_sample(self, sample: int, stats: ReadStats | None = None) -> np.ndarray:
         """One sample's image bytes (a small random read: for the rare sample outside a block)."""
@@ -258,7 +273,7 @@ class ShardSet:
 def is_shard_path(path: str) -> bool:
     """Does `path` name shards: a manifest file, or a folder holding a manifest or *.tar files?"""
     path = os.path.expanduser(path)
-    if path.startswith(_REMOTE):
+    if is_remote(path):
         return True
     if os.path.isfile(path):
         return path.endswith(".json")
@@ -271,10 +286,23 @@ def is_shard_path(path: str) -> bool:
 def read_manifest(path: str) -> dict | None:
     """The manifest in folder `path` (or the file `path`), None if there is none; FormatError (file and field)
     for one that is damaged or not make-shards' (see _check_manifest)."""
-    file = path if os.path.isfile(path) else os.path.join(path, MANIFEST_NAME)
-    if not os.path.lexists(file):
+    folder, name = (os.path.split(path)) if os.path.isfile(path) else (path, MANIFEST_NAME)
+    if not os.path.lexists(os.path.join(folder, name)):
         return None
-    manifest = read_json(file)
+    return load_manifest(LocalStorage(folder), name)
+
+
+def load_manifest(storage: Storage, name: str = MANIFEST_NAME) -> dict | None:
+    """The checked manifest `name` in `storage`, None if there is none."""
+    file = storage.where(name)
+    try:
+        manifest = parse_json(storage.read(name), file)
+    except FileNotFoundError:
+        return None
+    except OSError as e:  # a folder, unreadable; a store still failing after its retries
+        raise FormatError(
+            file, "(file)", f"unreadable ({e if isinstance(e, StoreError) else e.strerror or e})"
+        ) from None
     if need(manifest, "format", (str, type(None)), file) != MANIFEST_FORMAT:
         raise FormatError(file, "format", f"not a {MANIFEST_FORMAT} manifest")
     if need(manifest, "version", int, file) != MANIFEST_VERSION:
@@ -316,71 +344,151 @@ def _check_manifest(manifest: dict, file: str) -> None:
         inside(item[0], file, f"bad[{i}]")
 
 
-def _locate(path: str) -> tuple[str, dict | None, list[str], list[int] | None]:
-    """(folder, manifest, shard names, expected counts) of a shard folder or manifest."""
+@dataclass
+class _Located:
+    """A shard folder or store prefix: its storage, manifest, shard names, the counts the manifest expects,
+    {name: bytes} of its files (None where the store cannot list: an HTTP server; sizes are then asked), and
+    the local folders that may hold indexes it lacks (index-shards' cache)."""
+
+    storage: Storage
+    manifest: dict | None
+    tars: list[str]
+    counts: list[int] | None
+    sizes: dict[str, int] | None
+    caches: list[Storage] = field(default_factory=list)
+
+
+SPLITS = {"train", "val", "valid", "validation", "test", "eval"}  # words that name a split in a shard name
+
+
+def _locate(path: str, options: dict | None = None, pattern: str = "*.tar", cache_dir: str = "") -> _Located:
+    """The shards of a folder, a manifest file, or a store prefix (s3://, gs://, http(s)://) that `pattern`
+    (data.shards) selects. A folder whose tar names hold several split words (train, val, test, ...) is refused
+    while the pattern is the default: it would train on every split."""
+    from .index_shards import index_cache
+
     path = os.path.expanduser(path)
-    if path.startswith(_REMOTE):
-        raise DatasetScanError(
-            f"{path}: object stores are not supported yet (local or mounted folders only); copy the shards "
-            f"to a file system, or mount the bucket"
-        )
-    if not os.path.exists(path):
-        raise DatasetScanError(f"shard path does not exist: {path}")
-    root = os.path.abspath(os.path.dirname(path) if os.path.isfile(path) else path)
-    manifest = read_manifest(path)
+    name = MANIFEST_NAME
+    if is_remote(path):
+        if path.endswith(".json"):
+            path, name = path.rsplit("/", 1)
+        storage = open_storage(path, options)
+    else:
+        if not os.path.exists(path):
+            raise DatasetScanError(f"shard path does not exist: {path}")
+        if os.path.isfile(path):
+            path, name = os.path.split(os.path.abspath(path))
+        storage = LocalStorage(path)
+    manifest = load_manifest(storage, name)
+    try:
+        sizes = storage.list()
+    except StoreError as e:
+        if manifest is None or "cannot list" not in str(e):
+            raise DatasetScanError(str(e)) from None
+        sizes = None  # an HTTP server: the manifest names the shards, each is asked its size
+    cache = index_cache(storage.url, cache_dir)
+    caches = [LocalStorage(cache)] if os.path.isdir(cache) else []
     if manifest is not None:
         if not manifest.get("complete"):
-            raise DatasetScanError(f"{root}: make-shards did not finish; run it again to complete the shards")
-        shards = manifest["shards"]
-        return root, manifest, [s["name"] for s in shards], [int(s["samples"]) for s in shards]
-    tars = sorted(name for name in os.listdir(root) if name.endswith(".tar") and not name.startswith("."))
+            raise DatasetScanError(f"{storage.url}: make-shards did not finish; run it again to complete the shards")
+        shards = [s for s in manifest["shards"] if fnmatch.fnmatchcase(s["name"], pattern)]
+        if not shards:
+            raise DatasetScanError(f"{storage.where(name)}: no shard matches data.shards {pattern!r}")
+        tars, counts = [s["name"] for s in shards], [int(s["samples"]) for s in shards]
+        return _Located(storage, manifest, tars, counts, sizes, caches)
+    tars = sorted(n for n in sizes or {} if fnmatch.fnmatchcase(n, pattern) and not n.startswith("."))
     if not tars:
-        raise DatasetScanError(f"no shards (*.tar) and no {MANIFEST_NAME} in {root}")
-    return root, None, tars, None
+        raise DatasetScanError(f"no shards ({pattern}) and no {MANIFEST_NAME} in {storage.url}")
+    splits = collections.Counter(w for t in tars for w in set(re.split(r"[^a-z]+", t.lower())) & SPLITS)
+    if len(splits) > 1 and pattern == "*.tar":
+        found = ", ".join(f"{n} named '{w}'" for w, n in sorted(splits.items()))
+        example = next(t for t in tars if "train" in t.lower()) if "train" in splits else tars[0]
+        raise DatasetScanError(
+            f"{storage.url} holds the shards of several splits ({found}); choose one with data.shards (--shards "
+            f"for scan and index-shards), e.g. data.shards: '{re.sub(r'[0-9]+(?=[^0-9]*$)', '*', example)}'"
+        )
+    return _Located(storage, None, tars, None, sizes, caches)
+
+
+def index_name(tar: str) -> str:
+    return tar[: -len(".tar")] + ".idx" if tar.endswith(".tar") else tar + ".idx"
 
 
 def index_path(root: str, tar: str) -> str:
-    return os.path.join(root, tar[: -len(".tar")] + ".idx")
+    return os.path.join(root, index_name(tar))
 
 
-def _check_shard(root: str, tar: str, expected: int | None) -> tuple[_Index | None, str | None]:
+def _indexes(at: _Located, tar: str) -> list[tuple[Storage, int]]:
+    """Where the index of `tar` is, with its size: beside it, then in index-shards' cache (each that exists)."""
+    idx, found = index_name(tar), []
+    if at.sizes is None:  # a store that cannot list: asked
+        with contextlib.suppress(FileNotFoundError):
+            found.append((at.storage, at.storage.head(idx)[0]))
+    elif idx in at.sizes:
+        found.append((at.storage, at.sizes[idx]))
+    for cache in at.caches:
+        if os.path.isfile(cache.where(idx)):
+            found.append((cache, os.path.getsize(cache.where(idx))))
+    return found
+
+
+def _check_shard(at: _Located, tar: str, expected: int | None) -> tuple[_Index | None, str | None]:
     """(index, None) if shard `tar` is whole and matches its index, else (index or None, what is wrong).
 
-    Cheap: a stat and two 512-byte reads. The tar must hold every byte its index names, and the
-    headers of its first and last member must give the name and size the index gives.
+    Cheap: its size (and, in a store, its ETag), the index, and two 512-byte reads. The tar must hold every byte
+    its index names, and the headers of its first and last member must give the name and size the index gives.
+    An index beside the tar is tried first, then one in index-shards' cache.
     """
-    path, idx = os.path.join(root, tar), index_path(root, tar)
-    if not os.path.exists(path):
-        return None, "missing"
-    if not os.path.exists(idx):
-        return None, f"no index {os.path.basename(idx)} (make it with: wds2idx {path})"
+    storage, idx = at.storage, index_name(tar)
     try:
-        index = read_index(idx)
-    except FormatError as e:
-        return None, f"bad index {os.path.basename(idx)}: {e.field}: {e.problem} (rebuild it: make-shards, or wds2idx)"
+        if at.sizes is not None and tar not in at.sizes:
+            return None, "missing"
+        size, tag = (at.sizes[tar], None) if at.sizes is not None and not is_remote(storage.url) else storage.head(tar)
+    except FileNotFoundError:
+        return None, "missing"
+    except OSError as e:
+        return None, f"unreadable ({e})"
+    found = _indexes(at, tar)
+    if not found:
+        return None, f"no index {idx} (write the indexes with: mae-fast index-shards {storage.url})"
+    problem: tuple[_Index | None, str | None] = (None, None)
+    for where, index_size in found:
+        try:
+            index = load_index(where, idx, index_size)
+        except FormatError as e:
+            got = None, f"bad index {idx}: {e.field}: {e.problem} (rebuild it: mae-fast index-shards {storage.url})"
+        else:
+            got = _matches(storage, tar, index, (size, tag), expected)
+        if got[1] is None:
+            return got
+        problem = problem if problem[1] else got
+    return problem
+
+
+def _matches(
+    storage: Storage, tar: str, index: _Index, version: tuple[int, str | None], expected: int | None
+) -> tuple[_Index, str | None]:
+    """(index, None) if the tar (of `version`) holds what `index` says, else (index, what is wrong)."""
     if expected is not None and len(index.keys) != expected:
         return index, f"the manifest says {expected} samples, the index {len(index.keys)}"
     if not index.keys:
         return index, "no samples"
+    index.version = version
+    if version[0] < index.end:
+        return index, f"truncated: {version[0]} bytes, its index needs {index.end}"
     try:
-        with open(path, "rb") as f:
-            size = index.tar_size = os.fstat(f.fileno()).st_size
-            if size < index.end:
-                return index, f"truncated: {size} bytes, its index needs {index.end}"
-            for name, offset, nbytes in index.ends:
-                if not _header_matches(f, name, offset, nbytes):
-                    return (
-                        index,
-                        f"does not match its index: no tar header for {name} ({nbytes} bytes) at {offset - _BLOCK}",
-                    )
+        headers = storage.read_ranges(tar, [(offset - _BLOCK, offset) for _, offset, _ in index.ends], version)
     except OSError as e:
-        return index, f"unreadable ({e.strerror or e})"
+        return index, f"unreadable ({e if isinstance(e, StoreError) else e.strerror or e})"
+    for header, (name, offset, nbytes) in zip(headers, index.ends, strict=True):
+        if not _header_ok(header, name, nbytes):
+            return index, f"does not match its index: no tar header for {name} ({nbytes} bytes) at {offset - _BLOCK}"
     return index, None
 
 
-def _header_matches(f, name: str, offset: int, nbytes: int) -> bool:
-    """Is the tar header before `offset` in file `f` the one of member `name` with `nbytes` of data?"""
-    header = os.pread(f.fileno(), _BLOCK, offset - _BLOCK)
+def _header_ok(header: bytes | memoryview, name: str, nbytes: int) -> bool:
+    """Is `header` (512 bytes) the tar header of member `name` with `nbytes` of data?"""
+    header = bytes(header)
     got = header[:100].split(b"\0")[0].decode(errors="replace")
     try:
         got_size = int(header[124:136].split(b"\0")[0].strip() or b"-1", 8)
@@ -404,23 +512,47 @@ class ShardScan:
     classes: list[str] | None
     problems: list[tuple[str, str]]  # (shard name, what is wrong)
     bad: list[tuple[str, str]]  # source files make_shards left out (relative path, reason)
+    labelled: dict[str, list[int]] = field(default_factory=dict)  # shard -> the .cls of up to 8 samples spread over it
+
+    def class_sorted(self) -> bool:
+        """Do the shards look class-sorted: most hold one or two of the classes seen, and there are more?"""
+        per_shard = [len(set(v)) for v in self.labelled.values() if v]
+        seen = {c for v in self.labelled.values() for c in v}
+        return bool(per_shard) and len(seen) > 2 and float(np.median(per_shard)) <= 2
 
 
-def _check_all(root: str, tars: list[str], counts: list[int] | None, workers: int = 16) -> list:
-    expected = counts or [None] * len(tars)
-    with ThreadPoolExecutor(max(1, min(workers, len(tars)))) as pool:  # threads: hides a network FS's latency
-        return list(pool.map(lambda a: _check_shard(root, *a), zip(tars, expected, strict=True)))
+def _check_all(at: _Located, workers: int = 16) -> list:
+    expected = at.counts or [None] * len(at.tars)
+    with ThreadPoolExecutor(max(1, min(workers, len(at.tars)))) as pool:  # threads: hide a network's latency
+        return list(pool.map(lambda a: _check_shard(at, *a), zip(at.tars, expected, strict=True)))
 
 
-def scan_shards(path: str, workers: int = 16) -> ShardScan:
+def scan_shards(
+    path: str, workers: int = 16, options: dict | None = None, pattern: str = "*.tar", cache_dir: str = ""
+) -> ShardScan:
     """Count the samples from the index files and check each shard against its index (seconds for ImageNet)."""
-    root, manifest, tars, counts = _locate(path)
-    checked = _check_all(root, tars, counts, workers)
-    problems = [(tar, why) for tar, (_, why) in zip(tars, checked, strict=True) if why]
+    at = _locate(path, options, pattern, cache_dir)
+    checked = _check_all(at, workers)
+    problems = [(tar, why) for tar, (_, why) in zip(at.tars, checked, strict=True) if why]
     samples = sum(len(index.keys) for index, why in checked if index is not None and not why)
+    manifest = at.manifest
     classes = manifest.get("classes") if manifest else None
     bad = [tuple(b) for b in manifest.get("bad", [])] if manifest else []
-    return ShardScan(root, tars, samples, classes, problems, bad)
+    fine = [(tar, index) for tar, (index, why) in zip(at.tars, checked, strict=True) if not why]
+    with ThreadPoolExecutor(max(1, min(workers, len(fine) or 1))) as pool:
+        labels = dict(zip([t for t, _ in fine], pool.map(lambda a: _labels(at.storage, *a), fine), strict=True))
+    return ShardScan(at.storage.url, at.tars, samples, classes, problems, bad, labels)
+
+
+def _labels(storage: Storage, tar: str, index: _Index, n: int = 8) -> list[int]:
+    """The class indexes (.cls members) of up to n samples spread over a shard: one small ranged read each."""
+    picks = [i for i in np.linspace(0, len(index.keys) - 1, n).astype(int).tolist() if index.labels[i, 1]]
+    ranges = [(int(index.labels[i, 0]), int(index.labels[i].sum())) for i in dict.fromkeys(picks)]
+    try:
+        texts = storage.read_ranges(tar, ranges, index.version) if ranges else []
+    except OSError:
+        return []
+    return [int(t) for t in (bytes(v).strip() for v in texts) if t.isdigit()]
 
 
 def format_problems(problems: list[tuple[str, str]], total: int, limit: int = 5) -> str:
@@ -429,45 +561,50 @@ def format_problems(problems: list[tuple[str, str]], total: int, limit: int = 5)
     return f"{len(problems)} of {total} shards unusable: {shown}{more}"
 
 
-def open_shards(path: str, workers: int = 16) -> ShardSet:
-    """Read the indexes of a shard folder (or manifest) after checking every shard.
+def open_shards(
+    path: str, workers: int = 16, options: dict | None = None, pattern: str = "*.tar", cache_dir: str = ""
+) -> ShardSet:
+    """Read the indexes of a shard folder, manifest or store prefix after checking every shard.
 
     Raises DatasetScanError naming each missing, truncated or mismatched shard, before any model is built.
+    `options`: the store's (data.storage_options); `pattern`: the tars to read (data.shards); `cache_dir`: where
+    index-shards' cache is (data.scan_cache_dir; default ~/.cache/mae-fast).
     """
-    root, manifest, tars, counts = _locate(path)
-    checked = _check_all(root, tars, counts, workers)
-    problems = [(tar, why) for tar, (_, why) in zip(tars, checked, strict=True) if why]
+    at = _locate(path, options, pattern, cache_dir)
+    checked = _check_all(at, workers)
+    problems = [(tar, why) for tar, (_, why) in zip(at.tars, checked, strict=True) if why]
     if problems:
-        raise DatasetScanError(f"{root}: " + format_problems(problems, len(tars)))
-    indexes = [index for index, _ in checked]
-    names = [f"{tar}:{key}" for tar, index in zip(tars, indexes, strict=True) for key in index.keys]
+        raise DatasetScanError(f"{at.storage.url}: " + format_problems(problems, len(at.tars)))
+    indexes, manifest = [index for index, _ in checked], at.manifest
+    names = [f"{tar}:{key}" for tar, index in zip(at.tars, indexes, strict=True) for key in index.keys]
     return ShardSet(
-        root=root,
-        tars=tars,
+        storage=at.storage,
+        tars=at.tars,
         counts=np.array([len(index.keys) for index in indexes], np.int64),
         names=names,
         offsets=np.concatenate([index.offsets for index in indexes]),
         sizes=np.concatenate([index.sizes for index in indexes]),
         classes=manifest.get("classes") if manifest else None,
         bad=[tuple(b) for b in manifest.get("bad", [])] if manifest else [],
-        tar_sizes=[index.tar_size for index in indexes],
+        versions=[index.version for index in indexes],
         heads=[index.ends[0] for index in indexes],
     )
 
 
-def count_samples(path: str) -> int:
+def count_samples(path: str, options: dict | None = None, pattern: str = "*.tar", cache_dir: str = "") -> int:
     """Samples in a shard folder: from the manifest if there is one, else from the index headers
     (open_shards checks the shards; this only counts)."""
-    root, _, tars, counts = _locate(path)
-    if counts is not None:
-        return sum(counts)
+    at = _locate(path, options, pattern, cache_dir)
+    if at.counts is not None:
+        return sum(at.counts)
     total = 0
-    for tar in tars:
+    for tar in at.tars:
+        found = _indexes(at, tar)
         try:
-            with open(index_path(root, tar)) as f:
-                total += int(f.readline().split()[1])
+            total += int(found[0][0].read(index_name(tar)).split(b"\n", 1)[0].split()[1])
         except (OSError, ValueError, IndexError) as e:
-            raise DatasetScanError(f"{root}: {tar}: no readable index ({e})") from None
+            why = e if found else f"none; write it with: mae-fast index-shards {at.storage.url}"
+            raise DatasetScanError(f"{at.storage.url}: {tar}: no readable index ({why})") from None
     return total
 
 
@@ -509,6 +646,14 @@ def epoch_plan(
     stream = np.concatenate([np.arange(starts[t], starts[t] + counts[t]) for t in tar_order])
     per_rank = L * batch_size
     run = stream[shard_id * per_rank : (shard_id + 1) * per_rank]
+    # the rank's run as LANES contiguous lanes, read round robin a chunk of each at a time: a block holds LANES
+    # runs from far-apart places of the stream (other shards), so a batch mixes shards, and reads stay long
+    k = max(1, min(LANES, block_size // MIN_RUN, len(run)))
+    chunk = block_size // k
+    lanes = np.array_split(run, k)
+    longest = max((len(lane) for lane in lanes), default=0)
+    read = [lane[i : i + chunk] for i in range(0, longest, chunk) for lane in lanes]
+    run = np.concatenate(read) if read else run
     blocks = [run[i : i + block_size] for i in range(0, per_rank, block_size)]
     rng = np.random.default_rng((seed, epoch, shard_id))
     order = np.concatenate([rng.permutation(b) for b in blocks]) if blocks else run
@@ -585,8 +730,9 @@ def _cut(samples: list[_Sample], shard_bytes: int) -> list[list[_Sample]]:
     return shards
 
 
-def _write_shard(src: str, dst: str, name: str, samples: list[_Sample], advance) -> int:
-    """Write shard `name` and its index under temporary names, then rename them (index last). Returns its bytes."""
+def _write_shard(src: str, dst: str, name: str, samples: list[_Sample], advance, storage: Storage) -> int:
+    """Write shard `name` and its index under temporary names in folder `dst`, then rename them (index last); for a
+    store (`storage` is not dst), upload them (index last) and remove the local files. Returns the shard's bytes."""
     tar_path = os.path.join(dst, name)
     idx_path = index_path(dst, name)
     tmp_tar, tmp_idx = os.path.join(dst, f".{name}.tmp"), idx_path + ".tmp"
@@ -618,7 +764,12 @@ def _write_shard(src: str, dst: str, name: str, samples: list[_Sample], advance)
         raise WriteError(
             f"{tar_path}: not written ({e.strerror or e}{source}); run make-shards again to finish"
         ) from None
-    return os.path.getsize(tar_path)
+    size = os.path.getsize(tar_path)
+    if storage.url != dst:
+        for path in (tar_path, idx_path):  # a StoreError names the object, after the retries
+            storage.put(os.path.basename(path), path)
+            os.unlink(path)
+    return size
 
 
 def make_shards(
@@ -630,6 +781,7 @@ def make_shards(
     seed: int = 0,
     cache_dir: str | None = None,
     progress: bool = True,
+    options: dict | None = None,
 ) -> MakeShardsReport:
     """Convert an ImageNet-style or flat image folder into WebDataset shards in `dst` (see the module docstring).
 
@@ -637,11 +789,22 @@ def make_shards(
     a shard. Samples go into shards in an order drawn from `seed`, at most shard_bytes of tar each;
     `workers` threads write shards in parallel. Run again after an interruption, it keeps the shards
     already complete and writes the rest; a `dst` holding shards of another source or other settings
-    is refused.
+    is refused. `dst` may be s3://bucket/prefix or gs://bucket/prefix (`options`: the store's): each shard
+    is written into a local temporary folder (under `cache_dir` if given) and uploaded as it is done
+    (its index after it), the manifest last, so a store prefix with a manifest is complete.
     """
     if shard_bytes < 1 or workers < 1:
         raise ValueError(f"need shard_bytes >= 1 and workers >= 1, got {shard_bytes}, {workers}")
-    dst = check_folder(dst, "make-shards DST")  # before the scan: a destination that cannot be written is known at once
+    if is_remote(dst):  # each shard is written into a local folder, then uploaded; the manifest goes last
+        if not dst.startswith(("s3://", "gs://")):
+            raise DatasetScanError(f"make-shards DST {dst}: shards can be written to a folder, s3:// or gs://")
+        storage: Storage = open_storage(dst, options)
+        work = tempfile.mkdtemp(
+            prefix="mae-fast-shards-", dir=check_folder(cache_dir, "--cache-dir") if cache_dir else None
+        )
+    else:  # before the scan: a destination that cannot be written is known at once
+        storage = LocalStorage(check_folder(dst, "make-shards DST"))
+        work = dst = storage.url
     scanned = scan_dataset(src, cache_dir=cache_dir, num_workers=workers, progress=progress)
     root = scanned.root
     classes, entries, _ = _list_images(root)  # the scan's listing again: its fingerprint and the sizes
@@ -659,7 +822,7 @@ def make_shards(
     groups = _cut(samples, shard_bytes)
     names = [f"shard-{k:06d}.tar" for k in range(len(groups))]
 
-    old = read_manifest(dst)
+    old = load_manifest(storage)
     if old is not None and {k: old.get(k) for k in settings} != settings:
         differ = ", ".join(k for k in settings if old.get(k) != settings[k])
         raise DatasetScanError(
@@ -673,23 +836,30 @@ def make_shards(
         "shards": [{"name": n, "samples": len(g)} for n, g in zip(names, groups, strict=True)],
         "bad": [[os.path.relpath(p, root), why] for p, why in scanned.bad],
     }
-    _write_json(os.path.join(dst, MANIFEST_NAME), manifest)
+    if work == dst:
+        _write_json(os.path.join(dst, MANIFEST_NAME), manifest)
 
-    checked = _check_all(dst, names, [len(g) for g in groups], workers)
+    at = _Located(storage, manifest, names, [len(g) for g in groups], storage.list())
+    checked = _check_all(at, workers)  # the shards already written whole (a rerun): kept
     todo = [k for k, (_, why) in enumerate(checked) if why]
+    written = {name: at.sizes.get(name, 0) for name in names}
     with _progress(progress, sum(len(groups[k]) for k in todo), f"writing {len(todo)} shards into {dst}") as advance:
         with ThreadPoolExecutor(workers) as pool:  # I/O bound: reads and writes release the GIL
-            futures = [pool.submit(_write_shard, root, dst, names[k], groups[k], advance) for k in todo]
+            futures = [pool.submit(_write_shard, root, work, names[k], groups[k], advance, storage) for k in todo]
             try:
-                for f in futures:
-                    f.result()
+                for k, f in zip(todo, futures, strict=True):
+                    written[names[k]] = f.result()
             except BaseException:
                 pool.shutdown(cancel_futures=True)  # finish the shards being written, start no more
                 raise
     for entry, name in zip(manifest["shards"], names, strict=True):
-        entry["bytes"] = os.path.getsize(os.path.join(dst, name))
+        entry["bytes"] = written[name]
     manifest["complete"] = True
-    _write_json(os.path.join(dst, MANIFEST_NAME), manifest)
+    if work == dst:
+        _write_json(os.path.join(dst, MANIFEST_NAME), manifest)
+    else:
+        storage.put(MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
+        shutil.rmtree(work, ignore_errors=True)
     return MakeShardsReport(
         dst=dst,
         shards=len(names),

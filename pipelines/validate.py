@@ -46,14 +46,23 @@ def read_json(path: str) -> Any:
     try:
         if os.path.getsize(path) > MAX_JSON_BYTES:
             raise FormatError(path, "(file)", f"larger than {MAX_JSON_BYTES >> 20} MiB")
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise FormatError(path, "(file)", f"unreadable ({e.strerror or e})") from None
+    return parse_json(data, path)
+
+
+def parse_json(data: bytes, path: str) -> Any:
+    """The JSON value in `data` (the bytes of file `path`, local or in a store); FormatError if it is not one."""
+    if len(data) > MAX_JSON_BYTES:
+        raise FormatError(path, "(file)", f"larger than {MAX_JSON_BYTES >> 20} MiB")
+    try:
+        return json.loads(data.decode("utf-8"))
     except UnicodeDecodeError:
         raise FormatError(path, "(file)", "not UTF-8 text (binary?)") from None
     except ValueError as e:  # json.JSONDecodeError
-        raise FormatError(path, "(file)", f"not JSON ({e})" if os.path.getsize(path) else "empty file") from None
-    except OSError as e:
-        raise FormatError(path, "(file)", f"unreadable ({e.strerror or e})") from None
+        raise FormatError(path, "(file)", f"not JSON ({e})" if data else "empty file") from None
 
 
 def need(obj: Any, key: str, kind: type | tuple[type, ...], file: str, where: str = "") -> Any:
