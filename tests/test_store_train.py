@@ -205,3 +205,37 @@ def test_bench_loader_times_the_store_against_the_local_copy(tmp_path, shards, s
     local, store = result["results"]["shards"], result["results"]["store"]
     assert local["format"] == store["format"] == "shards" and store["reads"]["reads"] > 0
     assert store["requests_per_s"] > 0 and result["ratio_store_over_local"] == store["img_s"] / local["img_s"]
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_an_object_lost_during_a_run_stops_it_with_a_checkpoint_and_it_resumes(tmp_path, shards, s3, how):
+    """A shard deleted from the bucket, or overwritten by another (its ETag changes), under a running job."""
+    from mae_fast.config import load_config
+    from mae_fast.pipelines.scan import DatasetScanError
+    from mae_fast.train import train
+
+    client = s3_client(s3)
+    upload_folder(s3, shards, "bucket", f"lost-{how}")
+    victim = f"lost-{how}/shard-000003.tar"
+    sets = tiny(tmp_path, f"s3://bucket/lost-{how}", "data.shuffle_buffer=8", "schedule.epochs=4")[1::2]
+    seen = []
+
+    def lose(snapshot, losses):  # at the first log point; every shard is read again in each later epoch
+        seen.append(snapshot)
+        if len(seen) == 1:
+            if how == "deleted":
+                client.delete_object(Bucket="bucket", Key=victim)
+            else:
+                other = (shards / "shard-000004.tar").read_bytes()
+                client.put_object(Bucket="bucket", Key=victim, Body=other)
+
+    with pytest.raises(DatasetScanError) as e:
+        train(load_config(DEMO, sets), log=lambda m: None, on_log=lose)
+    message = str(e.value)
+    why = {"deleted": "no such object (404", "replaced": "changed during the run"}[how]
+    assert f"s3://bucket/{victim}" in message and why in message, message
+    saved = Path(re.search(r"continue with --set misc.resume=(\S+)", message).group(1))
+    assert saved.exists()
+    client.upload_file(str(shards / "shard-000003.tar"), "bucket", victim)  # the shard is back
+    result = train(load_config(DEMO, [*sets, f"misc.resume={saved}"]), log=lambda m: None)
+    assert result.steps_done == result.derived.total_steps
