@@ -12,7 +12,7 @@ What make_shards writes into DST (the layout ShardLoader reads):
 
 Samples are assigned to shards in a random order (seed 0): each shard is a random sample of the
 data set, so reading a few whole shards gives well mixed batches. A folder of *.tar with their *.idx
-beside them and no manifest (written by other tools, indexed with wds2idx) is read as well.
+beside them and no manifest (written by other tools, indexed with index_shards.py) is read as well.
 
 The epoch order (epoch_plan) keeps the guarantees of the folder loader's common.epoch_order
 (every sample at most once, ranks disjoint and together complete up to a remainder of fewer than

@@ -37,6 +37,17 @@ def _wait_for(port: int, proc: subprocess.Popen | None = None, seconds: float = 
 
 
 @contextlib.contextmanager
+def _serving(proc: subprocess.Popen, port: int) -> Iterator[None]:
+    """A server process, once it listens on `port`; stopped at the end."""
+    try:
+        _wait_for(port, proc)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@contextlib.contextmanager
 def s3_server(no_auth_actions: int | None = None) -> Iterator[str]:
     """moto's S3 server in a subprocess; yields its endpoint URL. With `no_auth_actions`, moto checks credentials
     after that many requests (so a test can create a bucket, then be refused with wrong keys)."""
@@ -45,13 +56,8 @@ def s3_server(no_auth_actions: int | None = None) -> Iterator[str]:
     if no_auth_actions is not None:
         env["INITIAL_NO_AUTH_ACTION_COUNT"] = str(no_auth_actions)
     cmd = [sys.executable, "-c", "from moto.server import main; main()", "-H", "127.0.0.1", "-p", str(port)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_for(port, proc)
+    with _serving(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def s3_client(endpoint: str):
@@ -92,13 +98,8 @@ def nginx(root: Path) -> Iterator[str]:
             server {{ listen 127.0.0.1:{port}; root {root}; }}
         }}""")
     )
-    proc = subprocess.Popen([NGINX, "-c", str(conf), "-p", str(work)], stderr=subprocess.DEVNULL)
-    try:
-        _wait_for(port, proc)
+    with _serving(subprocess.Popen([NGINX, "-c", str(conf), "-p", str(work)], stderr=subprocess.DEVNULL), port):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 class FaultProxy:

@@ -15,6 +15,11 @@ def _cut_after(word):
     return lambda t: t[: t.index(word) + len(word)]
 
 
+def _error_at_end_of(word: str) -> str:
+    """YAML's error once demo.yaml is cut after `word`: it points at the line where the word ends."""
+    return f"not valid YAML/JSON at line {DEMO[: DEMO.index(word) + len(word)].count(chr(10)) + 1}"
+
+
 def _sub(pattern, repl):
     def tamper(t):
         out, n = re.subn(pattern, repl, t, count=1, flags=re.M)
@@ -32,12 +37,12 @@ CASES = {  # name: (the file's new text or bytes from demo.yaml's, what the erro
     "invalid YAML": (lambda t: t + "\nmodel: [\n", "not valid YAML/JSON at line"),
     "a list": (lambda t: "- model\n", "the top level must be a mapping"),
     "a number": (lambda t: "5\n", "the top level must be a mapping"),
-    "truncated in a section name": (_cut_after("optimiz"), "not valid YAML/JSON at line 8"),
-    "truncated in a key": (_cut_after("  weight_dec"), "not valid YAML/JSON at line 11"),
-    "truncated in another key": (_cut_after("  num_work"), "not valid YAML/JSON at line 20"),
-    "truncated in the last section": (_cut_after("\nmis"), "not valid YAML/JSON at line 34"),
+    "truncated in a section name": (_cut_after("optimiz"), _error_at_end_of("optimiz")),
+    "truncated in a key": (_cut_after("  weight_dec"), _error_at_end_of("  weight_dec")),
+    "truncated in another key": (_cut_after("  num_work"), _error_at_end_of("  num_work")),
+    "truncated in the last section": (_cut_after("\nmis"), _error_at_end_of("\nmis")),
     "mask_ratio 2": (_sub(r"mask_ratio: .*$", "mask_ratio: 2"), "model.mask_ratio"),
-    "epochs -1": (_sub(r"epochs: 30$", "epochs: -1"), "schedule.epochs"),
+    "epochs -1": (_sub(r"^  epochs: \d+$", "  epochs: -1"), "schedule.epochs"),
     "lr NaN": (_sub(r"  lr: .*$", "  lr: .nan"), "optimization.lr"),
     "lr inf": (_sub(r"  lr: .*$", "  lr: .inf"), "optimization.lr"),
     "batch_size 0": (_sub(r"batch_size: 32", "batch_size: 0"), "optimization.batch_size"),

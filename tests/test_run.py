@@ -93,6 +93,19 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120, lines: in
         time.sleep(0.05)
 
 
+def kill_after_checkpoint(proc: subprocess.Popen, ckpt: Path, step: int) -> int:
+    """SIGKILL `proc` once its step-`step` checkpoint is written and latest.pt points at it or later; returns the
+    step latest.pt holds (what auto_resume will start from)."""
+    wait_for(ckpt / f"step-{step}/model.pt", proc)
+    # latest.pt is linked right after step-N/model.pt is written (atomically replaced: safe to read meanwhile)
+    while int(torch.load(ckpt / "latest.pt", weights_only=True)["step"]) < step:
+        assert proc.poll() is None
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return int(torch.load(ckpt / "latest.pt", weights_only=True)["step"])
+
+
 @pytest.mark.slow
 def test_sigkill_then_auto_resume_gives_the_uninterrupted_losses(tmp_path, sample_dir):
     full = spawn(run_args(tmp_path / "a", sample_dir, tmp_path / "a/out"))
@@ -106,14 +119,7 @@ def test_sigkill_then_auto_resume_gives_the_uninterrupted_losses(tmp_path, sampl
             b, sample_dir, b / "out1", "--set", "checkpointing.save_freq_steps=4", "--set", "misc.auto_resume=true"
         )
     )
-    wait_for(b / "ckpt/step-8/model.pt", first)  # mid-epoch (6 steps per epoch)
-    # latest.pt is linked right after step-8/model.pt is written (atomically replaced: safe to read meanwhile)
-    while int(torch.load(b / "ckpt/latest.pt", weights_only=True)["step"]) < 8:
-        assert first.poll() is None
-        time.sleep(0.01)
-    first.send_signal(signal.SIGKILL)
-    first.wait()
-    resumed_at = int(torch.load(b / "ckpt/latest.pt", weights_only=True)["step"])
+    resumed_at = kill_after_checkpoint(first, b / "ckpt", 8)  # mid-epoch (6 steps per epoch)
     assert resumed_at >= 8 and resumed_at % 4 == 0
     second = spawn(
         run_args(
@@ -133,7 +139,7 @@ def test_sigkill_then_auto_resume_gives_the_uninterrupted_losses(tmp_path, sampl
 @pytest.mark.slow
 def test_sigterm_saves_and_exits_with_code_4(tmp_path, sample_dir):
     proc = spawn(run_args(tmp_path, sample_dir, tmp_path / "out", "--set", "schedule.epochs=200"))
-    wait_for(tmp_path / "out/metrics.jsonl", proc, lines=3)  # a few steps into training
+    wait_for(tmp_path / "out/metrics.jsonl", proc, lines=3)  # the run report and two log points: in training
     proc.send_signal(signal.SIGTERM)
     log = proc.communicate(timeout=120)[0]
     assert proc.returncode == 4, log
@@ -153,7 +159,7 @@ def test_sigterm_saves_and_exits_with_code_4(tmp_path, sample_dir):
             tmp_path, sample_dir, tmp_path / "out2", "--set", "schedule.epochs=200", "--set", "misc.auto_resume=true"
         )
     )
-    wait_for(tmp_path / "out2/metrics.jsonl", again, lines=1)  # ready: its first step is done
+    wait_for(tmp_path / "out2/metrics.jsonl", again, lines=2)  # ready: the run report, then its first step's record
     again.send_signal(signal.SIGTERM)
     log = again.communicate(timeout=120)[0]
     assert again.returncode == 4 and f"resumed from {tmp_path}/ckpt/latest.pt: step {step}" in log, log

@@ -8,9 +8,7 @@ import json
 import pickle
 import re
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -145,7 +143,7 @@ def test_make_shards_then_train_on_them_with_the_cli(tmp_path, photos, capsys):
 def test_sigkill_then_auto_resume_on_shards_gives_the_uninterrupted_losses(tmp_path, photos):
     """As test_run's folder test: SIGKILL after the step-8 checkpoint (epoch 1, mid-block: blocks of 3 micro-batches,
     so block edges fall before the kill and mid-step), auto_resume, and the per-step losses are the same."""
-    from test_run import losses_by_step, spawn, wait_for
+    from test_run import kill_after_checkpoint, losses_by_step, spawn
 
     _, shards = photos
 
@@ -161,13 +159,7 @@ def test_sigkill_then_auto_resume_on_shards_gives_the_uninterrupted_losses(tmp_p
     b = tmp_path / "b"
     resume = ("checkpointing.save_freq_steps=4", "misc.auto_resume=true")
     first = spawn(args(b, "out1", *resume))
-    wait_for(b / "ckpt/step-8/model.pt", first)
-    while int(torch.load(b / "ckpt/latest.pt", weights_only=True)["step"]) < 8:  # linked right after model.pt
-        assert first.poll() is None
-        time.sleep(0.01)
-    first.send_signal(signal.SIGKILL)
-    first.wait()
-    resumed_at = int(torch.load(b / "ckpt/latest.pt", weights_only=True)["step"])
+    resumed_at = kill_after_checkpoint(first, b / "ckpt", 8)
     assert resumed_at >= 8 and resumed_at % 4 == 0
     second = spawn(args(b, "out2", *resume))
     log = second.communicate(timeout=300)[0]

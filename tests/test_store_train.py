@@ -7,12 +7,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import time
 from pathlib import Path
 
 import pytest
-import torch
 from helpers import ROOT
 from servers import CREDENTIALS, NGINX, FaultProxy, nginx, s3_client, s3_server, upload_folder
 from test_shards_train import SHARD_BYTES, tiny
@@ -84,7 +81,7 @@ def test_s3_and_http_runs_give_the_local_copys_losses(tmp_path, shards, s3, caps
 
 @pytest.mark.slow
 def test_sigkill_then_auto_resume_from_s3_gives_the_uninterrupted_losses(tmp_path, s3):
-    from test_run import losses_by_step, spawn, wait_for
+    from test_run import kill_after_checkpoint, losses_by_step, spawn
 
     def args(run: Path, out: str, *extra: str) -> list[str]:
         sets = tiny(run, "s3://bucket/shards", "data.shuffle_buffer=16", "schedule.epochs=4", *extra)
@@ -97,13 +94,7 @@ def test_sigkill_then_auto_resume_from_s3_gives_the_uninterrupted_losses(tmp_pat
     b = tmp_path / "b"
     resume = ("checkpointing.save_freq_steps=4", "misc.auto_resume=true")
     first = spawn(args(b, "out1", *resume))
-    wait_for(b / "ckpt/step-4/model.pt", first)
-    while int(torch.load(b / "ckpt/latest.pt", weights_only=True)["step"]) < 4:
-        assert first.poll() is None
-        time.sleep(0.01)
-    first.send_signal(signal.SIGKILL)
-    first.wait()
-    resumed_at = int(torch.load(b / "ckpt/latest.pt", weights_only=True)["step"])
+    resumed_at = kill_after_checkpoint(first, b / "ckpt", 4)
     second = spawn(args(b, "out2", *resume))
     log = second.communicate(timeout=300)[0]
     assert second.returncode == 0, log
