@@ -512,18 +512,22 @@ class Trainer:
             # fixed sample images, the same images and masks every time; rank 0 only
             png = Path(lg.output_dir) / "reconstructions" / f"epoch-{done_epochs}.png"
             a = self.cfg.data.augmentation
-            visualize_files(
-                self.model,
-                self.vis_files,
-                png,
-                self.cfg.model.mask_ratio,
-                seed=self.cfg.misc.seed,
-                device=self.device,
-                mean=tuple(a.mean),
-                std=tuple(a.std),
-            )
-            self.out.info(f"reconstructions: {png}")
-            self.out.image(png, self.step, f"epoch {done_epochs}")
+            try:
+                visualize_files(
+                    self.model,
+                    self.vis_files,
+                    png,
+                    self.cfg.model.mask_ratio,
+                    seed=self.cfg.misc.seed,
+                    device=self.device,
+                    mean=tuple(a.mean),
+                    std=tuple(a.std),
+                )
+            except (CheckpointError, OSError) as e:  # like a log: a grid that cannot be written is dropped
+                self.out.info(f"WARNING: {png} not written ({e}); training goes on")
+            else:
+                self.out.info(f"reconstructions: {png}")
+                self.out.image(png, self.step, f"epoch {done_epochs}")
             self.meter.restart_clock()
 
     def evaluation_due(self) -> bool:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .checkpoint import atomic_write
 from .model import MaskedAutoencoderViT
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -71,8 +72,8 @@ def save_grid(panels: list[torch.Tensor], path: str | Path, mean=IMAGENET_MEAN, 
     """One row per image, one column per panel -> PNG of (N*H, len(panels)*W)."""
     rows = [np.concatenate([to_uint8(p[i], mean, std) for p in panels], axis=1) for i in range(panels[0].shape[0])]
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+    grid = Image.fromarray(np.concatenate(rows, axis=0))
+    atomic_write(path, lambda f: grid.save(f, format="PNG"))  # never a partial PNG (a full disk: CheckpointError)
     return path
 
 

@@ -597,3 +597,17 @@ def test_a_full_disk_under_output_dir_is_reported_once_and_training_goes_on(tmp_
     assert warnings == [f"WARNING: cannot write {tmp_path}/out/metrics.jsonl (No space left on device); it is not "
                         "written from here on, training goes on"]  # fmt: skip
     assert "still logging" in lines and "step 2" in next(iter(tmp_path.glob("out/*.log"))).read_text()
+
+
+def test_a_reconstruction_grid_that_cannot_be_written_is_a_warning_and_training_goes_on(tmp_path, sample_dir):
+    from mae_fast.train import train
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out/reconstructions").write_text("a file where the grids' folder goes")
+    lines = []
+    cfg = tiny_cfg(tmp_path, sample_dir, "--set", "logging.visualize_freq_epochs=1", "--set", "schedule.epochs=1")
+    result = train(cfg, log=lines.append)
+    assert result.steps_done == 6 and (tmp_path / "ckpt/final.pt").exists()
+    (warning,) = [line for line in lines if "epoch-1.png not written" in line]
+    assert warning.startswith(f"WARNING: {tmp_path}/out/reconstructions/epoch-1.png not written (")
+    assert (tmp_path / "out/reconstructions").read_text().startswith("a file")  # untouched
