@@ -9,6 +9,7 @@ pixel statistics, crops and the MAE loss behave as on real data.
 from __future__ import annotations
 
 import os
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -40,10 +41,7 @@ def make_sample_data(out_dir: str, n: int = 256, num_classes: int = 4, seed: int
         os.makedirs(os.path.join(out_dir, f"class_{k}"), exist_ok=True)
 
     def write(i: int) -> None:
-        img = _sample_image(photos, np.random.default_rng((seed, i)))
-        tmp = paths[i] + ".tmp"
-        img.save(tmp, format="JPEG", quality=95)  # ~65 KB at 500x375, as ImageNet-like bench data
-        os.replace(tmp, paths[i])
+        _save_jpeg(_sample_image(photos, np.random.default_rng((seed, i))), paths[i])  # ~65 KB at 500x375
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         list(pool.map(write, missing))  # list(): re-raises the first error
@@ -87,8 +85,7 @@ def make_labelled_sample(out_dir: str, n_train: int = 480, n_val: int = 240, see
         else:
             p, r, c = cells[k]
             img = _region_image(photos[p], r, c, regions, rng)
-        img.save(path + ".tmp", format="JPEG", quality=95)
-        os.replace(path + ".tmp", path)
+        _save_jpeg(img, path)
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         list(pool.map(write, jobs))
@@ -146,3 +143,17 @@ def _sample_image(photos: list[Image.Image], rng: np.random.Generator) -> Image.
     for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
         img = enhance(img).enhance(rng.uniform(0.75, 1.25))
     return img
+
+
+def _save_jpeg(img: Image.Image, path: str) -> None:
+    """`img` as a JPEG at `path`, through a new temporary file beside it (O_EXCL: a link planted there is never
+    written through), renamed over `path` when whole."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            img.save(f, format="JPEG", quality=95)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

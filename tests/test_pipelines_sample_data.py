@@ -39,3 +39,16 @@ def test_make_sample_data(tmp_path):
     # Another seed gives other images.
     other = make_sample_data(str(tmp_path / "other"), n=12, num_classes=3, seed=2)
     assert open(os.path.join(other, five), "rb").read() != first
+
+
+def test_a_link_planted_where_a_temporary_file_went_is_never_written_through(tmp_path):
+    out = tmp_path / "sample"
+    (out / "class_0").mkdir(parents=True)
+    precious = tmp_path / "precious"
+    precious.write_text("untouched")
+    (out / "class_0/img_000000.JPEG.tmp").symlink_to(precious)  # the name the writer used before
+    make_sample_data(str(out), n=2, num_classes=1, seed=0)
+    assert precious.read_text() == "untouched"
+    assert sorted(p.name for p in (out / "class_0").iterdir() if not p.is_symlink()) == sorted(
+        os.path.basename(f) for f in scan_dataset(str(out), progress=False).files
+    )
