@@ -82,7 +82,7 @@ def atomic_write(path: Path, write: Any) -> None:
             os.unlink(tmp)
         except OSError:
             pass
-        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+        if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit, a SIGTERM at start-up
             raise
         raise CheckpointError(f"could not write {path}: {e}") from e
 

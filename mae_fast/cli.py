@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .preempt import StoppedAtStartup, guard_startup
+    from .preempt import StoppedAtStartup, guard_startup, release_startup
 
     guard_startup()  # before the trainer's imports: a preempted start-up is exit 4, not the signal's default
     try:
@@ -235,6 +235,8 @@ def _train(args: argparse.Namespace) -> int:
     except StoppedAtStartup as e:
         print(e, file=sys.stderr)
         return EXIT_PREEMPTED
+    finally:
+        release_startup()
     if not result.preempted:
         return 0
     if result.last_checkpoint:  # rank 0: the exact command that continues from the checkpoint just written
@@ -422,7 +424,7 @@ def _export(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     """`mae-fast eval`: every argument and the --json destination checked, the folders scanned, then the
     checkpoint loaded and evaluated; the numbers printed (and written to --json with the step and versions)."""
-    from .pipelines.validate import check_file
+    from .pipelines.validate import WriteError, check_file
 
     _check_eval_args(args)
     if args.json:
@@ -468,7 +470,7 @@ def _eval(args: argparse.Namespace) -> int:
         try:  # checked before the work; a disk that filled up since is still one line
             Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
         except OSError as e:
-            raise ConfigError(f"--json {args.json}: cannot write ({e.strerror or e})") from None
+            raise WriteError(f"--json {args.json}: not written ({e.strerror or e})") from None
         print(f"wrote {args.json}")
     return 0
 

@@ -281,7 +281,8 @@ class Evaluator:
     def __call__(self, model: nn.Module, step: int | None = None, epoch: int | None = None) -> EvalResult:
         """Evaluate `model` (compile and DDP wrappers are looked through; it runs in eval mode with no grad and is
         put back in its mode) after `step` optimizer steps. The RNG streams (torch CPU and CUDA) are left as
-        they were. A failure on any rank raises RuntimeError on every rank (none is left in a collective)."""
+        they were. A failure on any rank is raised on every rank (none is left in a collective): EvalDataError for data
+        that cannot be evaluated, RuntimeError for the rest."""
         t0 = time.perf_counter()
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             train, train_skipped, train_s = self._features(model, self.sets.train_files)
@@ -291,10 +292,10 @@ class Evaluator:
             try:
                 result = self._classify(train, train_skipped, val, val_skipped)
             except Exception as e:
-                error = f"{type(e).__name__}: {e}"
+                error = _failure(e, "rank 0")
         result, error = broadcast(self.dist, (result, error))  # the other ranks wait here for rank 0
         if error is not None:
-            raise RuntimeError(f"evaluation failed on rank 0: {error}")
+            _raise([error], "evaluation failed")
         skipped = tuple(self.sets.train_files[i] for i in train_skipped)
         skipped += tuple(self.sets.val_files[i] for i in val_skipped)
         if skipped:  # left out of the later calls too, as training leaves them out (the same on every rank)
@@ -350,16 +351,29 @@ class Evaluator:
             else:
                 part, skipped = extract_features(model, files, self.options, device, out=bank)
         except Exception as e:
-            error, part = f"rank {d.rank}: {type(e).__name__}: {e}", torch.zeros(0, dim, dtype=dtype, device=device)
+            error, part = _failure(e, f"rank {d.rank}"), torch.zeros(0, dim, dtype=dtype, device=device)
         reports = gather(d, (error, [int(lo) + i for i in skipped]))  # every rank arrives here, failed or not
         errors = [e for e, _ in reports if e is not None]
         if errors:
-            raise RuntimeError("feature extraction failed: " + "; ".join(errors))
+            _raise(errors, "feature extraction failed")
         if d.enabled:
             _gather_rows(d, part, len(files), bank)
         if cuda:
             torch.cuda.synchronize(device)  # honest timing: the features are done
         return bank, sorted(i for _, s in reports for i in s), time.perf_counter() - t0
+
+
+def _failure(e: Exception, where: str) -> tuple[bool, str]:
+    """An exception as it crosses ranks: (is it bad data (EvalDataError), its message)."""
+    return isinstance(e, EvalDataError), str(e) if isinstance(e, EvalDataError) else f"{where}: {type(e).__name__}: {e}"
+
+
+def _raise(errors: list[tuple[bool, str]], what: str) -> None:
+    """Raise on every rank what failed on one: bad data as EvalDataError (one error line), the rest as RuntimeError."""
+    data = [message for is_data, message in errors if is_data]
+    if data:
+        raise EvalDataError(data[0])
+    raise RuntimeError(f"{what}: " + "; ".join(message for _, message in errors))
 
 
 def _kept(feats: torch.Tensor, labels: list[int], skipped: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

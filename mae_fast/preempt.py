@@ -7,8 +7,10 @@ from __future__ import annotations
 import signal
 
 
-class StoppedAtStartup(Exception):
-    """A SIGTERM came before the first training step was done: no step was trained, so nothing was lost."""
+class StoppedAtStartup(BaseException):
+    """A SIGTERM came before the first training step was done: no step was trained, so nothing was lost. A
+    BaseException, as KeyboardInterrupt is: no `except Exception` on the way (a scan, a load, the epoch-0
+    evaluation) may take it for a failure of its own."""
 
     def __init__(self, signum: int):
         super().__init__(
@@ -26,4 +28,12 @@ def guard_startup() -> None:
     try:
         signal.signal(signal.SIGTERM, stop_at_startup)
     except ValueError:  # not the main thread: leave signals alone
+        pass
+
+
+def release_startup() -> None:
+    """The run is over (its own handler gone): SIGTERM is the default again, nothing is left to lose."""
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    except ValueError:
         pass

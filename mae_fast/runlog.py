@@ -145,7 +145,8 @@ class RunLog:
         else:
             self._console(message)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Stop the sinks; `failed`: the run ended with an error (W&B marks the run failed). Idempotent."""
         if self.dashboard is not None:
             self.dashboard.stop()
             self.dashboard = None
@@ -156,7 +157,7 @@ class RunLog:
         if self._tb is not None:
             self._tb.close()
         if self.tracker is not None:
-            self.tracker.close()
+            self.tracker.close(failed)
         self._file = self._jsonl = self._tb = self.tracker = None
 
 

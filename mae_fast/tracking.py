@@ -4,6 +4,7 @@ with the run report. Its id is kept in the checkpoint folder, so a resumed run c
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -113,5 +114,6 @@ class WandbRun:
 
         self.run.log({"step": step, "reconstructions": wandb.Image(str(path), caption=caption)})
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        with contextlib.suppress(Exception):  # W&B failing to finish must not hide how the run ended
+            self.run.finish(exit_code=1 if failed else 0)

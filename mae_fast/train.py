@@ -180,9 +180,14 @@ def _train(
             )
             trainer.on_log = on_log
             return trainer.fit(max_steps)
+    except BaseException:
+        out.close(failed=True)
+        raise
     finally:
-        out.close()
+        out.close()  # (a second close does nothing)
         loader.close()
+        if cfg.logging.memory_history and device.type == "cuda":
+            torch.cuda.memory._record_memory_history(enabled=None)
 
 
 def _run_log(
@@ -358,7 +363,7 @@ class Trainer:
             except ShardReadError as e:  # a shard gone, shrunk or replaced under the run
                 self.stop_for_lost_shard(e)
             self.stop.starting = False  # a step is done (compiled): from now on SIGTERM saves a checkpoint
-            if self.profiler.ends_after(self.step):
+            if self.profiler.running and self.profiler.ends_after(self.step):
                 self.profile_end()
             log_point = self.step == start + 1 or self.step % print_freq == 0 or self.step == end
             if log_point:
@@ -406,9 +411,14 @@ class Trainer:
         """Save the last whole step and stop with one line naming the shard (DatasetScanError: exit 2); once the
         shard is back, the run resumes from that checkpoint. With several ranks only the failing one knows, so no
         collective save is possible: the line names the newest checkpoint instead."""
-        self.loader.rewind(self.micro)  # the unfinished step's micro-batches are read again on resume
-        if self.d.enabled:
-            raise DatasetScanError(f"{error}; stopped (the newest checkpoint is {self.good_checkpoint()})") from None
+        if self.profiler.running:  # the trace of the steps so far is still written
+            self.profile_end()
+        # the unfinished step's micro-batches are read again on resume; the run goes on from there, but not bit
+        # for bit as an uninterrupted one would: the rebuilt pipeline draws other crops (and masks, with accumulation)
+        self.loader.rewind(self.micro)
+        if self.d.enabled:  # rank 0 writes the checkpoints: its latest.pt, at the step this rank last saved
+            newest = f"{self.ckpts.latest} (step {self.saved[0]})" if self.saved[0] >= 0 else "none yet"
+            raise DatasetScanError(f"{error}; stopped (the newest checkpoint is {newest})") from None
         self.stop.starting = False  # SIGTERM waits for this save
         self.save(f"step-{self.step}")
         raise DatasetScanError(
@@ -487,7 +497,7 @@ class Trainer:
                     if name is None
                     else self.ckpts.save(state, name, resolved_cfg, log_path)
                 )
-            except CheckpointError as e:  # a full disk: the run stops, the previous checkpoint is intact
+            except (CheckpointError, OSError) as e:  # a full disk: the run stops, the previous checkpoint is intact
                 last = self.good_checkpoint()
                 raise CheckpointError(
                     f"{e}; stopped at step {self.step}, the newest good checkpoint is {last}"
@@ -509,6 +519,7 @@ class Trainer:
             and self.vis_files
             and done_epochs % lg.visualize_freq_epochs == 0
         ):
+            self.log()  # the interval so far is timed as usual; the grid's time is left out (restart_clock below)
             # fixed sample images, the same images and masks every time; rank 0 only
             png = Path(lg.output_dir) / "reconstructions" / f"epoch-{done_epochs}.png"
             a = self.cfg.data.augmentation
@@ -545,7 +556,7 @@ class Trainer:
         epoch = self.step // self.derived.steps_per_epoch
         try:
             result = self.evaluator(self.model, self.step, epoch)
-        except RuntimeError as err:
+        except (RuntimeError, ConfigError) as err:  # EvalDataError: no image of a set decodes
             self.out.info(f"WARNING: evaluation at epoch {epoch} failed ({err}); training goes on without evaluation")
             self.evaluator = None
         else:
@@ -553,6 +564,8 @@ class Trainer:
                 self.out.info(f"WARNING: evaluation: {path} cannot be decoded; left out of this and later evaluations")
             self.result.evaluations.append(result)
             self.out.evaluation(result)
+        if self.device.type == "cuda":  # the memory peaks are training's: the feature bank is freed
+            torch.cuda.reset_peak_memory_stats(self.device)
         self.meter.restart_clock()  # the evaluation's time is not training throughput (eval_s has it)
 
     def stop_requested(self, at_log_point: bool) -> bool:

@@ -18,9 +18,10 @@ import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from .scan import _is_utf8
 from .shards import IMAGE_MEMBERS, INDEX_VERSION, ShardScan, _check_all, _locate, _progress, index_name, scan_shards
 from .store import LocalStorage, Storage, is_remote
-from .validate import check_folder
+from .validate import check_folder, write_atomic
 
 
 @dataclass
@@ -100,6 +101,8 @@ def _write_index(storage: Storage, tar: str, folder: str) -> tuple[str, list[tup
         exts = [os.path.basename(m.name).split(".", 1)[1] for m in group]
         if any(c.isspace() for m in group for c in m.name):
             skipped.append((key, "a member name holds white space, which the index format cannot hold"))
+        elif not all(_is_utf8(m.name) for m in group):
+            skipped.append((key.encode(errors="replace").decode(), "a member name is not UTF-8"))
         elif not any(e.lower() in IMAGE_MEMBERS for e in exts):
             skipped.append((key, f"no {'/'.join(IMAGE_MEMBERS)} member (has {', '.join(exts)})"))
         else:
@@ -107,13 +110,8 @@ def _write_index(storage: Storage, tar: str, folder: str) -> tuple[str, list[tup
     if not lines:
         return f"no sample with a {'/'.join(IMAGE_MEMBERS)} member", skipped
     dst = os.path.join(folder, index_name(tar))
-    tmp = f"{dst}.tmp{os.getpid()}"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(f"{INDEX_VERSION} {len(lines)}\n" + "".join(line + "\n" for line in lines))
-        os.replace(tmp, dst)
+        write_atomic(dst, (f"{INDEX_VERSION} {len(lines)}\n" + "".join(line + "\n" for line in lines)).encode())
     except OSError as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
         return f"{dst}: not written ({e.strerror or e})", []
     return "", skipped

@@ -26,14 +26,13 @@ import hashlib
 import json
 import multiprocessing
 import os
-import tempfile
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from operator import itemgetter
 
 from PIL import Image
 
-from .validate import DatasetScanError, FormatError, inside, need, need_list, read_json
+from .validate import DatasetScanError, FormatError, inside, need, need_list, read_json, write_atomic
 
 IMAGE_EXTS: tuple[str, ...] = (".jpg", ".jpeg", ".png")  # compared lower-case
 CACHE_NAME = ".mae_fast_scan.json"
@@ -165,9 +164,7 @@ def _walk(folder: str, rel: str, out: list, skipped: list, seen: set) -> None:
             if entry.name.startswith("."):
                 continue
             shown = f"{rel}{_printable(entry.name)}"
-            try:
-                entry.name.encode()
-            except UnicodeEncodeError:
+            if not _is_utf8(entry.name):
                 if entry.is_dir() or _is_image_name(entry.name):
                     skipped.append((shown, "its name is not valid UTF-8"))
                 continue
@@ -261,9 +258,7 @@ def _walk_files(root: str, out: list, skipped: list) -> None:
         for entry in it:
             if entry.name.startswith(".") or not _is_image_name(entry.name):
                 continue
-            try:
-                entry.name.encode()
-            except UnicodeEncodeError:
+            if not _is_utf8(entry.name):
                 skipped.append((_printable(entry.name), "its name is not valid UTF-8"))
                 continue
             try:
@@ -435,13 +430,9 @@ def _first_difference(path: str, files: list[str], labels: list[int], listed: di
 
 def _write_cache(path: str, payload: dict) -> str | None:
     """Write atomically (temp file + rename); return a note instead of raising if not writable."""
-    folder = os.path.dirname(path)
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".mae_fast_scan.", dir=folder)
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f)
-        os.replace(tmp, path)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_atomic(path, json.dumps(payload).encode())
     except OSError as e:
         return f"scan cache not written ({path}: {e.strerror or e}); give a writable cache folder (data.scan_cache_dir, mae-fast scan --cache-dir) to cache it"
     return None

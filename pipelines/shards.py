@@ -47,7 +47,6 @@ import io
 import json
 import os
 import re
-import shutil
 import tarfile
 import tempfile
 import threading
@@ -60,7 +59,18 @@ import numpy as np
 from .common import batches_per_epoch
 from .scan import DatasetScanError, _fingerprint, _list_images, scan_dataset
 from .store import LocalStorage, ObjectChanged, Storage, StoreError, is_remote, open_storage
-from .validate import FormatError, WriteError, check_folder, inside, need, need_list, parse_json
+from .validate import (
+    MAX_JSON_BYTES,
+    FormatError,
+    WriteError,
+    check_folder,
+    create_new,
+    inside,
+    need,
+    need_list,
+    parse_json,
+    write_atomic,
+)
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "mae-fast-shards"
@@ -117,17 +127,6 @@ class _Index:
 MAX_INDEX_BYTES = 256 << 20  # an index this large would describe millions of samples in one shard
 
 
-def read_index(path: str) -> _Index:
-    """The checked index in the file `path` (see load_index)."""
-    folder, name = os.path.split(os.path.abspath(path))
-    storage = LocalStorage(folder)
-    try:
-        size = storage.head(name)[0]
-    except OSError as e:
-        raise FormatError(path, "(file)", f"unreadable ({e.strerror or e})") from None
-    return load_index(storage, name, size)
-
-
 def load_index(storage: Storage, name: str, size: int) -> _Index:
     """Parse and check a wds2idx index ("v1.2 N", then per sample: ext offset size name, per member) of `size` bytes.
 
@@ -140,7 +139,7 @@ def load_index(storage: Storage, name: str, size: int) -> _Index:
     try:
         if size > MAX_INDEX_BYTES:
             raise FormatError(path, "(file)", f"larger than {MAX_INDEX_BYTES >> 20} MiB: not an index")
-        lines = storage.read(name).decode("utf-8").splitlines()
+        lines = storage.read(name, MAX_INDEX_BYTES).decode("utf-8").splitlines()
     except UnicodeDecodeError:
         raise FormatError(path, "(file)", "not UTF-8 text (binary?)") from None
     except OSError as e:
@@ -249,8 +248,7 @@ class ShardSet:
             raise ShardReadError(f"{where} changed during the run: {now} (truncated or replaced)") from None
         except OSError as e:  # gone (deleted, a mount lost), unreadable, a store still failing after its retries
             raise ShardReadError(
-                f"{where} cannot be read ({e if isinstance(e, StoreError) else e.strerror or e}); "
-                f"(mae-fast scan {self.root} checks every shard)"
+                f"{where} cannot be read ({_why(e)}); (mae-fast scan {self.root} checks every shard)"
             ) from None
         if head and not _header_ok(views[1], head[0], head[2]):
             raise ShardReadError(
@@ -270,6 +268,11 @@ class ShardSet:
         return self.read_run(shard, sample, sample + 1, stats)[sample]
 
 
+def _why(e: OSError) -> str:
+    """An OSError in a message: a store's says which object and what it said; a file's, its strerror."""
+    return str(e) if isinstance(e, StoreError) else e.strerror or str(e)
+
+
 def is_shard_path(path: str) -> bool:
     """Does `path` name shards: a manifest file, or a folder holding a manifest or *.tar files?"""
     path = os.path.expanduser(path)
@@ -283,26 +286,15 @@ def is_shard_path(path: str) -> bool:
         return any(e.name == MANIFEST_NAME or (e.name.endswith(".tar") and e.is_file()) for e in it)
 
 
-def read_manifest(path: str) -> dict | None:
-    """The manifest in folder `path` (or the file `path`), None if there is none; FormatError (file and field)
-    for one that is damaged or not make-shards' (see _check_manifest)."""
-    folder, name = (os.path.split(path)) if os.path.isfile(path) else (path, MANIFEST_NAME)
-    if not os.path.lexists(os.path.join(folder, name)):
-        return None
-    return load_manifest(LocalStorage(folder), name)
-
-
 def load_manifest(storage: Storage, name: str = MANIFEST_NAME) -> dict | None:
     """The checked manifest `name` in `storage`, None if there is none."""
     file = storage.where(name)
     try:
-        manifest = parse_json(storage.read(name), file)
+        manifest = parse_json(storage.read(name, MAX_JSON_BYTES), file)
     except FileNotFoundError:
         return None
     except OSError as e:  # a folder, unreadable; a store still failing after its retries
-        raise FormatError(
-            file, "(file)", f"unreadable ({e if isinstance(e, StoreError) else e.strerror or e})"
-        ) from None
+        raise FormatError(file, "(file)", f"unreadable ({_why(e)})") from None
     if need(manifest, "format", (str, type(None)), file) != MANIFEST_FORMAT:
         raise FormatError(file, "format", f"not a {MANIFEST_FORMAT} manifest")
     if need(manifest, "version", int, file) != MANIFEST_VERSION:
@@ -382,9 +374,9 @@ def _locate(path: str, options: dict | None = None, pattern: str = "*.tar", cach
     manifest = load_manifest(storage, name)
     try:
         sizes = storage.list()
-    except StoreError as e:
+    except OSError as e:
         if manifest is None or "cannot list" not in str(e):
-            raise DatasetScanError(str(e)) from None
+            raise DatasetScanError(f"{storage.url}: cannot list the shards ({_why(e)})") from None
         sizes = None  # an HTTP server: the manifest names the shards, each is asked its size
     cache = index_cache(storage.url, cache_dir)
     caches = [LocalStorage(cache)] if os.path.isdir(cache) else []
@@ -479,7 +471,7 @@ def _matches(
     try:
         headers = storage.read_ranges(tar, [(offset - _BLOCK, offset) for _, offset, _ in index.ends], version)
     except OSError as e:
-        return index, f"unreadable ({e if isinstance(e, StoreError) else e.strerror or e})"
+        return index, f"unreadable ({_why(e)})"
     for header, (name, offset, nbytes) in zip(headers, index.ends, strict=True):
         if not _header_ok(header, name, nbytes):
             return index, f"does not match its index: no tar header for {name} ({nbytes} bytes) at {offset - _BLOCK}"
@@ -589,23 +581,6 @@ def open_shards(
         versions=[index.version for index in indexes],
         heads=[index.ends[0] for index in indexes],
     )
-
-
-def count_samples(path: str, options: dict | None = None, pattern: str = "*.tar", cache_dir: str = "") -> int:
-    """Samples in a shard folder: from the manifest if there is one, else from the index headers
-    (open_shards checks the shards; this only counts)."""
-    at = _locate(path, options, pattern, cache_dir)
-    if at.counts is not None:
-        return sum(at.counts)
-    total = 0
-    for tar in at.tars:
-        found = _indexes(at, tar)
-        try:
-            total += int(found[0][0].read(index_name(tar)).split(b"\n", 1)[0].split()[1])
-        except (OSError, ValueError, IndexError) as e:
-            why = e if found else f"none; write it with: mae-fast index-shards {at.storage.url}"
-            raise DatasetScanError(f"{at.storage.url}: {tar}: no readable index ({why})") from None
-    return total
 
 
 # ---------------------------------------------------------------- the epoch order
@@ -738,7 +713,7 @@ def _write_shard(src: str, dst: str, name: str, samples: list[_Sample], advance,
     tmp_tar, tmp_idx = os.path.join(dst, f".{name}.tmp"), idx_path + ".tmp"
     lines = []
     try:
-        with _create(tmp_tar) as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        with create_new(tmp_tar) as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT) as tf:
             for s in samples:
                 with open(os.path.join(src, s.rel), "rb") as f:
                     data = f.read()
@@ -752,7 +727,7 @@ def _write_shard(src: str, dst: str, name: str, samples: list[_Sample], advance,
                     line.append(f"{ext} {offset} {len(payload)} {info.name}")
                 lines.append(" ".join(line))
                 advance(1)
-        with _create(tmp_idx) as f:
+        with create_new(tmp_idx) as f:
             f.write(f"{INDEX_VERSION} {len(lines)}\n".encode() + "".join(line + "\n" for line in lines).encode())
         os.replace(tmp_tar, tar_path)
         os.replace(tmp_idx, idx_path)  # last: an index beside a tar means the tar is whole
@@ -799,95 +774,84 @@ def make_shards(
         if not dst.startswith(("s3://", "gs://")):
             raise DatasetScanError(f"make-shards DST {dst}: shards can be written to a folder, s3:// or gs://")
         storage: Storage = open_storage(dst, options)
-        work = tempfile.mkdtemp(
-            prefix="mae-fast-shards-", dir=check_folder(cache_dir, "--cache-dir") if cache_dir else None
-        )
+        where = check_folder(cache_dir, "--cache-dir") if cache_dir else None
+        folder = tempfile.TemporaryDirectory(prefix="mae-fast-shards-", dir=where)  # removed however it ends
     else:  # before the scan: a destination that cannot be written is known at once
         storage = LocalStorage(check_folder(dst, "make-shards DST"))
-        work = dst = storage.url
-    scanned = scan_dataset(src, cache_dir=cache_dir, num_workers=workers, progress=progress)
-    root = scanned.root
-    classes, entries, _ = _list_images(root)  # the scan's listing again: its fingerprint and the sizes
-    settings = {
-        "format": MANIFEST_FORMAT,
-        "version": MANIFEST_VERSION,
-        "source": root,
-        "fingerprint": _fingerprint(classes, entries),
-        "seed": seed,
-        "shard_bytes": shard_bytes,
-    }
-    flat = scanned.classes == ["."]
-    sizes = {rel: size for rel, _, size, _ in entries}
-    samples = _plan_samples(root, scanned.files, scanned.labels, sizes, flat, seed)
-    groups = _cut(samples, shard_bytes)
-    names = [f"shard-{k:06d}.tar" for k in range(len(groups))]
+        dst = storage.url
+        folder = contextlib.nullcontext(dst)
+    with folder as work:  # a store: the local folder each shard is written in before it is uploaded
+        scanned = scan_dataset(src, cache_dir=cache_dir, num_workers=workers, progress=progress)
+        root = scanned.root
+        classes, entries, _ = _list_images(root)  # the scan's listing again: its fingerprint and the sizes
+        settings = {
+            "format": MANIFEST_FORMAT,
+            "version": MANIFEST_VERSION,
+            "source": root,
+            "fingerprint": _fingerprint(classes, entries),
+            "seed": seed,
+            "shard_bytes": shard_bytes,
+        }
+        flat = scanned.classes == ["."]
+        sizes = {rel: size for rel, _, size, _ in entries}
+        samples = _plan_samples(root, scanned.files, scanned.labels, sizes, flat, seed)
+        groups = _cut(samples, shard_bytes)
+        names = [f"shard-{k:06d}.tar" for k in range(len(groups))]
 
-    old = load_manifest(storage)
-    if old is not None and {k: old.get(k) for k in settings} != settings:
-        differ = ", ".join(k for k in settings if old.get(k) != settings[k])
-        raise DatasetScanError(
-            f"{dst} holds shards of another source or settings ({differ}); remove it or choose another"
+        old = load_manifest(storage)
+        if old is not None and {k: old.get(k) for k in settings} != settings:
+            differ = ", ".join(k for k in settings if old.get(k) != settings[k])
+            raise DatasetScanError(
+                f"{dst} holds shards of another source or settings ({differ}); remove it or choose another"
+            )
+        manifest = {
+            **settings,
+            "complete": False,
+            "classes": None if flat else scanned.classes,
+            "num_samples": len(samples),
+            "shards": [{"name": n, "samples": len(g)} for n, g in zip(names, groups, strict=True)],
+            "bad": [[os.path.relpath(p, root), why] for p, why in scanned.bad],
+        }
+        if work == dst:
+            _write_json(os.path.join(dst, MANIFEST_NAME), manifest)
+
+        at = _Located(storage, manifest, names, [len(g) for g in groups], storage.list())
+        checked = _check_all(at, workers)  # the shards already written whole (a rerun): kept
+        todo = [k for k, (_, why) in enumerate(checked) if why]
+        written = {name: at.sizes.get(name, 0) for name in names}
+        with _progress(
+            progress, sum(len(groups[k]) for k in todo), f"writing {len(todo)} shards into {dst}"
+        ) as advance:
+            with ThreadPoolExecutor(workers) as pool:  # I/O bound: reads and writes release the GIL
+                futures = [pool.submit(_write_shard, root, work, names[k], groups[k], advance, storage) for k in todo]
+                try:
+                    for k, f in zip(todo, futures, strict=True):
+                        written[names[k]] = f.result()
+                except BaseException:
+                    pool.shutdown(cancel_futures=True)  # finish the shards being written, start no more
+                    raise
+        for entry, name in zip(manifest["shards"], names, strict=True):
+            entry["bytes"] = written[name]
+        manifest["complete"] = True
+        if work == dst:
+            _write_json(os.path.join(dst, MANIFEST_NAME), manifest)
+        else:
+            storage.put(MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
+        return MakeShardsReport(
+            dst=dst,
+            shards=len(names),
+            samples=len(samples),
+            written=len(todo),
+            bytes=sum(e["bytes"] for e in manifest["shards"]),
+            classes=manifest["classes"],
+            bad=scanned.bad,
         )
-    manifest = {
-        **settings,
-        "complete": False,
-        "classes": None if flat else scanned.classes,
-        "num_samples": len(samples),
-        "shards": [{"name": n, "samples": len(g)} for n, g in zip(names, groups, strict=True)],
-        "bad": [[os.path.relpath(p, root), why] for p, why in scanned.bad],
-    }
-    if work == dst:
-        _write_json(os.path.join(dst, MANIFEST_NAME), manifest)
-
-    at = _Located(storage, manifest, names, [len(g) for g in groups], storage.list())
-    checked = _check_all(at, workers)  # the shards already written whole (a rerun): kept
-    todo = [k for k, (_, why) in enumerate(checked) if why]
-    written = {name: at.sizes.get(name, 0) for name in names}
-    with _progress(progress, sum(len(groups[k]) for k in todo), f"writing {len(todo)} shards into {dst}") as advance:
-        with ThreadPoolExecutor(workers) as pool:  # I/O bound: reads and writes release the GIL
-            futures = [pool.submit(_write_shard, root, work, names[k], groups[k], advance, storage) for k in todo]
-            try:
-                for k, f in zip(todo, futures, strict=True):
-                    written[names[k]] = f.result()
-            except BaseException:
-                pool.shutdown(cancel_futures=True)  # finish the shards being written, start no more
-                raise
-    for entry, name in zip(manifest["shards"], names, strict=True):
-        entry["bytes"] = written[name]
-    manifest["complete"] = True
-    if work == dst:
-        _write_json(os.path.join(dst, MANIFEST_NAME), manifest)
-    else:
-        storage.put(MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
-        shutil.rmtree(work, ignore_errors=True)
-    return MakeShardsReport(
-        dst=dst,
-        shards=len(names),
-        samples=len(samples),
-        written=len(todo),
-        bytes=sum(e["bytes"] for e in manifest["shards"]),
-        classes=manifest["classes"],
-        bad=scanned.bad,
-    )
-
-
-def _create(path: str) -> io.BufferedWriter:
-    """A new file at `path` for writing: whatever was there (a file left by a killed run, or a planted symbolic
-    link, which open() would follow) is removed first, and O_EXCL | O_NOFOLLOW refuse one that comes back."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666), "wb")
 
 
 def _write_json(path: str, payload: dict) -> None:
-    tmp = path + ".tmp"
     try:
-        with _create(tmp) as f:
-            f.write(json.dumps(payload, indent=1).encode())
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(payload, indent=1).encode())
     except OSError as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         raise WriteError(f"{path}: not written ({e.strerror or e}); run make-shards again to finish") from None
 
 

@@ -22,11 +22,14 @@ import os
 import random
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
+
+from .validate import DatasetScanError, FormatError, read_file
 
 REMOTE = ("s3://", "gs://", "http://", "https://")
 # storage_options keys that configure the HTTP client (obstore's ClientConfig); every other key configures the
@@ -47,6 +50,10 @@ _CLIENT_KEYS = {
 # mae-fast's own retry policy (obstore's is turned off so that a retry can be seen and reported)
 _OWN_KEYS = {"retries", "backoff_s", "max_backoff_s"}
 _SECRET = re.compile(r"secret|token|key|password|credential", re.IGNORECASE)
+_USERINFO = re.compile(r"//[^/@\s]*@")  # the user:password@ of a URL
+MAX_READ = 1 << 30  # a whole-file read (a manifest, an index) larger than this is not one of ours
+_POOL: list[ThreadPoolExecutor] = []  # one pool of ranged GETs for every store of the process (made on first use)
+_POOL_LOCK = threading.Lock()
 
 
 class StoreError(OSError):
@@ -82,7 +89,7 @@ class Storage(Protocol):
     def where(self, name: str) -> str: ...
     def list(self) -> dict[str, int]: ...
     def head(self, name: str) -> tuple[int, str | None]: ...
-    def read(self, name: str) -> bytes: ...
+    def read(self, name: str, limit: int = ...) -> bytes: ...
     def open(self, name: str) -> BinaryIO: ...
     def read_ranges(
         self, name: str, ranges: list[tuple[int, int]], version: tuple[int, str | None] | None = None
@@ -107,9 +114,9 @@ class LocalStorage:
         """(bytes, None): a file has no version tag (ShardSet checks a shard's first header instead)."""
         return os.path.getsize(self.where(name)), None
 
-    def read(self, name: str) -> bytes:
-        with open(self.where(name), "rb") as f:
-            return f.read()
+    def read(self, name: str, limit: int = MAX_READ) -> bytes:
+        """File `name` whole: a regular file of at most `limit` bytes (validate.read_file)."""
+        return read_file(self.where(name), limit)
 
     def open(self, name: str) -> BinaryIO:
         return open(self.where(name), "rb")
@@ -148,10 +155,11 @@ class ObjectStorage:
     """
 
     def __init__(self, url: str, options: Mapping[str, Any] | None = None, warn: Callable[[str], None] | None = None):
-        self.url, self.options = url.rstrip("/"), dict(options or {})
-        self.retries = int(self.options.get("retries", 5))
-        self.backoff_s = float(self.options.get("backoff_s", 0.2))
-        self.max_backoff_s = float(self.options.get("max_backoff_s", 10.0))
+        self._url, self.options = url.rstrip("/"), dict(options or {})
+        self.url = _USERINFO.sub("//", self._url)  # as printed: never a user:password@ in a message
+        self.retries = int(_number(self.url, self.options, "retries", 5, 0, 100))
+        self.backoff_s = _number(self.url, self.options, "backoff_s", 0.2, 0, 60)
+        self.max_backoff_s = _number(self.url, self.options, "max_backoff_s", 10.0, 0, 3600)
         self.warn, self.warned = warn or _stderr, False
         self._open()
 
@@ -162,7 +170,7 @@ class ObjectStorage:
         endpoint = str(
             self.options.get("endpoint") or (os.environ.get("AWS_ENDPOINT_URL", "") if self.url[:5] == "s3://" else "")
         )
-        client["allow_http"] = self.url.startswith("http://") or endpoint.startswith("http://")  # plain http, as named
+        client["allow_http"] = self._url.startswith("http://") or endpoint.startswith("http://")  # http, as named
         client.update({k: v for k, v in self.options.items() if k in _CLIENT_KEYS})
         config = {k: v for k, v in self.options.items() if k not in _CLIENT_KEYS | _OWN_KEYS}
         kwargs: dict[str, Any] = {}
@@ -170,14 +178,13 @@ class ObjectStorage:
             kwargs["credential_provider"] = _boto3_credentials()
         try:
             self.store = from_url(
-                self.url + "/", client_options=client, retry_config={"max_retries": 0}, **config, **kwargs
+                self._url + "/", client_options=client, retry_config={"max_retries": 0}, **config, **kwargs
             )
-        except Exception as e:  # an unknown option, a malformed URL
-            raise StoreError(f"{self.url}: cannot open the store ({_said(e)})") from None
-        self.pool = ThreadPoolExecutor(8, thread_name_prefix="store")
+        except Exception as e:  # an unknown option, a malformed URL: the path or its options are wrong (exit 2)
+            raise DatasetScanError(f"{self.url}: cannot open the store ({_said(e)})") from None
 
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in ("store", "pool")}
+        return {k: v for k, v in self.__dict__.items() if k != "store"}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -210,17 +217,24 @@ class ObjectStorage:
         meta = self._call(self.where(name), lambda: obstore.head(self.store, name))
         return int(meta["size"]), meta.get("e_tag")
 
-    def read(self, name: str) -> bytes:
+    def read(self, name: str, limit: int = MAX_READ) -> bytes:
+        """Object `name` whole, at most `limit` bytes (FormatError beyond: its size is known before its body)."""
         import obstore
 
-        return self._call(self.where(name), lambda: bytes(obstore.get(self.store, name).bytes()))
+        def fetch() -> bytes:
+            result = obstore.get(self.store, name)
+            if result.meta["size"] > limit:
+                raise FormatError(self.where(name), "(file)", f"larger than {limit >> 20} MiB")
+            return bytes(result.bytes())
+
+        return self._call(self.where(name), fetch)
 
     def open(self, name: str) -> BinaryIO:
         """The object as a file read front to back (buffered GETs of 8 MB): for a tar read once, whole."""
         import obstore
 
         reader = self._call(self.where(name), lambda: obstore.open_reader(self.store, name, buffer_size=8 << 20))
-        return io.BufferedReader(_Reader(reader), 8 << 20)
+        return io.BufferedReader(_Reader(reader, self.where(name)), 8 << 20)
 
     def read_ranges(
         self, name: str, ranges: list[tuple[int, int]], version: tuple[int, str | None] | None = None
@@ -244,13 +258,15 @@ class ObjectStorage:
                 raise StoreError(f"{self.where(name)} ends at byte {r[0] + len(view)}, {r[1]} were expected")
             return view
 
-        return list(self.pool.map(get, ranges)) if len(ranges) > 1 else [get(ranges[0])]
+        return list(_pool().map(get, ranges)) if len(ranges) > 1 else [get(ranges[0])]
 
     def _call(self, what: str, fn: Callable[[], Any], listing: bool = False) -> Any:
         """fn(), retried with exponential backoff and jitter when the failure is transient."""
         for attempt in range(self.retries + 1):
             try:
                 return fn()
+            except (StoreError, FormatError):  # ours, already saying what is wrong
+                raise
             except Exception as e:
                 status, said = _status(e), _said(e)
                 if status == 412 or type(e).__name__ == "PreconditionError":
@@ -270,14 +286,17 @@ class ObjectStorage:
 class _Reader(io.RawIOBase):
     """obstore's ReadableFile as a raw binary file (it hands out obstore.Bytes; tarfile wants bytes)."""
 
-    def __init__(self, reader: Any) -> None:
-        self.reader = reader
+    def __init__(self, reader: Any, where: str) -> None:
+        self.reader, self.where = reader, where
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
-        data = memoryview(self.reader.read(len(buffer)))
+        try:
+            data = memoryview(self.reader.read(len(buffer)))
+        except Exception as e:  # the stream failed part-way (not retried: the caller reads the object again)
+            raise StoreError(f"{self.where}: {_said(e)}") from None
         buffer[: len(data)] = data
         return len(data)
 
@@ -291,6 +310,27 @@ def open_storage(
 ) -> Storage:
     """The Storage of a folder path or a store URL."""
     return ObjectStorage(path, options, warn) if is_remote(path) else LocalStorage(path)
+
+
+def _pool() -> ThreadPoolExecutor:
+    with _POOL_LOCK:
+        if not _POOL:
+            _POOL.append(ThreadPoolExecutor(8, thread_name_prefix="store"))
+        return _POOL[0]
+
+
+def _number(url: str, options: dict, key: str, default: float, lo: float, hi: float) -> float:
+    """storage_options[key] as a number in [lo, hi]; DatasetScanError naming the key otherwise."""
+    value = options.get(key, default)
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not lo <= number <= hi:
+        raise DatasetScanError(f"{url}: data.storage_options.{key}: must be a number in [{lo}, {hi}], got {value!r}")
+    return number
 
 
 def _stderr(message: str) -> None:
@@ -314,7 +354,7 @@ def _status(e: Exception) -> int | None:
 
 def _said(e: Exception) -> str:
     """What the store said, in a few words: the status and the S3/GCS error code and message when it sent them."""
-    text = str(e)
+    text = _USERINFO.sub("//", str(e))
     code = re.search(r"<Code>([^<]{1,80})</Code>", text)
     message = re.search(r"<Message>([^<]{1,200})</Message>", text)
     status = re.search(r"status code: (\d{3}[^:<]{0,40})", text)
@@ -330,6 +370,8 @@ def _said(e: Exception) -> str:
 def _transient(e: Exception, status: int | None) -> bool:
     if isinstance(e, FileNotFoundError | PermissionError | StoreError):
         return False
+    if type(e).__module__.startswith("obstore") and type(e).__name__ != "GenericError":
+        return False  # not supported, an invalid path, refused: asking again changes nothing
     if status is not None:
         return status == 429 or status >= 500
     return not isinstance(e, ValueError | TypeError)  # no answer: a timeout or a dropped connection

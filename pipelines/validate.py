@@ -1,18 +1,22 @@
 """What the validating readers of mae-fast's files share, and the checks of a destination before any work.
 
 Each on-disk format has one reader that checks every field it uses (the scan cache: scan._read_cache; a shard
-index: shards.read_index; the manifest: shards.read_manifest) and raises FormatError naming the file and the
-field. A destination (a folder or a file to write) is checked with a real test file before anything is read or
+index: shards.load_index; the manifest: shards.load_manifest) and raises FormatError naming the file and the
+field. Every local file is read through read_file (a regular file, at most a bound: never a FIFO that blocks or a
+device that never ends), and every small file written through write_atomic. A destination (a folder or a file to write) is checked with a real test file before anything is read or
 computed, so a bad one is known at once (DestinationError); a write that fails part-way (a full disk) is a
 WriteError naming the path. None of these is ever a traceback: the command line prints their message.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import stat
 import tempfile
-from typing import Any
+from typing import Any, BinaryIO
 
 MAX_JSON_BYTES = 1 << 30  # a manifest or scan cache larger than this is not one (ImageNet's cache: ~60 MB)
 
@@ -41,13 +45,51 @@ class WriteError(Exception):
 # ---------------------------------------------------------------- JSON fields
 
 
+def read_file(path: str, limit: int) -> bytes:
+    """The bytes of the regular file `path` (a link to one is followed), at most `limit`: OSError for anything else
+    (a FIFO is opened without blocking and refused, a device or a folder refused), FormatError beyond `limit`."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        if info.st_size > limit:
+            raise FormatError(path, "(file)", f"larger than {limit >> 20} MiB")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:  # it grew while read
+        raise FormatError(path, "(file)", f"larger than {limit >> 20} MiB")
+    return data
+
+
+def create_new(path: str) -> BinaryIO:
+    """A new file at `path` for writing: whatever was there (a file left by a killed run, or a planted symbolic
+    link, which open() would follow) is removed first, and O_EXCL | O_NOFOLLOW refuse one that comes back."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666), "wb")
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """`data` into `path` through a new temporary file beside it (create_new), renamed over `path` when whole; on
+    an error (a full disk) the temporary file is removed and the OSError raised."""
+    tmp = f"{path}.tmp"
+    try:
+        with create_new(tmp) as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def read_json(path: str) -> Any:
     """The JSON value in `path`; FormatError for a file that is not one (a folder, empty, binary, not JSON)."""
     try:
-        if os.path.getsize(path) > MAX_JSON_BYTES:
-            raise FormatError(path, "(file)", f"larger than {MAX_JSON_BYTES >> 20} MiB")
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_file(path, MAX_JSON_BYTES)
     except OSError as e:
         raise FormatError(path, "(file)", f"unreadable ({e.strerror or e})") from None
     return parse_json(data, path)

@@ -88,3 +88,20 @@ def test_an_undecodable_image_is_named_left_out_and_counted(tmp_path, tiny_model
     record = json.loads(out.read_text())
     assert record["skipped"] == [str(bad_train), str(bad_val)] and (record["num_train"], record["num_val"]) == (12, 6)
     assert record["knn_top1"] == 100.0 and record["step"] == 7
+
+
+def test_a_val_set_that_does_not_decode_at_all_is_one_error_line(tmp_path, tiny_model):
+    from mae_fast.config import config_from_dict
+
+    colours = [(220, 40, 30), (40, 200, 60)]
+    labelled(tmp_path / "train", colours, 3, seed=0)
+    for c in ("c0", "c1"):  # every val image passes the scan and fails in DALI's decoder
+        (tmp_path / "val" / c).mkdir(parents=True)
+        broken_huffman_copy(tmp_path / f"train/{c}/0.jpg", tmp_path / f"val/{c}/bad.jpg")
+    cfg = config_from_dict({"model": {"type": "mae_vit_tiny_patch8"}, "data": {"input_size": 32}})
+    ckpt = tmp_path / "final.pt"
+    torch.save({"format": "mae-fast", "model": tiny_model.state_dict(), "config": cfg.to_dict(), "step": 1}, ckpt)
+    run = run_eval(tmp_path, ckpt, "--train", tmp_path / "train", "--val", tmp_path / "val", "--k", "3")
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    (line,) = [x for x in run.stderr.splitlines() if x.startswith("error: ")]
+    assert "could be decoded" in line

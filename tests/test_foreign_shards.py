@@ -154,3 +154,17 @@ def test_scan_reports_the_classes_and_whether_the_shards_are_class_sorted(tmp_pa
         out = capsys.readouterr().out
         assert "32 samples in 4 shards" in out and "labels (.cls of 8 samples a shard): 4 classes seen" in out
         assert ("class-sorted" in out) == (name == "sorted") and ("classes mixed" in out) == (name == "mixed")
+
+
+def test_a_member_name_that_is_not_utf8_is_left_out_of_the_index_by_name(tmp_path, photos, capsys):
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    with tarfile.open(folder / "part-0000.tar", "w", encoding="utf-8", errors="surrogateescape") as tf:
+        for name, data in (("ok.jpg", photos[0]), (b"bad\xff.jpg".decode("utf-8", "surrogateescape"), photos[1])):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    assert main(["index-shards", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "1 samples in 1 shards" in out and "1 samples left out of the indexes: part-0000.tar:bad" in out
+    assert "a member name is not UTF-8" in out and not list(folder.glob("*.tmp*"))

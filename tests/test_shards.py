@@ -26,7 +26,6 @@ from mae_fast.pipelines.shard_loader import ShardLoader, bench_shards_vs_folder 
 from mae_fast.pipelines.shards import (  # noqa: E402
     LANES,
     ShardReadError,
-    count_samples,
     epoch_plan,
     is_shard_path,
     make_shards,
@@ -116,7 +115,7 @@ def test_make_shards_round_trip(tree):
     # scan: counted from the indexes; nothing wrong
     found = scan_shards(str(dst))
     assert (found.samples, found.problems, len(found.bad)) == (44, [], 2)
-    assert count_samples(str(dst)) == count_samples(str(dst / "manifest.json")) == 44
+    assert scan_shards(str(dst / "manifest.json")).samples == 44  # the manifest names the folder too
     assert is_shard_path(str(dst)) and is_shard_path(str(dst / "manifest.json")) and not is_shard_path(str(src))
 
 
@@ -420,3 +419,16 @@ def test_on_class_sorted_shards_batches_mix_more_shards_than_webdatasets_buffer(
         return float(np.mean([len(set(b // per_shard)) for b in order]))
 
     assert shards_per_batch(ours) >= 1.5 * shards_per_batch(theirs)  # measured: 8.0 against 4.44
+
+
+def test_a_manifest_that_is_a_fifo_or_a_device_link_is_refused_without_reading_it(tmp_path, capsys):
+    from mae_fast.cli import main
+
+    for name, plant in (("fifo", lambda p: os.mkfifo(p)), ("zero", lambda p: p.symlink_to("/dev/zero"))):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "shard-000000.tar").write_bytes(b"\0" * 1024)
+        plant(folder / "manifest.json")  # would block open(), or never end a read
+        assert main(["scan", str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert f"{folder}/manifest.json: (file): unreadable (not a regular file)" in err and "Traceback" not in err

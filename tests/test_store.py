@@ -10,6 +10,7 @@ import pytest
 from servers import CREDENTIALS, NGINX, FaultProxy, nginx, s3_client, s3_server, upload_folder
 
 from mae_fast.pipelines.store import LocalStorage, ObjectChanged, ObjectStorage, StoreError, open_storage, redact
+from mae_fast.pipelines.validate import DatasetScanError
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 FAST = {"allow_http": True, "backoff_s": 0.01, "max_backoff_s": 0.05}
@@ -138,9 +139,28 @@ def test_a_stalled_read_times_out_instead_of_hanging(http):
     proxy.close()
 
 
-def test_an_unknown_option_names_itself():
-    with pytest.raises(StoreError, match="s3://bucket/p: cannot open the store.*no_such_option"):
-        ObjectStorage("s3://bucket/p", {"no_such_option": 1})
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        ({"no_such_option": 1}, r"s3://bucket/p: cannot open the store.*no_such_option"),
+        ({"retries": "abc"}, r"data.storage_options.retries: must be a number in \[0, 100\], got 'abc'"),
+        ({"retries": -1}, r"data.storage_options.retries: must be a number in \[0, 100\], got -1"),
+        ({"backoff_s": -0.5}, r"data.storage_options.backoff_s: must be a number in \[0, 60\], got -0.5"),
+        ({"max_backoff_s": True}, r"data.storage_options.max_backoff_s: must be a number"),
+    ],
+)
+def test_a_bad_option_names_itself(options, expected):
+    with pytest.raises(DatasetScanError, match=expected):  # a bad data path or option: exit 2, nothing started
+        ObjectStorage("s3://bucket/p", options)
+
+
+def test_credentials_in_a_url_are_never_shown(folder, http):
+    url = http.replace("http://", "http://reader:s3cr3t@")  # nginx ignores them
+    store = ObjectStorage(url, FAST, warn=lambda m: None)
+    assert store.url == http and store.read("small.txt") == b"v1.2 3\n"
+    with pytest.raises(StoreError) as e:
+        store.read("nope.txt")
+    assert "s3cr3t" not in str(e.value) and f"{http}/nope.txt: no such object" in str(e.value)
 
 
 def test_credentials_are_redacted_for_printing():

@@ -161,21 +161,16 @@ def test_make_shards_to_s3_interrupted_then_completed_by_a_rerun(tmp_path, sampl
             raise StoreError(f"{self.where(name)}: 503 Service Unavailable (still failing after 5 retries)")
         put(self, name, data)
 
-    make = [
-        "make-shards",
-        str(sample),
-        "s3://bucket/made",
-        "--shard-size-mb",
-        str(SHARD_BYTES / 2**20),
-        "--workers",
-        "1",
-    ]
+    cache = tmp_path / "cache"  # the scan's cache, and where the shards are written before their upload
+    make = ["make-shards", str(sample), "s3://bucket/made", "--shard-size-mb", str(SHARD_BYTES / 2**20)]
+    make += ["--workers", "1", "--cache-dir", str(cache)]
     monkeypatch.setattr(ObjectStorage, "put", failing_put)
     assert main(make) == 1
     assert "s3://bucket/made/" in capsys.readouterr().err
     client = s3_client(s3)
     keys = {o["Key"] for o in client.list_objects_v2(Bucket="bucket", Prefix="made/").get("Contents", [])}
     assert "made/manifest.json" not in keys and 0 < len(keys) <= 5
+    assert not list(cache.glob("mae-fast-shards-*"))  # the local copies are gone with the failed run
     monkeypatch.setattr(ObjectStorage, "put", put)
     assert main(make) == 0
     assert "of them already complete" in capsys.readouterr().out
