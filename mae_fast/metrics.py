@@ -44,14 +44,20 @@ class Snapshot:
         d.pop("history")
         if not self.mfu_peak:
             d.pop("mfu"), d.pop("mfu_peak")
-        for key in ("mem_gb", "mem_reserved_gb", "alloc_retries"):
+        for key in MEMORY:
             if d[key] is None:
                 d.pop(key)
         return d
 
+    def scalars(self) -> dict[str, float]:
+        """What TensorBoard and W&B get: train/KEY (the MFU only against a known peak), memory/KEY on CUDA."""
+        out = {f"train/{k}": getattr(self, k) for k in SCALARS if k != "mfu" or self.mfu_peak}
+        out.update({f"memory/{k}": getattr(self, k) for k in MEMORY if getattr(self, k) is not None})
+        return out
 
-# the scalars of a Snapshot that TensorBoard and W&B get (as train/KEY)
+
 SCALARS = ("loss", "loss_smooth", "lr", "grad_norm", "samples_per_s", "ms_per_iter", "data_wait_pct", "mfu")
+MEMORY = ("mem_gb", "mem_reserved_gb", "alloc_retries")  # CUDA only (None elsewhere)
 
 
 class NonFiniteLoss(RuntimeError):

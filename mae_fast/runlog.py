@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from .dashboard import Dashboard, RunInfo
-from .metrics import SCALARS, Snapshot, format_line
+from .metrics import Snapshot, format_line
 
 if TYPE_CHECKING:
     from .evaluate import EvalResult
@@ -99,8 +99,8 @@ class RunLog:
         self._to_file(line)
         self._write("_jsonl", json.dumps({"time": time.time(), **snap.record()}) + "\n")
         if self._tb is not None:
-            for key in SCALARS:
-                self._tb.add_scalar(f"train/{key}", getattr(snap, key), snap.step)
+            for key, value in snap.scalars().items():
+                self._tb.add_scalar(key, value, snap.step)
         if self.tracker is not None:
             self.tracker.metrics(snap)
         if self.dashboard is not None:

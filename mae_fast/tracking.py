@@ -5,7 +5,6 @@ with the run report. Its id is kept in the checkpoint folder, so a resumed run c
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import re
@@ -13,10 +12,9 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError, Derived, resolved
-from .metrics import SCALARS, Snapshot
+from .metrics import Snapshot
 
 RUN_ID_FILE = "wandb-run.json"  # in checkpointing.checkpoint_dir: {"project": ..., "id": ...}
-MEMORY_KEYS = ("mem_gb", "mem_reserved_gb", "alloc_retries")
 
 
 def wandb_wanted(cfg: Config) -> bool:
@@ -99,14 +97,11 @@ class WandbRun:
         return cls(run)
 
     def metrics(self, snap: Snapshot) -> None:
-        values = {f"train/{k}": getattr(snap, k) for k in SCALARS if k != "mfu" or snap.mfu_peak}
-        values.update({f"memory/{k}": getattr(snap, k) for k in MEMORY_KEYS if getattr(snap, k) is not None})
-        self.run.log({"step": snap.step, "epoch": snap.epoch, **values})
+        self.run.log({"step": snap.step, "epoch": snap.epoch, **snap.scalars()})
 
-    def evaluation(self, step: int, epoch: int, results) -> None:
-        """`results`: the evaluation's numbers, a dict or a dataclass of them; the numeric ones are logged."""
-        items = dataclasses.asdict(results) if dataclasses.is_dataclass(results) else dict(results)
-        numbers = {f"eval/{k}": v for k, v in items.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    def evaluation(self, step: int, epoch: int, scores: dict[str, float]) -> None:
+        """An evaluation's scores (EvalResult.scores(): what TensorBoard gets too), as eval/KEY."""
+        numbers = {f"eval/{k}": v for k, v in scores.items()}
         self.run.log({"step": step, "epoch": epoch, **numbers})
 
     def image(self, path: Path, step: int, caption: str) -> None:

@@ -1,10 +1,11 @@
 """The train loop: config -> data -> model -> compiled step -> metrics and checkpoints, top to bottom.
 
-`train()` sets the run up and hands it to a Trainer, whose `fit()` is the loop: each iteration is
-one optimizer step, then the side jobs that are due, in a fixed order that every rank follows
-(log, share undecodable files, evaluate, save, end of epoch, stop). The collectives among them (marked
-"a collective") are reached by every rank at the same steps, so several processes cannot
-deadlock on them.
+`train()` sets the run up and hands it to a Trainer, whose `fit()` is the loop: a new run first scores
+its initial encoder (the epoch-0 evaluation); then each iteration is one optimizer step (inside the
+profiler's window when one is set; a shard lost under it stops the run with a checkpoint), then the
+side jobs that are due, in a fixed order that every rank follows (log, share undecodable files,
+evaluate, save, end of epoch, stop). The collectives among them (marked "a collective") are reached
+by every rank at the same steps, so several processes cannot deadlock on them.
 """
 
 from __future__ import annotations
@@ -167,7 +168,7 @@ def _train(
     out = _run_log(cfg, d, derived, device, data_desc, log)
     try:
         report = run_report(cfg, derived, device, d.world_size)
-        out.report(report, format_report(report))  # metrics.jsonl's first record
+        out.report(report, format_report(report))  # metrics.jsonl's first record (of this run: the file appends)
         out.tracker = WandbRun.start(cfg, derived, report) if d.is_main else None
         # SIGTERM: stops at once until the first step is done (StopFlag.starting), then ends the run with a checkpoint
         for w in dataset.warnings + lr_warnings(cfg):
