@@ -23,8 +23,8 @@ from servers import CREDENTIALS, nginx, s3_server, upload_folder  # noqa: E402
 
 from mae_fast.bench import bench_loader  # noqa: E402
 from mae_fast.config import load_config  # noqa: E402
+from mae_fast.pipelines.make_shards import make_shards  # noqa: E402
 from mae_fast.pipelines.sample_data import make_sample_data  # noqa: E402
-from mae_fast.pipelines.shards import make_shards  # noqa: E402
 
 
 def main() -> None:

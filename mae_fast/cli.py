@@ -362,7 +362,7 @@ def _index_shards(args: argparse.Namespace) -> int:
 
 
 def _make_shards(args: argparse.Namespace) -> int:
-    from .pipelines.shards import make_shards
+    from .pipelines.make_shards import make_shards
 
     report = make_shards(
         args.src,

@@ -18,8 +18,9 @@ import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from .make_shards import _progress
 from .scan import _is_utf8
-from .shards import IMAGE_MEMBERS, INDEX_VERSION, ShardScan, _check_all, _locate, _progress, index_name, scan_shards
+from .shards import IMAGE_MEMBERS, INDEX_VERSION, ShardScan, _check_all, _locate, index_name, scan_shards
 from .store import LocalStorage, Storage, is_remote
 from .validate import check_folder, write_atomic
 

@@ -14,8 +14,8 @@ import torch
 from fuzz_helpers import ROOT, assert_one_error, run_cli
 
 from mae_fast.model import build_model
+from mae_fast.pipelines.make_shards import make_shards
 from mae_fast.pipelines.sample_data import make_sample_data
-from mae_fast.pipelines.shards import make_shards
 
 LOCK = ".mae-fast.lock"
 

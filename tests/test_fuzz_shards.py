@@ -11,8 +11,8 @@ import shutil
 import pytest
 from fuzz_helpers import ROOT, assert_one_error, run_cli
 
+from mae_fast.pipelines.make_shards import make_shards
 from mae_fast.pipelines.sample_data import make_sample_data
-from mae_fast.pipelines.shards import make_shards
 
 
 def _line(n, change):

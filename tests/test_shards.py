@@ -18,9 +18,10 @@ from test_pipelines_dali import AUG, SIZE, THREADS, decode_indices, epoch_batche
 pytest.importorskip("nvidia.dali")
 
 from mae_fast.cli import main  # noqa: E402
-from mae_fast.pipelines import shards as shards_module  # noqa: E402
+from mae_fast.pipelines import make_shards as make_shards_module  # noqa: E402
 from mae_fast.pipelines.common import Augmentation  # noqa: E402
 from mae_fast.pipelines.dali import DaliLoader  # noqa: E402
+from mae_fast.pipelines.make_shards import make_shards  # noqa: E402
 from mae_fast.pipelines.scan import DatasetScanError, scan_dataset  # noqa: E402
 from mae_fast.pipelines.shard_loader import ShardLoader, bench_shards_vs_folder  # noqa: E402
 from mae_fast.pipelines.shards import (  # noqa: E402
@@ -28,7 +29,6 @@ from mae_fast.pipelines.shards import (  # noqa: E402
     ShardReadError,
     epoch_plan,
     is_shard_path,
-    make_shards,
     open_shards,
     runs,
     scan_shards,
@@ -125,7 +125,7 @@ def test_interrupted_make_shards_is_completed_by_a_rerun(tmp_path, monkeypatch):
     clean = tmp_path / "clean"
     make_shards(str(src), str(clean), shard_bytes=PER_SHARD // 2, workers=2, progress=False)
 
-    write = shards_module._write_shard
+    write = make_shards_module._write_shard
 
     def interrupted(src_, dst_, name, samples, advance, storage):
         if name == "shard-000002.tar":
@@ -133,12 +133,12 @@ def test_interrupted_make_shards_is_completed_by_a_rerun(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return write(src_, dst_, name, samples, advance, storage)
 
-    monkeypatch.setattr(shards_module, "_write_shard", interrupted)
+    monkeypatch.setattr(make_shards_module, "_write_shard", interrupted)
     with pytest.raises(KeyboardInterrupt):
         make_shards(str(src), str(tmp_path / "dst"), shard_bytes=PER_SHARD // 2, workers=1, progress=False)
     with pytest.raises(DatasetScanError, match="did not finish"):
         open_shards(str(tmp_path / "dst"))
-    monkeypatch.setattr(shards_module, "_write_shard", write)
+    monkeypatch.setattr(make_shards_module, "_write_shard", write)
     report = make_shards(str(src), str(tmp_path / "dst"), shard_bytes=PER_SHARD // 2, workers=2, progress=False)
     assert 0 < report.written < report.shards == 6
     assert sorted(os.listdir(tmp_path / "dst")) == sorted(os.listdir(clean))  # no temporary file left

@@ -22,8 +22,8 @@ from mae_fast.cli import main
 from mae_fast.config import ConfigError, load_config
 from mae_fast.data import find_dataset
 from mae_fast.pipelines.dali import dali_available
+from mae_fast.pipelines.make_shards import make_shards
 from mae_fast.pipelines.scan import DatasetScanError
-from mae_fast.pipelines.shards import make_shards
 
 needs_dali = pytest.mark.skipif(not dali_available(), reason="needs nvidia.dali")
 SHARD_BYTES = 120_000  # a few sample photos per shard

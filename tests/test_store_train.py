@@ -16,7 +16,7 @@ from test_shards_train import SHARD_BYTES, tiny
 
 from mae_fast.cli import main
 from mae_fast.pipelines.dali import dali_available
-from mae_fast.pipelines.shards import make_shards
+from mae_fast.pipelines.make_shards import make_shards
 
 pytestmark = [
     pytest.mark.skipif(not dali_available(), reason="needs nvidia.dali"),
