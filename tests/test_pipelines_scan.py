@@ -194,7 +194,7 @@ def test_cache_dir_and_unwritable_root(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(scan.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(scan, "write_atomic", refuse)
     r = scan_dataset(str(root), progress=False)
     assert r.files == [str(root / "x.jpg")] and r.cache_path is None
     assert r.notes and "not written" in r.notes[0]
