@@ -6,8 +6,8 @@ runs of a shard), several ranges in flight at once. LocalStorage reads a folder 
 ObjectStorage reads a bucket prefix or an HTTP folder through obstore (the Python binding of Rust's
 object_store crate: one client for S3, GCS and HTTP, with credentials from the standard places).
 obstore was chosen by measurement against fsspec (s3fs and fsspec's HTTP) on localhost servers:
-ranged reads of a 64 MB object in 4 MB ranges, 730 MB/s against s3fs's 111 MB/s from an S3-API server
-(moto), 932 against 1035 MB/s from nginx (benchmarks/README.md).
+ranged reads of a 64 MB object in 4 MB ranges, 861 MB/s against s3fs's 129 MB/s from an S3-API server
+(moto), 1,349 against 1,386 MB/s from nginx (benchmarks/store_clients.py, benchmarks/README.md).
 
 Faults: a timeout, a dropped connection, a 429 or a 5xx is retried with exponential backoff (the first
 retry is reported once through `warn`); after the retries, or at once for a missing object, a missing
