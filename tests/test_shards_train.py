@@ -143,30 +143,36 @@ def test_make_shards_then_train_on_them_with_the_cli(tmp_path, photos, capsys):
 def test_sigkill_then_auto_resume_on_shards_gives_the_uninterrupted_losses(tmp_path, photos):
     """As test_run's folder test: SIGKILL after the step-8 checkpoint (epoch 1, mid-block: blocks of 3 micro-batches,
     so block edges fall before the kill and mid-step), auto_resume, and the per-step losses are the same."""
-    from test_run import kill_after_checkpoint, losses_by_step, spawn
-
     _, shards = photos
 
     def args(run: Path, out: str, *extra: str) -> list[str]:
         sets = tiny(run, shards, "data.shuffle_buffer=24", "schedule.epochs=3", *extra)
         return [*sets, "--set", f"logging.output_dir={run}/{out}"]
 
+    assert_sigkill_resume_is_exact(args, tmp_path, total=18, kill_at=8)
+
+
+def assert_sigkill_resume_is_exact(args, tmp_path: Path, total: int, kill_at: int) -> None:
+    """A run of `total` steps, then the same run with a checkpoint every 4 steps SIGKILLed after its step-`kill_at`
+    one and started again with auto_resume: the resumed run gives the uninterrupted run's per-step losses.
+    args(run_folder, output_subfolder, *extra_sets) are the command line's arguments."""
+    from test_run import kill_after_checkpoint, losses_by_step, spawn
+
     full = spawn(args(tmp_path / "a", "out"))
     assert full.wait(timeout=300) == 0, full.stdout.read()
     expect = losses_by_step(tmp_path / "a/out")
-    assert sorted(expect) == list(range(1, 19))
-
+    assert sorted(expect) == list(range(1, total + 1))
     b = tmp_path / "b"
     resume = ("checkpointing.save_freq_steps=4", "misc.auto_resume=true")
     first = spawn(args(b, "out1", *resume))
-    resumed_at = kill_after_checkpoint(first, b / "ckpt", 8)
-    assert resumed_at >= 8 and resumed_at % 4 == 0
+    resumed_at = kill_after_checkpoint(first, b / "ckpt", kill_at)
+    assert resumed_at >= kill_at and resumed_at % 4 == 0
     second = spawn(args(b, "out2", *resume))
     log = second.communicate(timeout=300)[0]
     assert second.returncode == 0, log
     assert f"resumed from {b}/ckpt/latest.pt: step {resumed_at}" in log
     got = losses_by_step(b / "out2")
-    assert sorted(got) == list(range(resumed_at + 1, 19))
+    assert sorted(got) == list(range(resumed_at + 1, total + 1))
     for k, v in got.items():
         assert v == expect[k], f"step {k}: resumed {v} != uninterrupted {expect[k]}"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import ROOT
 from servers import CREDENTIALS, NGINX, FaultProxy, nginx, s3_client, s3_server, upload_folder
-from test_shards_train import SHARD_BYTES, tiny
+from test_shards_train import SHARD_BYTES, assert_sigkill_resume_is_exact, tiny
 
 from mae_fast.cli import main
 from mae_fast.pipelines.dali import dali_available
@@ -81,26 +81,11 @@ def test_s3_and_http_runs_give_the_local_copys_losses(tmp_path, shards, s3, caps
 
 @pytest.mark.slow
 def test_sigkill_then_auto_resume_from_s3_gives_the_uninterrupted_losses(tmp_path, s3):
-    from test_run import kill_after_checkpoint, losses_by_step, spawn
-
     def args(run: Path, out: str, *extra: str) -> list[str]:
         sets = tiny(run, "s3://bucket/shards", "data.shuffle_buffer=16", "schedule.epochs=4", *extra)
         return [*sets, "--set", f"logging.output_dir={run}/{out}"]
 
-    full = spawn(args(tmp_path / "a", "out"))
-    assert full.wait(timeout=300) == 0, full.stdout.read()
-    expect = losses_by_step(tmp_path / "a/out")
-    assert sorted(expect) == list(range(1, 13))
-    b = tmp_path / "b"
-    resume = ("checkpointing.save_freq_steps=4", "misc.auto_resume=true")
-    first = spawn(args(b, "out1", *resume))
-    resumed_at = kill_after_checkpoint(first, b / "ckpt", 4)
-    second = spawn(args(b, "out2", *resume))
-    log = second.communicate(timeout=300)[0]
-    assert second.returncode == 0, log
-    got = losses_by_step(b / "out2")
-    assert sorted(got) == list(range(resumed_at + 1, 13))
-    assert all(v == expect[k] for k, v in got.items()), (got, expect)
+    assert_sigkill_resume_is_exact(args, tmp_path, total=12, kill_at=4)
 
 
 def test_503s_during_a_run_are_retried_and_change_no_loss(tmp_path, shards, s3, capsys):
